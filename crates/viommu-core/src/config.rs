@@ -191,7 +191,9 @@ pub enum ConfigError {
         endpoint: u32,
     },
     /// `probe_size` cannot hold an endpoint's properties.
-    #[error("probe_size {probe_size} is too small for the {need} bytes of properties of endpoint {endpoint:#x}")]
+    #[error(
+        "probe_size {probe_size} is too small for the {need} bytes of properties of endpoint {endpoint:#x}"
+    )]
     ProbeSizeTooSmall {
         /// The configured size.
         probe_size: u32,
@@ -238,7 +240,10 @@ impl DeviceConfig {
         }
         let limits = [
             ("max_domains", self.limits.max_domains),
-            ("max_mappings_per_domain", self.limits.max_mappings_per_domain),
+            (
+                "max_mappings_per_domain",
+                self.limits.max_mappings_per_domain,
+            ),
             ("max_mappings", self.limits.max_mappings),
         ];
         if let Some((name, _)) = limits.iter().find(|(_, v)| *v == 0) {

@@ -30,7 +30,9 @@ pub struct FeatureError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigWriteError {
     /// Only the one `bypass` byte at offset 0x24 is writable (DRV-CFG-1).
-    #[error("config write of {len} bytes at offset {offset:#x}: only the bypass byte at 0x24 is writable")]
+    #[error(
+        "config write of {len} bytes at offset {offset:#x}: only the bypass byte at 0x24 is writable"
+    )]
     ReadOnly {
         /// Offset of the write.
         offset: usize,
@@ -61,6 +63,8 @@ struct Domain {
     /// Endpoint ranges of the attached endpoints, counted: their reserved
     /// regions must stay unmapped in this domain.
     ranges: BTreeMap<RangeIndex, u32>,
+    /// The reserved regions of those ranges, flattened for MAP's check.
+    resv: Vec<ResvMem>,
     mappings: MappingTable,
 }
 
@@ -70,25 +74,38 @@ impl Domain {
             kind,
             endpoints: 0,
             ranges: BTreeMap::new(),
+            resv: Vec::new(),
             mappings: MappingTable::default(),
         }
     }
 
-    fn add_endpoint(&mut self, range: RangeIndex) {
+    fn add_endpoint(&mut self, range: RangeIndex, endpoints: &EndpointSet) {
         self.endpoints += 1;
-        *self.ranges.entry(range).or_insert(0) += 1;
+        let count = self.ranges.entry(range).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            self.rebuild_resv(endpoints);
+        }
     }
 
     /// Removes one endpoint; true when the domain is now empty.
-    fn remove_endpoint(&mut self, range: RangeIndex) -> bool {
+    fn remove_endpoint(&mut self, range: RangeIndex, endpoints: &EndpointSet) -> bool {
         self.endpoints = self.endpoints.saturating_sub(1);
         if let Some(n) = self.ranges.get_mut(&range) {
             *n -= 1;
             if *n == 0 {
                 self.ranges.remove(&range);
+                self.rebuild_resv(endpoints);
             }
         }
         self.endpoints == 0
+    }
+
+    fn rebuild_resv(&mut self, endpoints: &EndpointSet) {
+        self.resv.clear();
+        for &r in self.ranges.keys() {
+            self.resv.extend_from_slice(endpoints.resv(r));
+        }
     }
 
     fn state(&self, id: u32) -> EndpointState {
@@ -96,11 +113,6 @@ impl Domain {
             DomainKind::Translated => EndpointState::Domain(id),
             DomainKind::Bypass => EndpointState::Bypass,
         }
-    }
-
-    /// Reserved regions of every attached endpoint.
-    fn resv<'a>(&'a self, endpoints: &'a EndpointSet) -> impl Iterator<Item = &'a ResvMem> {
-        self.ranges.keys().flat_map(|&r| endpoints.resv(r))
     }
 }
 
@@ -501,7 +513,7 @@ impl Device {
             }
             Domain::new(kind)
         });
-        dom.add_endpoint(range);
+        dom.add_endpoint(range, &self.endpoints);
         let to = dom.state(a.domain);
         self.attached.insert(a.endpoint, a.domain);
         if from != to {
@@ -523,11 +535,13 @@ impl Device {
         let Some(dom) = self.domains.get_mut(&domain) else {
             return;
         };
-        if !dom.remove_endpoint(range) {
+        if !dom.remove_endpoint(range, &self.endpoints) {
             return;
         }
         if let Some(dom) = self.domains.remove(&domain) {
-            self.total_mappings = self.total_mappings.saturating_sub(dom.mappings.len() as u32);
+            self.total_mappings = self
+                .total_mappings
+                .saturating_sub(dom.mappings.len() as u32);
             if dom.kind == DomainKind::Translated {
                 sink.change(Change::DomainDestroyed { domain });
             }
@@ -570,17 +584,20 @@ impl Device {
         if dom.kind == DomainKind::Bypass || m.virt_end < m.virt_start {
             return Status::Inval;
         }
-        let misaligned = (m.virt_start | m.phys_start | m.virt_end.wrapping_add(1))
-            & self.granule_mask
-            != 0;
+        let misaligned =
+            (m.virt_start | m.phys_start | m.virt_end.wrapping_add(1)) & self.granule_mask != 0;
         if misaligned || !self.input_range.contains(m.virt_start, m.virt_end) {
             return Status::Range;
         }
-        if m.phys_start.checked_add(m.virt_end - m.virt_start).is_none() {
+        if m.phys_start
+            .checked_add(m.virt_end - m.virt_start)
+            .is_none()
+        {
             return Status::Range;
         }
         if dom
-            .resv(&self.endpoints)
+            .resv
+            .iter()
             .any(|r| r.overlaps(m.virt_start, m.virt_end))
             || dom.mappings.overlaps(m.virt_start, m.virt_end)
         {
@@ -670,10 +687,7 @@ impl Device {
                 ResvSubtype::Reserved => Err(fault(FaultReason::Mapping)),
             };
         }
-        let m = dom
-            .mappings
-            .find(iova)
-            .ok_or(fault(FaultReason::Mapping))?;
+        let m = dom.mappings.find(iova).ok_or(fault(FaultReason::Mapping))?;
         if (access.reads() && !m.flags.contains(MapFlags::READ))
             || (access.writes() && !m.flags.contains(MapFlags::WRITE))
         {

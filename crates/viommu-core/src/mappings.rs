@@ -20,7 +20,8 @@ pub struct Mapping {
 impl Mapping {
     /// Guest-physical address of `iova`, which must lie inside the mapping.
     pub const fn phys_of(&self, iova: u64) -> u64 {
-        self.phys_start.wrapping_add(iova.wrapping_sub(self.virt_start))
+        self.phys_start
+            .wrapping_add(iova.wrapping_sub(self.virt_start))
     }
 }
 
@@ -94,18 +95,44 @@ impl MappingTable {
         end: u64,
         mut removed: impl FnMut(Mapping),
     ) -> Result<(), WouldSplit> {
+        // One descent finds the last mapping starting at or before `end`
+        // and, stepping back in the same leaf, the one before it.
+        let mut rev = self.map.range(..=end);
+        let Some((&last_key, last)) = rev.next_back() else {
+            return Ok(());
+        };
+        if last.virt_end < start {
+            return Ok(()); // Every mapping at or before `end` ends before `start`.
+        }
+        if last.virt_end > end || last_key < start {
+            return Err(WouldSplit);
+        }
+        match rev.next_back() {
+            // Common case: exactly one mapping is covered.
+            None => {}
+            Some((_, prev)) if prev.virt_end < start => {}
+            Some(_) => return self.unmap_several(start, last_key, removed),
+        }
+        if let Some(e) = self.map.remove(&last_key) {
+            removed(e.mapping(last_key));
+        }
+        Ok(())
+    }
+
+    /// UNMAP over several mappings, the last of which starts at `last_key`
+    /// and ends inside the range: check the first, then remove them all.
+    fn unmap_several(
+        &mut self,
+        start: u64,
+        last_key: u64,
+        mut removed: impl FnMut(Mapping),
+    ) -> Result<(), WouldSplit> {
         if self
             .map
             .range(..start)
             .next_back()
             .is_some_and(|(_, e)| e.virt_end >= start)
         {
-            return Err(WouldSplit);
-        }
-        let Some((&last_key, last)) = self.map.range(start..=end).next_back() else {
-            return Ok(());
-        };
-        if last.virt_end > end {
             return Err(WouldSplit);
         }
         while let Some((&key, _)) = self.map.range(start..=last_key).next() {

@@ -1,7 +1,7 @@
 //! What the transport writes back for one request.
 
-use virtio_iommu_proto::request::{RequestType, TAIL_LEN, encode_tail};
 use virtio_iommu_proto::Status;
+use virtio_iommu_proto::request::{RequestType, TAIL_LEN, encode_tail};
 
 /// The device's answer to one descriptor chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,8 +1,10 @@
 //! Shared harness for the conformance tests: a device with a small endpoint
 //! set, driven through `Device::process` exactly as a transport would.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
-use viommu_core::{Access, ChangeLog, Device, DeviceConfig, EndpointRange, TranslateError, Translation};
+use viommu_core::{
+    Access, ChangeLog, Device, DeviceConfig, EndpointRange, TranslateError, Translation,
+};
 use virtio_iommu_proto::config::{DomainRange, InputRange};
 use virtio_iommu_proto::probe::{ResvMem, ResvSubtype};
 use virtio_iommu_proto::{Attach, Detach, Features, Map, MapFlags, Probe, Request, Status, Unmap};
@@ -54,7 +56,10 @@ pub fn test_config() -> DeviceConfig {
             start: 0,
             end: (1 << 48) - 1,
         }),
-        domain_range: Some(DomainRange { start: 0, end: 1023 }),
+        domain_range: Some(DomainRange {
+            start: 0,
+            end: 1023,
+        }),
         probe_size: Some(PROBE_SIZE as u32),
         mmio: true,
         bypass_config: true,
@@ -103,7 +108,10 @@ impl Harness {
         let mut writable = vec![0xaa; writable_len];
         let reply = self.dev.process(readable, writable_len, &mut self.log);
         let bytes = reply.to_bytes();
-        assert!(bytes.len() <= writable_len, "reply longer than the writable part");
+        assert!(
+            bytes.len() <= writable_len,
+            "reply longer than the writable part"
+        );
         assert_eq!(bytes.len() as u32, reply.used_len());
         writable[..bytes.len()].copy_from_slice(&bytes);
         Outcome {
@@ -149,7 +157,14 @@ impl Harness {
         self.send(Request::Detach(Detach { domain, endpoint }))
     }
 
-    pub fn map(&mut self, domain: u32, virt_start: u64, virt_end: u64, phys_start: u64, flags: MapFlags) -> Status {
+    pub fn map(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: MapFlags,
+    ) -> Status {
         self.send(Request::Map(Map {
             domain,
             virt_start,
@@ -172,10 +187,18 @@ impl Harness {
     pub fn probe(&mut self, endpoint: u32) -> (Status, Vec<u8>) {
         let out = self.raw(&Request::Probe(Probe { endpoint }).encode(), PROBE_SIZE + 4);
         assert_eq!(out.used_len as usize, PROBE_SIZE + 4);
-        (out.status_at(PROBE_SIZE).unwrap(), out.writable[..PROBE_SIZE].to_vec())
+        (
+            out.status_at(PROBE_SIZE).unwrap(),
+            out.writable[..PROBE_SIZE].to_vec(),
+        )
     }
 
-    pub fn xlate(&self, endpoint: u32, iova: u64, access: Access) -> Result<Translation, TranslateError> {
+    pub fn xlate(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslateError> {
         self.dev.translate(endpoint, iova, access)
     }
 

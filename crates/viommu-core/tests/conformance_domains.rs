@@ -7,7 +7,13 @@ use common::*;
 use viommu_core::{Access, Change, EndpointState};
 use virtio_iommu_proto::{Attach, FaultReason, Request, Status};
 
-fn attach_raw(h: &mut Harness, domain: u32, endpoint: u32, flags: u32, reserved: [u8; 4]) -> Status {
+fn attach_raw(
+    h: &mut Harness,
+    domain: u32,
+    endpoint: u32,
+    flags: u32,
+    reserved: [u8; 4],
+) -> Status {
     h.send(Request::Attach(Attach {
         domain,
         endpoint,
@@ -170,8 +176,13 @@ fn dev_att_11_bypass_flag_without_bypass_config_negotiated_is_inval() {
     // AMB-6: the flag is not defined for this driver, so it is unknown.
     let mut cfg = test_config();
     cfg.bypass_config = true;
-    let offered = viommu_core::Device::new(cfg.clone()).unwrap().offered_features();
-    let acked = offered.with(virtio_iommu_proto::features::VIRTIO_IOMMU_F_BYPASS_CONFIG, false);
+    let offered = viommu_core::Device::new(cfg.clone())
+        .unwrap()
+        .offered_features();
+    let acked = offered.with(
+        virtio_iommu_proto::features::VIRTIO_IOMMU_F_BYPASS_CONFIG,
+        false,
+    );
     let mut h = harness_with(cfg, Some(acked));
     assert_eq!(h.attach_bypass(3, 0), Status::Inval);
     assert_eq!(h.dev.domain_count(), 0);
@@ -220,7 +231,11 @@ fn limits_too_many_domains_is_nomem() {
 fn dev_det_1_reserved_bytes_are_ignored() {
     let mut h = harness();
     assert_eq!(h.attach(1, 0), Status::Ok);
-    let mut bytes = Request::Detach(virtio_iommu_proto::Detach { domain: 1, endpoint: 0 }).encode();
+    let mut bytes = Request::Detach(virtio_iommu_proto::Detach {
+        domain: 1,
+        endpoint: 0,
+    })
+    .encode();
     bytes[12..20].copy_from_slice(&[0xff; 8]);
     let out = h.raw(&bytes, 4);
     assert_eq!(out.status_at(0), Some(Status::Ok));
@@ -257,7 +272,9 @@ fn dev_det_4_5_detached_endpoint_follows_the_unattached_rule() {
             assert_eq!(got.unwrap().gpa, 0x4000, "identity, never the mapped PA");
         } else {
             match got {
-                Err(viommu_core::TranslateError::Fault(f)) => assert_eq!(f.reason, FaultReason::Domain),
+                Err(viommu_core::TranslateError::Fault(f)) => {
+                    assert_eq!(f.reason, FaultReason::Domain)
+                }
                 other => panic!("expected a DOMAIN fault, got {other:?}"),
             }
         }

@@ -38,7 +38,10 @@ fn dev_map_1_misaligned_start_phys_or_end_is_range() {
     cfg.input_range = None;
     let mut h = harness_with(cfg, None);
     assert_eq!(h.attach(1, 100), Status::Ok);
-    assert_eq!(h.map(1, 0xffff_ffff_ffff_f000, u64::MAX, 0x1000, RW), Status::Ok);
+    assert_eq!(
+        h.map(1, 0xffff_ffff_ffff_f000, u64::MAX, 0x1000, RW),
+        Status::Ok
+    );
     assert_eq!(h.gpa(100, u64::MAX, Access::Read), Some(0x1fff));
 }
 
@@ -47,11 +50,31 @@ fn dev_map_2_overlap_is_inval_and_the_first_mapping_is_unchanged() {
     let mut h = attached();
     assert_eq!(h.map(1, 0x1000, 0x2fff, 0x10000, RW), Status::Ok);
     assert_eq!(h.map(1, 0x2000, 0x3fff, 0x20000, RW), Status::Inval);
-    assert_eq!(h.map(1, 0x1000, 0x2fff, 0x10000, RW), Status::Inval, "exact duplicate");
-    assert_eq!(h.map(1, 0x0000, 0xffff, 0x20000, RW), Status::Inval, "superset");
-    assert_eq!(h.map(1, 0x1000, 0x1fff, 0x20000, RW), Status::Inval, "subset");
-    assert_eq!(h.map(1, 0x3000, 0x3fff, 0x30000, RW), Status::Ok, "adjacent");
-    assert_eq!(h.map(1, 0x0000, 0x0fff, 0x40000, RW), Status::Ok, "adjacent below");
+    assert_eq!(
+        h.map(1, 0x1000, 0x2fff, 0x10000, RW),
+        Status::Inval,
+        "exact duplicate"
+    );
+    assert_eq!(
+        h.map(1, 0x0000, 0xffff, 0x20000, RW),
+        Status::Inval,
+        "superset"
+    );
+    assert_eq!(
+        h.map(1, 0x1000, 0x1fff, 0x20000, RW),
+        Status::Inval,
+        "subset"
+    );
+    assert_eq!(
+        h.map(1, 0x3000, 0x3fff, 0x30000, RW),
+        Status::Ok,
+        "adjacent"
+    );
+    assert_eq!(
+        h.map(1, 0x0000, 0x0fff, 0x40000, RW),
+        Status::Ok,
+        "adjacent below"
+    );
     assert_eq!(h.gpa(0, 0x2fff, Access::Read), Some(0x11fff));
     assert_eq!(h.dev.mapping_count(), 3);
 }
@@ -62,10 +85,16 @@ fn dev_map_3_unknown_flags_and_mmio_without_f_mmio_are_inval() {
     for flags in [0x8, 0x8000_0000, 0xf] {
         assert_eq!(h.map(1, 0x1000, 0x1fff, 0, MapFlags(flags)), Status::Inval);
     }
-    assert_eq!(h.map(1, 0x1000, 0x1fff, 0, MapFlags(0x7)), Status::Ok, "MMIO with F_MMIO negotiated");
+    assert_eq!(
+        h.map(1, 0x1000, 0x1fff, 0, MapFlags(0x7)),
+        Status::Ok,
+        "MMIO with F_MMIO negotiated"
+    );
     let mut cfg = test_config();
     cfg.mmio = true;
-    let offered = viommu_core::Device::new(cfg.clone()).unwrap().offered_features();
+    let offered = viommu_core::Device::new(cfg.clone())
+        .unwrap()
+        .offered_features();
     let mut h = harness_with(cfg, Some(offered.with(VIRTIO_IOMMU_F_MMIO, false)));
     assert_eq!(h.attach(1, 0), Status::Ok);
     assert_eq!(h.map(1, 0x1000, 0x1fff, 0, MapFlags(0x5)), Status::Inval);
@@ -90,7 +119,10 @@ fn dev_map_6_no_write_through_a_read_only_mapping() {
     let mut h = attached();
     assert_eq!(h.map(1, 0x1000, 0x1fff, 0x9000, R), Status::Ok);
     assert_eq!(h.gpa(0, 0x1000, Access::Read), Some(0x9000));
-    assert_eq!(mapping_fault(&h, 0, 0x1008, Access::Write), FaultFlags::WRITE);
+    assert_eq!(
+        mapping_fault(&h, 0, 0x1008, Access::Write),
+        FaultFlags::WRITE
+    );
     assert_eq!(
         mapping_fault(&h, 0, 0x1008, Access::ReadWrite),
         FaultFlags(FaultFlags::READ.0 | FaultFlags::WRITE.0)
@@ -132,7 +164,9 @@ fn dev_map_9_amb_10_flags_zero_is_accepted_but_never_accessible() {
 #[test]
 fn dev_map_10_dev_unmap_7_map_unmap_need_f_map_unmap() {
     let cfg = test_config();
-    let offered = viommu_core::Device::new(cfg.clone()).unwrap().offered_features();
+    let offered = viommu_core::Device::new(cfg.clone())
+        .unwrap()
+        .offered_features();
     let mut h = harness_with(cfg, Some(offered.with(VIRTIO_IOMMU_F_MAP_UNMAP, false)));
     assert_eq!(h.attach(1, 0), Status::Ok);
     assert_eq!(h.map(1, 0x1000, 0x1fff, 0, RW), Status::Unsupp);
@@ -143,8 +177,15 @@ fn dev_map_10_dev_unmap_7_map_unmap_need_f_map_unmap() {
 #[test]
 fn dev_map_11_phys_overflow_is_range() {
     let mut h = attached();
-    assert_eq!(h.map(1, 0x1000, 0x2fff, 0xffff_ffff_ffff_f000, RW), Status::Range);
-    assert_eq!(h.map(1, 0x1000, 0x1fff, 0xffff_ffff_ffff_f000, RW), Status::Ok, "ends exactly at 2^64-1");
+    assert_eq!(
+        h.map(1, 0x1000, 0x2fff, 0xffff_ffff_ffff_f000, RW),
+        Status::Range
+    );
+    assert_eq!(
+        h.map(1, 0x1000, 0x1fff, 0xffff_ffff_ffff_f000, RW),
+        Status::Ok,
+        "ends exactly at 2^64-1"
+    );
     assert_eq!(h.gpa(0, 0x1fff, Access::Read), Some(u64::MAX));
 }
 
@@ -175,7 +216,11 @@ fn dev_cfg_2_only_the_lowest_page_size_bit_is_enforced() {
     cfg.page_size_mask = 0x4020_1000;
     let mut h = harness_with(cfg, None);
     assert_eq!(h.attach(1, 0), Status::Ok);
-    assert_eq!(h.map(1, 0x1000, 0x1fff, 0x3000, RW), Status::Ok, "AMB-18: 4 KiB is enough");
+    assert_eq!(
+        h.map(1, 0x1000, 0x1fff, 0x3000, RW),
+        Status::Ok,
+        "AMB-18: 4 KiB is enough"
+    );
     assert_eq!(h.map(1, 0x2800, 0x37ff, 0x4000, RW), Status::Range);
 }
 
@@ -248,7 +293,11 @@ fn dev_unmap_4_split_removes_nothing_atomically() {
     assert_eq!(h.map(1, 0xa000, 0x13fff, 0x20000, RW), Status::Ok);
     h.log.take();
     assert_eq!(h.unmap(1, 0x0000, 0xefff), Status::Range);
-    assert_eq!(h.gpa(0, 0x0000, Access::Read), Some(0x10000), "a is still there");
+    assert_eq!(
+        h.gpa(0, 0x0000, Access::Read),
+        Some(0x10000),
+        "a is still there"
+    );
     assert_eq!(h.gpa(0, 0xa000, Access::Read), Some(0x20000));
     assert!(h.log.changes.is_empty(), "nothing announced");
     // A split at the start is refused too.
@@ -263,7 +312,11 @@ fn dev_unmap_6_adjacent_maps_are_not_merged() {
     assert_eq!(h.map(1, 0x1000, 0x1fff, 0x11000, RW), Status::Ok);
     assert_eq!(h.unmap(1, 0x0000, 0x0fff), Status::Ok);
     assert_eq!(h.gpa(0, 0x1000, Access::Read), Some(0x11000));
-    assert_eq!(h.unmap(1, 0x0000, 0x1000), Status::Range, "would split (0x1000, 0x1fff)");
+    assert_eq!(
+        h.unmap(1, 0x0000, 0x1000),
+        Status::Range,
+        "would split (0x1000, 0x1fff)"
+    );
 }
 
 #[test]
@@ -317,11 +370,17 @@ fn unmap_announces_each_removed_mapping_with_a_grace_period() {
     assert_eq!(h.map(1, 0x1000, 0x1fff, 0x11000, RW), Status::Ok);
     assert_eq!(h.map(1, 0x3000, 0x3fff, 0x13000, R), Status::Ok);
     let added = h.log.take();
-    assert!(added.iter().all(|c| matches!(c, Change::MappingAdded { .. }) && !c.requires_grace_period()));
+    assert!(
+        added
+            .iter()
+            .all(|c| matches!(c, Change::MappingAdded { .. }) && !c.requires_grace_period())
+    );
     assert_eq!(h.unmap(1, 0, 0xffff), Status::Ok);
     let removed = h.log.take();
     assert_eq!(removed.len(), 2);
-    assert!(removed.iter().all(|c| matches!(c, Change::MappingRemoved { domain: 1, .. }) && c.requires_grace_period()));
+    assert!(removed.iter().all(
+        |c| matches!(c, Change::MappingRemoved { domain: 1, .. }) && c.requires_grace_period()
+    ));
 }
 
 #[test]
@@ -332,7 +391,11 @@ fn dev_resv_4_map_over_a_reserved_region_is_inval() {
     assert_eq!(h.map(1, 0xfed0_0000, 0xfee0_0fff, 0, RW), Status::Inval);
     assert_eq!(h.map(1, 0xfef0_0000, 0xfef0_0fff, 0, RW), Status::Ok);
     // Endpoint 8's RESERVED region is off limits once 8 joins the domain.
-    assert_eq!(h.map(1, 0x1000_0000, 0x1000_0fff, 0, RW), Status::Ok, "no endpoint reserves it yet");
+    assert_eq!(
+        h.map(1, 0x1000_0000, 0x1000_0fff, 0, RW),
+        Status::Ok,
+        "no endpoint reserves it yet"
+    );
     assert_eq!(h.unmap(1, 0x1000_0000, 0x1000_0fff), Status::Ok);
     assert_eq!(h.attach(1, 8), Status::Ok);
     assert_eq!(h.map(1, 0x1000_f000, 0x1001_0fff, 0, RW), Status::Inval);
@@ -348,10 +411,20 @@ fn dev_resv_5_msi_window_reaches_the_doorbell_and_reserved_faults() {
     assert_eq!(h.attach(2, 0), Status::Ok);
     // Endpoint 8's MSI window (Arm address) is an identity doorbell, for 8 only.
     let t = h.xlate(8, 0x0800_0040, Access::Write).unwrap();
-    assert_eq!((t.gpa, t.iova_last, t.mmio), (0x0800_0040, 0x080f_ffff, true));
-    assert_eq!(h.gpa(0, 0x0800_0040, Access::Write), None, "not endpoint 0's window");
+    assert_eq!(
+        (t.gpa, t.iova_last, t.mmio),
+        (0x0800_0040, 0x080f_ffff, true)
+    );
+    assert_eq!(
+        h.gpa(0, 0x0800_0040, Access::Write),
+        None,
+        "not endpoint 0's window"
+    );
     // Endpoint 8's RESERVED region faults with MAPPING.
-    assert_eq!(mapping_fault(&h, 8, 0x1000_0010, Access::Read), FaultFlags::READ);
+    assert_eq!(
+        mapping_fault(&h, 8, 0x1000_0010, Access::Read),
+        FaultFlags::READ
+    );
     // Endpoint 0's own MSI window.
     assert_eq!(h.gpa(0, 0xfee0_0000, Access::Write), Some(0xfee0_0000));
 }
@@ -370,7 +443,11 @@ fn limits_mapping_counts_answer_nomem() {
     assert_eq!(h.map(2, 0x1000, 0x1fff, 0, RW), Status::Ok);
     assert_eq!(h.map(2, 0x2000, 0x2fff, 0, RW), Status::NoMem, "in total");
     assert_eq!(h.unmap(1, 0x1000, 0x1fff), Status::Ok);
-    assert_eq!(h.map(2, 0x2000, 0x2fff, 0, RW), Status::Ok, "freed by UNMAP");
+    assert_eq!(
+        h.map(2, 0x2000, 0x2fff, 0, RW),
+        Status::Ok,
+        "freed by UNMAP"
+    );
     assert_eq!(h.detach(1, 0), Status::Ok);
     assert_eq!(h.dev.mapping_count(), 2, "domain 1's mapping went with it");
 }

@@ -118,7 +118,10 @@ mod tests {
                 start: 0x1000,
                 end: 0xffff_ffff_ffff,
             },
-            domain_range: DomainRange { start: 1, end: 0xfffe },
+            domain_range: DomainRange {
+                start: 1,
+                end: 0xfffe,
+            },
             probe_size: 512,
             bypass: 1,
         };

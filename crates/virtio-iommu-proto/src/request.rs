@@ -231,7 +231,8 @@ pub fn parse_request(readable: &[u8]) -> Result<Request, ParseError> {
             len: readable.len(),
         })?
         .0;
-    let req_type = RequestType::from_u8(head.req_type).ok_or(ParseError::UnknownType(head.req_type))?;
+    let req_type =
+        RequestType::from_u8(head.req_type).ok_or(ParseError::UnknownType(head.req_type))?;
     Ok(match req_type {
         RequestType::Attach => {
             let r: AttachReq = read_prefix(req_type, readable)?;

@@ -1,0 +1,8 @@
+//! Baselines for the benchmarks, and a side-by-side ratio reporter.
+//!
+//! Every benchmark measures our code beside a baseline in the same run: the
+//! criterion groups give the detailed numbers, and [`ratio::SideBySide`]
+//! prints the ratios the performance targets are stated in.
+
+pub mod model_baselines;
+pub mod ratio;
