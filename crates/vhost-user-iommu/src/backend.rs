@@ -1,0 +1,315 @@
+//! The vhost-user backend: one virtio-iommu device for one VMM connection.
+
+use crate::publish::{NoTable, Publishing, TablePublisher};
+use crate::requestq::{RequestServer, Served};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use viommu_core::{Device, DeviceConfig};
+use virtio_iommu_proto::config::CONFIG_LEN;
+use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_iommu_proto::{EVENT_QUEUE, Features, NUM_QUEUES, REQUEST_QUEUE};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+/// Guest memory as vhost-user-backend hands it over.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Ring features the transport offers on top of the device's own.
+const RING_FEATURES: u64 = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
+
+/// The device state a queue event works on, behind one lock.
+struct DeviceState {
+    device: Device,
+    publisher: Box<dyn TablePublisher>,
+    server: RequestServer,
+    /// (head, used length, needs grace) for the batch being completed.
+    completions: Vec<(u16, Served)>,
+}
+
+struct Inner {
+    state: Mutex<DeviceState>,
+    mem: RwLock<Option<GuestMem>>,
+    event_idx: AtomicBool,
+    queue_size: u16,
+    poll: Duration,
+}
+
+/// A virtio-iommu device served over vhost-user. Cheap to clone: clones
+/// share the device.
+#[derive(Clone)]
+pub struct IommuBackend {
+    inner: Arc<Inner>,
+}
+
+fn lock_error<T>(_: T) -> io::Error {
+    io::Error::other("device state lock poisoned by an earlier panic")
+}
+
+impl IommuBackend {
+    /// A fresh device (system-reset state) for one connection.
+    pub fn new(
+        config: DeviceConfig,
+        queue_size: u16,
+        poll: Duration,
+    ) -> Result<Self, viommu_core::ConfigError> {
+        Self::with_publisher(config, queue_size, poll, Box::new(NoTable))
+    }
+
+    /// A fresh device publishing its translations through `publisher`.
+    pub fn with_publisher(
+        config: DeviceConfig,
+        queue_size: u16,
+        poll: Duration,
+        publisher: Box<dyn TablePublisher>,
+    ) -> Result<Self, viommu_core::ConfigError> {
+        let device = Device::new(config)?;
+        Ok(IommuBackend {
+            inner: Arc::new(Inner {
+                state: Mutex::new(DeviceState {
+                    device,
+                    publisher,
+                    server: RequestServer::default(),
+                    completions: Vec::new(),
+                }),
+                mem: RwLock::new(None),
+                event_idx: AtomicBool::new(false),
+                queue_size,
+                poll,
+            }),
+        })
+    }
+
+    fn state(&self) -> io::Result<MutexGuard<'_, DeviceState>> {
+        self.inner.state.lock().map_err(lock_error)
+    }
+
+    fn memory(&self) -> io::Result<GuestMem> {
+        self.inner
+            .mem
+            .read()
+            .map_err(lock_error)?
+            .clone()
+            .ok_or_else(|| io::Error::other("queue event before SET_MEM_TABLE"))
+    }
+
+    /// Serves every available request, completing in order; requests that
+    /// narrowed access complete after one grace period for the batch.
+    fn process_request_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self.memory()?;
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let served = self.serve_available(vring, &mem)?;
+            if served > 0 && vring.needs_notification().map_err(io::Error::other)? {
+                vring.signal_used_queue()?;
+            }
+            if event_idx && vring.enable_notification().map_err(io::Error::other)? {
+                continue; // More arrived while notifications were off.
+            }
+            if served == 0 && !self.poll_for_more(vring, &mem)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Busy-polls the avail ring for up to the configured window; true if
+    /// new requests arrived.
+    fn poll_for_more(&self, vring: &VringRwLock, mem: &GuestMem) -> io::Result<bool> {
+        if self.inner.poll.is_zero() {
+            return Ok(false);
+        }
+        let deadline = Instant::now() + self.inner.poll;
+        let m = mem.memory();
+        while Instant::now() < deadline {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            let avail = queue
+                .avail_idx(&*m, std::sync::atomic::Ordering::Acquire)
+                .map_err(io::Error::other)?;
+            if avail.0 != queue.next_avail() {
+                return Ok(true);
+            }
+            drop(state);
+            std::hint::spin_loop();
+        }
+        Ok(false)
+    }
+
+    /// Serves the chains available now; returns how many.
+    fn serve_available(&self, vring: &VringRwLock, mem: &GuestMem) -> io::Result<usize> {
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(mem.memory())
+            .map_err(io::Error::other)?
+            .collect();
+        if chains.is_empty() {
+            return Ok(0);
+        }
+        let mut guard = self.state()?;
+        let st = &mut *guard;
+        st.completions.clear();
+        for chain in chains {
+            let head = chain.head_index();
+            let m = chain.memory();
+            st.server.parts.clear();
+            let mut shape = Ok(());
+            for desc in chain.clone() {
+                shape = st
+                    .server
+                    .parts
+                    .push(desc.addr().0, desc.len(), desc.is_write_only());
+                if shape.is_err() {
+                    break;
+                }
+            }
+            let served = st
+                .server
+                .serve(shape, m, &mut st.device, st.publisher.as_mut());
+            st.completions.push((head, served));
+        }
+        // In order: everything before the first narrowing request completes
+        // now; the rest after one grace period.
+        let first_grace = st.completions.iter().position(|(_, s)| s.needs_grace);
+        let split = first_grace.unwrap_or(st.completions.len());
+        for &(head, s) in &st.completions[..split] {
+            vring.add_used(head, s.used_len).map_err(io::Error::other)?;
+        }
+        if first_grace.is_some() {
+            st.publisher.synchronize();
+            for &(head, s) in &st.completions[split..] {
+                vring.add_used(head, s.used_len).map_err(io::Error::other)?;
+            }
+        }
+        Ok(st.completions.len())
+    }
+}
+
+impl VhostUserBackend for IommuBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let device = self
+            .state()
+            .map(|s| s.device.offered_features().0)
+            .unwrap_or(0);
+        device | RING_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let Ok(mut guard) = self.state() else { return };
+        let st = &mut *guard;
+        let device_bits = Features(features).intersect(st.device.offered_features());
+        let mut sink = Publishing::new(st.publisher.as_mut());
+        match st.device.set_features(device_bits, &mut sink) {
+            Ok(()) => info!(
+                features = format_args!("{features:#x}"),
+                "driver acked features"
+            ),
+            Err(e) => warn!(error = %e, "feature negotiation refused"),
+        }
+        if sink.needs_grace {
+            st.publisher.synchronize();
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        let Ok(mut guard) = self.state() else { return };
+        let st = &mut *guard;
+        let mut sink = Publishing::new(st.publisher.as_mut());
+        st.device.reset(&mut sink);
+        st.publisher.synchronize();
+        info!("device reset: all domains and mappings dropped, bypass kept");
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bytes = match self.state() {
+            Ok(st) => st.device.config_space().to_bytes(),
+            Err(_) => [0; CONFIG_LEN],
+        };
+        // Bytes beyond the 40-byte config space read as zero.
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_LEN);
+        out[..end - start].copy_from_slice(&bytes[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let mut guard = self.state()?;
+        let st = &mut *guard;
+        let mut sink = Publishing::new(st.publisher.as_mut());
+        let result = st.device.write_config(offset as usize, buf, &mut sink);
+        let needs_grace = sink.needs_grace;
+        if needs_grace {
+            st.publisher.synchronize();
+        }
+        result.map_err(|e| {
+            warn!(error = %e, offset, len = buf.len(), "config write refused");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.inner.mem.write().map_err(lock_error)? = Some(mem);
+        debug!("guest memory table updated");
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match device_event {
+            REQUEST_QUEUE => {
+                let vring = vrings
+                    .get(usize::from(REQUEST_QUEUE))
+                    .ok_or_else(|| io::Error::other("no request queue"))?;
+                self.process_request_queue(vring)
+            }
+            // Event buffers stay in the ring until a fault needs one.
+            EVENT_QUEUE => Ok(()),
+            other => Err(io::Error::other(format!("event on unknown queue {other}"))),
+        }
+    }
+}

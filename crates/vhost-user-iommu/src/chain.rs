@@ -1,0 +1,202 @@
+//! A descriptor chain as the device sees it: its device-readable segments
+//! followed by its device-writable segments. Bytes are gathered from and
+//! scattered to those segments only, never beyond them.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+/// One buffer of a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Why a chain cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// A device-readable buffer follows a device-writable one, which the
+    /// driver must never do.
+    #[error("descriptor {index} is device-readable but follows a device-writable one")]
+    ReadableAfterWritable {
+        /// Position of the offending descriptor in the chain.
+        index: usize,
+    },
+    /// A segment is not inside guest memory.
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutsideMemory {
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+}
+
+/// The readable and writable segments of one chain; reused across chains
+/// so the request path does not allocate.
+#[derive(Debug, Default)]
+pub struct ChainParts {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    readable_len: u64,
+    writable_len: u64,
+}
+
+impl ChainParts {
+    /// Forgets the previous chain.
+    pub fn clear(&mut self) {
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+
+    /// Adds the next descriptor of the chain.
+    pub fn push(&mut self, addr: u64, len: u32, device_writable: bool) -> Result<(), ChainError> {
+        let seg = Segment { addr, len };
+        if device_writable {
+            self.writable.push(seg);
+            self.writable_len += u64::from(len);
+        } else if !self.writable.is_empty() {
+            return Err(ChainError::ReadableAfterWritable {
+                index: self.readable.len() + self.writable.len(),
+            });
+        } else {
+            self.readable.push(seg);
+            self.readable_len += u64::from(len);
+        }
+        Ok(())
+    }
+
+    /// Total device-readable bytes.
+    pub fn readable_len(&self) -> u64 {
+        self.readable_len
+    }
+
+    /// Total device-writable bytes.
+    pub fn writable_len(&self) -> u64 {
+        self.writable_len
+    }
+
+    /// Copies the first readable bytes into `buf` (as many as fit) and
+    /// returns how many were copied.
+    pub fn gather<M: GuestMemory + Bytes<GuestAddress>>(
+        &self,
+        mem: &M,
+        buf: &mut [u8],
+    ) -> Result<usize, ChainError> {
+        let mut done = 0usize;
+        for seg in &self.readable {
+            if done == buf.len() {
+                break;
+            }
+            let take = (buf.len() - done).min(seg.len as usize);
+            let dst = &mut buf[done..done + take];
+            mem.read_slice(dst, GuestAddress(seg.addr))
+                .map_err(|_| ChainError::OutsideMemory {
+                    addr: seg.addr,
+                    len: seg.len,
+                })?;
+            done += take;
+        }
+        Ok(done)
+    }
+
+    /// Writes `data` at the start of the writable part. The caller keeps
+    /// `data` no longer than the writable part; every segment it touches is
+    /// checked before anything is written, so a bad address writes nothing.
+    pub fn scatter<M: GuestMemory + Bytes<GuestAddress>>(
+        &self,
+        mem: &M,
+        data: &[u8],
+    ) -> Result<(), ChainError> {
+        let mut left = data.len();
+        for seg in &self.writable {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(seg.len as usize);
+            if !mem.check_range(GuestAddress(seg.addr), take, Permissions::Write) {
+                return Err(ChainError::OutsideMemory {
+                    addr: seg.addr,
+                    len: seg.len,
+                });
+            }
+            left -= take;
+        }
+        let mut done = 0usize;
+        for seg in &self.writable {
+            if done == data.len() {
+                break;
+            }
+            let take = (data.len() - done).min(seg.len as usize);
+            mem.write_slice(&data[done..done + take], GuestAddress(seg.addr))
+                .map_err(|_| ChainError::OutsideMemory {
+                    addr: seg.addr,
+                    len: seg.len,
+                })?;
+            done += take;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap()
+    }
+
+    #[test]
+    fn gather_and_scatter_cross_segments_in_order() {
+        let m = mem();
+        m.write_slice(&[1, 2, 3], GuestAddress(0x1000)).unwrap();
+        m.write_slice(&[4, 5, 6, 7], GuestAddress(0x2000)).unwrap();
+        let mut c = ChainParts::default();
+        c.push(0x1000, 3, false).unwrap();
+        c.push(0x2000, 4, false).unwrap();
+        c.push(0x3000, 2, true).unwrap();
+        c.push(0x3800, 8, true).unwrap();
+        assert_eq!((c.readable_len(), c.writable_len()), (7, 10));
+        let mut buf = [0u8; 5];
+        assert_eq!(c.gather(&m, &mut buf).unwrap(), 5);
+        assert_eq!(buf, [1, 2, 3, 4, 5]);
+        let mut big = [0u8; 72];
+        assert_eq!(c.gather(&m, &mut big).unwrap(), 7);
+        c.scatter(&m, &[9, 8, 7, 6]).unwrap();
+        let mut out = [0u8; 2];
+        m.read_slice(&mut out, GuestAddress(0x3000)).unwrap();
+        assert_eq!(out, [9, 8]);
+        m.read_slice(&mut out, GuestAddress(0x3800)).unwrap();
+        assert_eq!(out, [7, 6]);
+    }
+
+    #[test]
+    fn readable_after_writable_is_refused() {
+        let mut c = ChainParts::default();
+        c.push(0x1000, 4, true).unwrap();
+        assert_eq!(
+            c.push(0x1000, 4, false),
+            Err(ChainError::ReadableAfterWritable { index: 1 })
+        );
+    }
+
+    #[test]
+    fn nothing_is_written_when_a_later_segment_is_outside_memory() {
+        let m = mem();
+        let mut c = ChainParts::default();
+        c.push(0x1000, 2, true).unwrap();
+        c.push(0x9000_0000, 2, true).unwrap();
+        assert!(c.scatter(&m, &[0xee; 4]).is_err());
+        let mut out = [0u8; 2];
+        m.read_slice(&mut out, GuestAddress(0x1000)).unwrap();
+        assert_eq!(out, [0, 0]);
+        let mut r = ChainParts::default();
+        r.push(0x9000_0000, 4, false).unwrap();
+        assert!(r.gather(&m, &mut [0u8; 4]).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! The `vhost-user-iommu` daemon as a library: a virtio-iommu device served
+//! over vhost-user, built on the [`viommu_core`] device model.
+//!
+//! - [`settings`]: command line and TOML configuration, turned into a
+//!   validated [`viommu_core::DeviceConfig`] plus daemon options.
+//! - [`chain`]: splitting a descriptor chain into its readable and writable
+//!   parts, gathering and scattering bytes inside them only.
+//! - [`requestq`]: serving the request queue, with in-order completion and
+//!   one grace period per drained batch.
+//! - [`publish`]: where the model's changes go (the shared table).
+//! - [`backend`]: the `VhostUserBackend` implementation (features, config
+//!   space, reset, queue events).
+//! - [`serve`]: the listening loop, one fresh device per connection.
+//! - [`logging`], [`signals`]: process plumbing.
+
+pub mod backend;
+pub mod chain;
+pub mod logging;
+pub mod publish;
+pub mod requestq;
+pub mod serve;
+pub mod settings;
+pub mod signals;

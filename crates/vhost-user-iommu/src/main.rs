@@ -1,0 +1,71 @@
+//! `vhost-user-iommu`: a virtio-iommu device as a vhost-user backend.
+
+use clap::Parser;
+use std::process::ExitCode;
+use tracing::{error, info};
+use vhost_user_iommu::settings::{Cli, Settings};
+use vhost_user_iommu::{logging, serve, signals};
+
+/// Prints an error and its causes, one per line.
+fn report(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text.push_str(&format!("\n  caused by: {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+fn capabilities() -> String {
+    serde_json::json!({ "type": "iommu" }).to_string()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_capabilities {
+        println!("{}", capabilities());
+        return ExitCode::SUCCESS;
+    }
+    let settings = match Settings::from_cli(&cli) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vhost-user-iommu: {}", report(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = logging::init(&settings.log) {
+        eprintln!("vhost-user-iommu: {}", report(&e));
+        return ExitCode::from(2);
+    }
+    let Some(listen) = settings.listen.clone() else {
+        error!("no socket to listen on");
+        return ExitCode::from(2);
+    };
+    let socket = match &listen {
+        vhost_user_iommu::settings::Listen::Path(p) => Some(p.clone()),
+        vhost_user_iommu::settings::Listen::Fd(_) => None,
+    };
+    if let Err(e) = signals::exit_on_termination(socket) {
+        error!(error = %e, "cannot set up signal handling");
+        return ExitCode::FAILURE;
+    }
+    let d = &settings.device;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        endpoints = d.endpoints.iter().map(|r| r.len()).sum::<u64>(),
+        page_size_mask = format_args!("{:#x}", d.page_size_mask),
+        probe_size = d.probe_size.unwrap_or(0),
+        bypass = d.initial_bypass,
+        queue_size = settings.queue_size,
+        poll_us = settings.poll.as_micros() as u64,
+        "starting"
+    );
+    match serve::run(&settings, &listen) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{}", report(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

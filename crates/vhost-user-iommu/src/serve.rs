@@ -1,0 +1,92 @@
+//! The listening loop: one VMM connection at a time, each with a fresh
+//! device (a new connection is the "system reset" of AMB-16).
+
+use crate::backend::IommuBackend;
+use crate::settings::{Listen, Settings};
+use std::os::fd::FromRawFd;
+use tracing::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Why the daemon stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket could not be created or bound.
+    #[error("cannot listen on {0}")]
+    Listen(String, #[source] vhost::vhost_user::Error),
+    /// The inherited descriptor is not a listening Unix socket.
+    #[error("--fd {0} is not a listening socket")]
+    NotListening(i32),
+    /// The device could not be built.
+    #[error("cannot create the device")]
+    Device(#[from] viommu_core::ConfigError),
+    /// The vhost-user machinery failed.
+    #[error("vhost-user daemon failed: {0}")]
+    Daemon(String),
+}
+
+fn listener(listen: &Listen) -> Result<Listener, ServeError> {
+    match listen {
+        Listen::Path(p) => {
+            Listener::new(p, true).map_err(|e| ServeError::Listen(p.display().to_string(), e))
+        }
+        Listen::Fd(fd) => {
+            let mut accepting: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `accepting`,
+            // a live c_int; an invalid fd only makes it fail.
+            let rc = unsafe {
+                libc::getsockopt(
+                    *fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut accepting as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 || accepting == 0 {
+                return Err(ServeError::NotListening(*fd));
+            }
+            // SAFETY: the descriptor was handed to this process for this use
+            // (it is a listening socket, checked above) and nothing else in
+            // the process owns it.
+            Ok(unsafe { Listener::from_raw_fd(*fd) })
+        }
+    }
+}
+
+/// Describes where the daemon listens, for logs.
+pub fn describe(listen: &Listen) -> String {
+    match listen {
+        Listen::Path(p) => p.display().to_string(),
+        Listen::Fd(fd) => format!("inherited fd {fd}"),
+    }
+}
+
+/// Serves connections until the process is told to stop.
+pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
+    let mut listener = listener(listen)?;
+    let where_ = describe(listen);
+    loop {
+        let backend =
+            IommuBackend::new(settings.device.clone(), settings.queue_size, settings.poll)?;
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-user-iommu".to_string(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        info!(socket = %where_, "waiting for a VMM to connect");
+        daemon
+            .start(&mut listener)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        info!("VMM connected; serving a fresh device");
+        match daemon.wait() {
+            Ok(()) => info!("VMM disconnected; the device is gone with its domains and mappings"),
+            Err(e) => {
+                warn!(error = %e, "VMM connection ended with an error; waiting for the next one")
+            }
+        }
+    }
+}

@@ -1,0 +1,602 @@
+//! Daemon settings: command-line options and an optional TOML file, merged
+//! (the command line wins) and validated into a [`DeviceConfig`].
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+use viommu_core::config::X86_MSI_WINDOW;
+use viommu_core::{ConfigError, DeviceConfig, EndpointRange, Limits};
+use virtio_iommu_proto::config::{DomainRange, InputRange};
+use virtio_iommu_proto::probe::{ResvMem, ResvSubtype};
+
+/// Default maximum virtqueue size offered to the VMM.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+
+/// virtio-iommu device (virtio ID 23) as a vhost-user backend.
+///
+/// Start it with a socket path, then point a VMM's vhost-user device at
+/// that socket (QEMU: `-chardev socket,id=viommu,path=PATH -device
+/// vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40`).
+/// Every option has a default that works for x86 Linux guests; a TOML file
+/// (`--config`) takes the same settings, and options given on the command
+/// line override it.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(name = "vhost-user-iommu", version)]
+pub struct Cli {
+    /// Listen for the VMM on this Unix socket (an existing file there is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Listen on an inherited, already listening Unix socket file descriptor.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// TOML file with device settings (same names as these options, with
+    /// `_` for `-`, plus `[[endpoint]]` tables for per-range reserved regions).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Endpoint IDs that exist, as a list of IDs and inclusive ranges
+    /// (PCI requester IDs: bus<<8 | dev<<3 | fn). Default: 0-0xffff.
+    #[arg(long, value_name = "LIST")]
+    pub endpoints: Option<String>,
+
+    /// Reserved IOVA region of every endpoint, `msi:START-END` or
+    /// `reserved:START-END`; repeat for several. Replaces the default, the
+    /// x86 MSI window msi:0xfee00000-0xfeefffff. `none` for no region.
+    #[arg(long = "reserved-region", value_name = "KIND:START-END")]
+    pub reserved_regions: Vec<String>,
+
+    /// Page sizes the device supports; the lowest set bit is the MAP
+    /// granule. Default: 0xfffffffffffff000 (4 KiB and up).
+    #[arg(long, value_name = "MASK")]
+    pub page_size_mask: Option<String>,
+
+    /// IOVA window `START-END` (inclusive), or `none` to not offer
+    /// F_INPUT_RANGE. Default: 0-0xffffffffffff (48 bits).
+    #[arg(long, value_name = "START-END")]
+    pub input_range: Option<String>,
+
+    /// Domain ID window `START-END` (inclusive), or `none` to not offer
+    /// F_DOMAIN_RANGE. Default: 0-0xffff.
+    #[arg(long, value_name = "START-END")]
+    pub domain_range: Option<String>,
+
+    /// PROBE properties size in bytes; 0 does not offer F_PROBE. Default: 512.
+    #[arg(long, value_name = "BYTES")]
+    pub probe_size: Option<u32>,
+
+    /// Initial `bypass` config byte: unattached endpoints reach guest
+    /// memory untranslated. Default: on, so firmware can DMA before the
+    /// guest driver attaches devices; `off` blocks them until attached.
+    #[arg(long, value_name = "on|off")]
+    pub bypass: Option<OnOff>,
+
+    /// Offer the legacy F_BYPASS feature instead of F_BYPASS_CONFIG.
+    #[arg(long)]
+    pub legacy_bypass: bool,
+
+    /// Offer F_MMIO (MAP with the MMIO flag).
+    #[arg(long)]
+    pub mmio: bool,
+
+    /// Domains alive at once; more answer NOMEM. Default: 4096.
+    #[arg(long, value_name = "N")]
+    pub max_domains: Option<u32>,
+
+    /// Mappings in all domains together; more answer NOMEM. Default: 2097152.
+    #[arg(long, value_name = "N")]
+    pub max_mappings: Option<u32>,
+
+    /// Mappings in one domain; more answer NOMEM. Default: 1048576.
+    #[arg(long, value_name = "N")]
+    pub max_mappings_per_domain: Option<u32>,
+
+    /// Largest virtqueue size offered to the VMM. Default: 1024.
+    #[arg(long, value_name = "N")]
+    pub queue_size: Option<u16>,
+
+    /// After the request queue runs dry, keep polling it this many
+    /// microseconds before sleeping on the kick (trades CPU for latency).
+    /// Default: 0.
+    #[arg(long, value_name = "US")]
+    pub poll_us: Option<u64>,
+
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing
+    /// filter directive). `RUST_LOG` is used when this is not given.
+    /// Default: info.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Log line format.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// A switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The TOML file: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    socket_path: Option<PathBuf>,
+    endpoints: Option<String>,
+    reserved_regions: Option<Vec<String>>,
+    #[serde(default, rename = "endpoint")]
+    endpoint_ranges: Vec<FileEndpointRange>,
+    page_size_mask: Option<String>,
+    input_range: Option<String>,
+    domain_range: Option<String>,
+    probe_size: Option<u32>,
+    bypass: Option<OnOff>,
+    legacy_bypass: Option<bool>,
+    mmio: Option<bool>,
+    max_domains: Option<u32>,
+    max_mappings: Option<u32>,
+    max_mappings_per_domain: Option<u32>,
+    queue_size: Option<u16>,
+    poll_us: Option<u64>,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+/// `[[endpoint]]`: a range of endpoints with its own reserved regions.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpointRange {
+    ids: String,
+    #[serde(default)]
+    reserved_regions: Vec<String>,
+}
+
+/// Where the daemon listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// Create and listen on this path.
+    Path(PathBuf),
+    /// Listen on this inherited descriptor.
+    Fd(i32),
+}
+
+/// Logging choices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Filter directive, if given (else `RUST_LOG`, else `info`).
+    pub filter: Option<String>,
+    /// Line format.
+    pub format: LogFormat,
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The device model's configuration.
+    pub device: DeviceConfig,
+    /// Where to listen (absent only with `--print-capabilities`).
+    pub listen: Option<Listen>,
+    /// Largest virtqueue size.
+    pub queue_size: u16,
+    /// Busy-poll window after the request queue runs dry.
+    pub poll: Duration,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Why settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("invalid config file {path}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, with line and column.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A number could not be parsed.
+    #[error("{what}: {value:?} is not a number (decimal, or hex with 0x)")]
+    Number {
+        /// Which setting.
+        what: &'static str,
+        /// The text.
+        value: String,
+    },
+    /// A range is malformed.
+    #[error("{what}: {value:?} is not a range START-END (inclusive) or a single value")]
+    Range {
+        /// Which setting.
+        what: &'static str,
+        /// The text.
+        value: String,
+    },
+    /// A reserved region is malformed.
+    #[error("reserved region {0:?} is not msi:START-END, reserved:START-END or none")]
+    Region(String),
+    /// Neither a socket path nor a descriptor was given.
+    #[error("no socket: give --socket-path PATH or --fd N")]
+    NoSocket,
+    /// The queue size is not a power of two in 2..=32768.
+    #[error("queue size {0} must be a power of two between 2 and 32768")]
+    QueueSize(u16),
+    /// The device configuration is invalid.
+    #[error("invalid device configuration")]
+    Device(#[from] ConfigError),
+}
+
+/// Parses `123` or `0x7b`.
+pub fn parse_u64(what: &'static str, s: &str) -> Result<u64, SettingsError> {
+    let t = s.trim().replace('_', "");
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| SettingsError::Number {
+        what,
+        value: s.to_string(),
+    })
+}
+
+fn parse_u32(what: &'static str, s: &str) -> Result<u32, SettingsError> {
+    let v = parse_u64(what, s)?;
+    u32::try_from(v).map_err(|_| SettingsError::Number {
+        what,
+        value: s.to_string(),
+    })
+}
+
+/// Parses `START-END` (inclusive) or a single value.
+pub fn parse_range(what: &'static str, s: &str) -> Result<(u64, u64), SettingsError> {
+    let bad = || SettingsError::Range {
+        what,
+        value: s.to_string(),
+    };
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (parse_u64(what, a)?, parse_u64(what, b)?),
+        None => {
+            let v = parse_u64(what, s)?;
+            (v, v)
+        }
+    };
+    if a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+fn parse_optional_range(what: &'static str, s: &str) -> Result<Option<(u64, u64)>, SettingsError> {
+    if s.trim() == "none" {
+        return Ok(None);
+    }
+    parse_range(what, s).map(Some)
+}
+
+/// Parses an endpoint list such as `0-0xff,0x100,0x200-0x2ff`.
+pub fn parse_endpoint_list(s: &str) -> Result<Vec<(u32, u32)>, SettingsError> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (a, b) = parse_range("endpoints", p)?;
+            let a = u32::try_from(a).map_err(|_| SettingsError::Range {
+                what: "endpoints",
+                value: p.to_string(),
+            })?;
+            let b = u32::try_from(b).map_err(|_| SettingsError::Range {
+                what: "endpoints",
+                value: p.to_string(),
+            })?;
+            Ok((a, b))
+        })
+        .collect()
+}
+
+/// Parses reserved regions; `none` alone means no region.
+pub fn parse_regions(list: &[String]) -> Result<Vec<ResvMem>, SettingsError> {
+    if list.len() == 1 && list[0].trim() == "none" {
+        return Ok(vec![]);
+    }
+    list.iter()
+        .map(|s| {
+            let (kind, range) = s
+                .split_once(':')
+                .ok_or_else(|| SettingsError::Region(s.clone()))?;
+            let subtype = match kind.trim() {
+                "msi" => ResvSubtype::Msi,
+                "reserved" => ResvSubtype::Reserved,
+                _ => return Err(SettingsError::Region(s.clone())),
+            };
+            let (start, end) = parse_range("reserved region", range)
+                .map_err(|_| SettingsError::Region(s.clone()))?;
+            Ok(ResvMem {
+                subtype,
+                start,
+                end,
+            })
+        })
+        .collect()
+}
+
+impl Settings {
+    /// Merges the command line over the file (if any) over the defaults.
+    pub fn from_cli(cli: &Cli) -> Result<Settings, SettingsError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| SettingsError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                toml::from_str::<FileSettings>(&text).map_err(|source| {
+                    SettingsError::ParseFile {
+                        path: path.clone(),
+                        source: Box::new(source),
+                    }
+                })?
+            }
+            None => FileSettings::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    fn merge(cli: &Cli, file: FileSettings) -> Result<Settings, SettingsError> {
+        let defaults = DeviceConfig::default();
+        let regions = if !cli.reserved_regions.is_empty() {
+            parse_regions(&cli.reserved_regions)?
+        } else if let Some(r) = &file.reserved_regions {
+            parse_regions(r)?
+        } else {
+            vec![X86_MSI_WINDOW]
+        };
+        let mut endpoints = Vec::new();
+        for (first, last) in parse_endpoint_list(
+            cli.endpoints
+                .as_deref()
+                .or(file.endpoints.as_deref())
+                .unwrap_or("0-0xffff"),
+        )? {
+            endpoints.push(EndpointRange {
+                first,
+                last,
+                resv: regions.clone(),
+            });
+        }
+        for r in &file.endpoint_ranges {
+            let resv = parse_regions(&r.reserved_regions)?;
+            for (first, last) in parse_endpoint_list(&r.ids)? {
+                endpoints.push(EndpointRange {
+                    first,
+                    last,
+                    resv: resv.clone(),
+                });
+            }
+        }
+        let page_size_mask = match cli
+            .page_size_mask
+            .as_deref()
+            .or(file.page_size_mask.as_deref())
+        {
+            Some(s) => parse_u64("page_size_mask", s)?,
+            None => defaults.page_size_mask,
+        };
+        let input_range = match cli.input_range.as_deref().or(file.input_range.as_deref()) {
+            Some(s) => parse_optional_range("input_range", s)?
+                .map(|(start, end)| InputRange { start, end }),
+            None => defaults.input_range,
+        };
+        let domain_range = match cli.domain_range.as_deref().or(file.domain_range.as_deref()) {
+            Some(s) => match parse_optional_range("domain_range", s)? {
+                Some((a, b)) => Some(DomainRange {
+                    start: parse_u32("domain_range", &a.to_string())?,
+                    end: parse_u32("domain_range", &b.to_string())?,
+                }),
+                None => None,
+            },
+            None => defaults.domain_range,
+        };
+        let probe_size = match cli.probe_size.or(file.probe_size) {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => defaults.probe_size,
+        };
+        let legacy_bypass = cli.legacy_bypass || file.legacy_bypass.unwrap_or(false);
+        let bypass = cli
+            .bypass
+            .or(file.bypass)
+            .map_or(defaults.initial_bypass, |b| b == OnOff::On);
+        let limits = Limits {
+            max_domains: cli
+                .max_domains
+                .or(file.max_domains)
+                .unwrap_or(defaults.limits.max_domains),
+            max_mappings: cli
+                .max_mappings
+                .or(file.max_mappings)
+                .unwrap_or(defaults.limits.max_mappings),
+            max_mappings_per_domain: cli
+                .max_mappings_per_domain
+                .or(file.max_mappings_per_domain)
+                .unwrap_or(defaults.limits.max_mappings_per_domain),
+        };
+        let device = DeviceConfig {
+            endpoints,
+            page_size_mask,
+            input_range,
+            domain_range,
+            probe_size,
+            mmio: cli.mmio || file.mmio.unwrap_or(false),
+            bypass_config: !legacy_bypass,
+            legacy_bypass,
+            initial_bypass: bypass,
+            limits,
+        };
+        device.validate()?;
+        let queue_size = cli
+            .queue_size
+            .or(file.queue_size)
+            .unwrap_or(DEFAULT_QUEUE_SIZE);
+        if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
+            return Err(SettingsError::QueueSize(queue_size));
+        }
+        let listen = match (
+            &cli.fd,
+            cli.socket_path.as_ref().or(file.socket_path.as_ref()),
+        ) {
+            (Some(fd), _) => Some(Listen::Fd(*fd)),
+            (None, Some(p)) => Some(Listen::Path(p.clone())),
+            (None, None) if cli.print_capabilities => None,
+            (None, None) => return Err(SettingsError::NoSocket),
+        };
+        Ok(Settings {
+            device,
+            listen,
+            queue_size,
+            poll: Duration::from_micros(cli.poll_us.or(file.poll_us).unwrap_or(0)),
+            log: LogSettings {
+                filter: cli.log_level.clone().or(file.log_level),
+                format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["vhost-user-iommu"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults_with_only_a_socket_are_the_documented_ones() {
+        let s = Settings::from_cli(&cli(&["--socket-path", "/tmp/x.sock"])).unwrap();
+        assert_eq!(s.device, DeviceConfig::default());
+        assert_eq!(s.listen, Some(Listen::Path("/tmp/x.sock".into())));
+        assert_eq!(s.queue_size, 1024);
+        assert_eq!(s.poll, Duration::ZERO);
+    }
+
+    #[test]
+    fn options_map_onto_the_device_config() {
+        let s = Settings::from_cli(&cli(&[
+            "--fd",
+            "3",
+            "--endpoints",
+            "0x20,0x28-0x2f",
+            "--reserved-region",
+            "reserved:0x1000-0x1fff",
+            "--reserved-region",
+            "msi:0x8000000-0x80fffff",
+            "--page-size-mask",
+            "0x40201000",
+            "--input-range",
+            "none",
+            "--domain-range",
+            "1-7",
+            "--probe-size",
+            "0",
+            "--bypass",
+            "off",
+            "--mmio",
+            "--max-domains",
+            "9",
+            "--queue-size",
+            "256",
+            "--poll-us",
+            "50",
+        ]))
+        .unwrap();
+        let d = &s.device;
+        assert_eq!(s.listen, Some(Listen::Fd(3)));
+        assert_eq!(d.endpoints.len(), 2);
+        assert_eq!((d.endpoints[1].first, d.endpoints[1].last), (0x28, 0x2f));
+        assert_eq!(d.endpoints[0].resv.len(), 2);
+        assert_eq!(d.endpoints[0].resv[0].subtype, ResvSubtype::Reserved);
+        assert_eq!(d.page_size_mask, 0x4020_1000);
+        assert_eq!(d.input_range, None);
+        assert_eq!(d.domain_range, Some(DomainRange { start: 1, end: 7 }));
+        assert_eq!(d.probe_size, None);
+        assert!(!d.initial_bypass && d.mmio && d.bypass_config);
+        assert_eq!(d.limits.max_domains, 9);
+        assert_eq!((s.queue_size, s.poll), (256, Duration::from_micros(50)));
+    }
+
+    #[test]
+    fn the_file_is_read_and_the_command_line_wins() {
+        let dir = std::env::temp_dir().join(format!("viommu-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+socket_path = "/run/viommu.sock"
+endpoints = "0-0xf"
+probe_size = 256
+bypass = "off"
+[[endpoint]]
+ids = "0x100-0x101"
+reserved_regions = ["reserved:0x0-0xfff"]
+"#,
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let s = Settings::from_cli(&cli(&["-c", p, "--probe-size", "128"])).unwrap();
+        assert_eq!(s.listen, Some(Listen::Path("/run/viommu.sock".into())));
+        assert_eq!(s.device.probe_size, Some(128));
+        assert!(!s.device.initial_bypass);
+        assert_eq!(s.device.endpoints.len(), 2);
+        assert_eq!(s.device.endpoints[1].resv[0].end, 0xfff);
+        std::fs::write(&path, "probe_sise = 1\n").unwrap();
+        let err = Settings::from_cli(&cli(&["-c", p])).unwrap_err();
+        assert!(matches!(err, SettingsError::ParseFile { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_setting_named() {
+        let err = |args: &[&str]| Settings::from_cli(&cli(args)).unwrap_err().to_string();
+        assert!(err(&["--socket-path", "s", "--endpoints", "0-zz"]).contains("endpoints"));
+        assert!(err(&["--socket-path", "s", "--input-range", "9-1"]).contains("input_range"));
+        assert!(err(&["--socket-path", "s", "--reserved-region", "io:1-2"]).contains("io:1-2"));
+        assert!(err(&["--socket-path", "s", "--queue-size", "100"]).contains("power of two"));
+        assert!(err(&["--socket-path", "s", "--page-size-mask", "0"]).contains("invalid device"));
+        assert!(err(&[]).contains("--socket-path"));
+        assert!(err(&["--socket-path", "s", "--endpoints", "0-0x1ffffffff"]).contains("endpoints"));
+        assert!(Cli::try_parse_from(["x", "--socket-path", "s", "--fd", "3"]).is_err());
+    }
+}
