@@ -1,8 +1,10 @@
 //! The vhost-user backend: one virtio-iommu device for one VMM connection.
 
+use crate::eventq::{FaultQueue, FaultStats};
 use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::requestq::{RequestServer, Served};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -12,16 +14,21 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use viommu_core::{Device, DeviceConfig};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_iommu_proto::{EVENT_QUEUE, Features, NUM_QUEUES, REQUEST_QUEUE};
+use virtio_iommu_proto::{EVENT_QUEUE, FaultRecord, Features, NUM_QUEUES, REQUEST_QUEUE};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest memory as vhost-user-backend hands it over.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Listener ID of the fault wake-up eventfd (IDs up to the queue count are
+/// the framework's).
+pub const FAULT_WAKE_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 /// Ring features the transport offers on top of the device's own.
 const RING_FEATURES: u64 = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
@@ -41,6 +48,8 @@ struct Inner {
     event_idx: AtomicBool,
     queue_size: u16,
     poll: Duration,
+    faults: Mutex<FaultQueue>,
+    fault_wake: EventFd,
 }
 
 /// A virtio-iommu device served over vhost-user. Cheap to clone: clones
@@ -72,6 +81,12 @@ impl IommuBackend {
         publisher: Box<dyn TablePublisher>,
     ) -> Result<Self, viommu_core::ConfigError> {
         let device = Device::new(config)?;
+        // An eventfd only fails to be created when the process is out of
+        // descriptors; the daemon cannot run then anyway.
+        let fault_wake = EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot create the fault eventfd");
+            std::process::exit(1)
+        });
         Ok(IommuBackend {
             inner: Arc::new(Inner {
                 state: Mutex::new(DeviceState {
@@ -84,8 +99,61 @@ impl IommuBackend {
                 event_idx: AtomicBool::new(false),
                 queue_size,
                 poll,
+                faults: Mutex::new(FaultQueue::default()),
+                fault_wake,
             }),
         })
+    }
+
+    /// Queues a fault record for the guest's event queue and wakes the
+    /// worker to deliver it. Never blocks on the driver.
+    pub fn report_fault(&self, record: FaultRecord) -> io::Result<()> {
+        self.inner.faults.lock().map_err(lock_error)?.push(record);
+        self.inner.fault_wake.write(1)
+    }
+
+    /// The eventfd the worker must watch (as [`FAULT_WAKE_EVENT`]) for
+    /// reported faults.
+    pub fn fault_wake_fd(&self) -> RawFd {
+        self.inner.fault_wake.as_raw_fd()
+    }
+
+    /// Event-queue counters.
+    pub fn fault_stats(&self) -> FaultStats {
+        self.inner
+            .faults
+            .lock()
+            .map(|q| q.stats)
+            .unwrap_or_default()
+    }
+
+    /// Writes pending faults into the buffers the driver posted.
+    fn deliver_faults(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self.memory()?;
+        let mut faults = self.inner.faults.lock().map_err(lock_error)?;
+        let mut used = false;
+        while faults.pending() > 0 {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.memory())
+                .map_err(io::Error::other)?
+                .next();
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let m = chain.memory();
+            let descs = chain
+                .clone()
+                .map(|d| (d.addr().0, d.len(), d.is_write_only()));
+            if let Some(len) = faults.fill(m, descs) {
+                vring.add_used(head, len).map_err(io::Error::other)?;
+                used = true;
+            }
+        }
+        if used && vring.needs_notification().map_err(io::Error::other)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
     }
 
     fn state(&self) -> io::Result<MutexGuard<'_, DeviceState>> {
@@ -307,8 +375,17 @@ impl VhostUserBackend for IommuBackend {
                     .ok_or_else(|| io::Error::other("no request queue"))?;
                 self.process_request_queue(vring)
             }
-            // Event buffers stay in the ring until a fault needs one.
-            EVENT_QUEUE => Ok(()),
+            // Buffers stay in the ring until a fault needs one.
+            EVENT_QUEUE | FAULT_WAKE_EVENT => {
+                if device_event == FAULT_WAKE_EVENT {
+                    // Reading resets the counter; nothing to read is fine.
+                    let _ = self.inner.fault_wake.read();
+                }
+                let vring = vrings
+                    .get(usize::from(EVENT_QUEUE))
+                    .ok_or_else(|| io::Error::other("no event queue"))?;
+                self.deliver_faults(vring)
+            }
             other => Err(io::Error::other(format!("event on unknown queue {other}"))),
         }
     }

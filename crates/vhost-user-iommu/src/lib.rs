@@ -8,6 +8,7 @@
 //! - [`requestq`]: serving the request queue, with in-order completion and
 //!   one grace period per drained batch.
 //! - [`publish`]: where the model's changes go (the shared table).
+//! - [`eventq`]: fault records waiting for event-queue buffers.
 //! - [`backend`]: the `VhostUserBackend` implementation (features, config
 //!   space, reset, queue events).
 //! - [`serve`]: the listening loop, one fresh device per connection.
@@ -15,6 +16,7 @@
 
 pub mod backend;
 pub mod chain;
+pub mod eventq;
 pub mod logging;
 pub mod publish;
 pub mod requestq;

@@ -1,13 +1,14 @@
 //! The listening loop: one VMM connection at a time, each with a fresh
 //! device (a new connection is the "system reset" of AMB-16).
 
-use crate::backend::IommuBackend;
+use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
 use crate::settings::{Listen, Settings};
 use std::os::fd::FromRawFd;
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 /// Why the daemon stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -73,10 +74,19 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
             IommuBackend::new(settings.device.clone(), settings.queue_size, settings.poll)?;
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-iommu".to_string(),
-            backend,
+            backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(
+                    backend.fault_wake_fd(),
+                    EventSet::IN,
+                    u64::from(FAULT_WAKE_EVENT),
+                )
+                .map_err(|e| ServeError::Daemon(format!("cannot watch the fault eventfd: {e}")))?;
+        }
         info!(socket = %where_, "waiting for a VMM to connect");
         daemon
             .start(&mut listener)
