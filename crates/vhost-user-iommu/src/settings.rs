@@ -588,6 +588,19 @@ reserved_regions = ["reserved:0x0-0xfff"]
     }
 
     #[test]
+    fn the_shipped_example_file_is_valid_and_matches_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/example.toml");
+        let s = Settings::from_cli(&cli(&["-c", path])).unwrap();
+        let bare = Settings::from_cli(&cli(&["--socket-path", "x"])).unwrap();
+        assert_eq!(s.device.page_size_mask, bare.device.page_size_mask);
+        assert_eq!(s.device.input_range, bare.device.input_range);
+        assert_eq!(s.device.domain_range, bare.device.domain_range);
+        assert_eq!(s.device.initial_bypass, bare.device.initial_bypass);
+        assert_eq!(s.device.endpoints.len(), 2);
+        assert_eq!(s.device.endpoints[1].resv.len(), 2);
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_setting_named() {
         let err = |args: &[&str]| Settings::from_cli(&cli(args)).unwrap_err().to_string();
         assert!(err(&["--socket-path", "s", "--endpoints", "0-zz"]).contains("endpoints"));
