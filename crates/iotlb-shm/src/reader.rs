@@ -1,0 +1,343 @@
+//! The reader side, used by backends: open the table read-only, claim a
+//! slot per thread, translate inside sessions, pin ranges for I/O that
+//! outlives a session.
+//!
+//! A lookup is a handful of Acquire loads of the shared table: no syscall,
+//! no locked read-modify-write, no store to a shared line. Entering and
+//! leaving a session each store once to the thread's own slot line.
+
+use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::access::{Access, Fault, FaultKind, Piece};
+use crate::geometry::{Geometry, GeometryError};
+use crate::grace;
+use crate::layout::{self, endpoint as ep_word, header, pte};
+use crate::memfd::{self, SharedMapping};
+use crate::slots::{SlotError, SlotFile};
+use crate::sync::Ordering;
+
+/// Failure to open a table.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// Reading, checking or mapping a file failed.
+    #[error("table: {step}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a table file of this layout version.
+    #[error("not a v1 translation table (magic {magic:#x}, version {version})")]
+    Format {
+        /// Magic found.
+        magic: u64,
+        /// Version found.
+        version: u64,
+    },
+    /// The header describes an impossible shape.
+    #[error("table header")]
+    Geometry(#[from] GeometryError),
+    /// The file is smaller than its header says, or not sealed read-only.
+    #[error("{file} file is not sealed read-only at its size (seals {seals:#x}, {size} bytes)")]
+    Seals {
+        /// Which file.
+        file: &'static str,
+        /// Seals found.
+        seals: i32,
+        /// Size found.
+        size: u64,
+    },
+}
+
+fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> OpenError {
+    move |source| OpenError::Io { step, source }
+}
+
+/// A table opened read-only.
+#[derive(Debug)]
+pub struct TableReader {
+    table: SharedMapping,
+    arena: SharedMapping,
+    geometry: Geometry,
+    levels: u32,
+    max_nodes: u64,
+}
+
+impl TableReader {
+    /// Opens a table from its two descriptors (table file, arena file).
+    pub fn open(table: BorrowedFd<'_>, arena: BorrowedFd<'_>) -> Result<Self, OpenError> {
+        let size = memfd::size(table).map_err(io("stat table"))?;
+        let seals = memfd::seals(table).map_err(io("read table seals"))?;
+        let need = libc::F_SEAL_SHRINK | libc::F_SEAL_FUTURE_WRITE;
+        if seals & need != need || size < header::BYTES as u64 {
+            return Err(OpenError::Seals { file: "table", seals, size });
+        }
+        let head = SharedMapping::map(table, header::BYTES, false).map_err(io("map header"))?;
+        let w = |o| head.word(o).load(Ordering::Acquire);
+        let (magic, version) = (w(header::MAGIC), w(header::VERSION));
+        if magic != layout::TABLE_MAGIC || version != layout::VERSION {
+            return Err(OpenError::Format { magic, version });
+        }
+        let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        let geometry = Geometry {
+            endpoint_base: narrow(w(header::ENDPOINT_BASE)),
+            endpoint_count: narrow(w(header::ENDPOINT_COUNT)),
+            input_bits: narrow(w(header::INPUT_BITS)),
+            segment_nodes: narrow(w(header::SEGMENT_NODES)),
+            max_segments: narrow(w(header::MAX_SEGMENTS)),
+        };
+        geometry.validate()?;
+        if u64::from(geometry.levels()) != w(header::LEVELS) || size < geometry.table_bytes() {
+            return Err(OpenError::Seals { file: "table", seals, size });
+        }
+        let arena_seals = memfd::seals(arena).map_err(io("read arena seals"))?;
+        if arena_seals & need != need {
+            let size = memfd::size(arena).map_err(io("stat arena"))?;
+            return Err(OpenError::Seals { file: "arena", seals: arena_seals, size });
+        }
+        let table_len = usize::try_from(geometry.table_bytes()).map_err(|_| io("size")(std::io::ErrorKind::InvalidData.into()))?;
+        let arena_len = usize::try_from(geometry.arena_bytes()).map_err(|_| io("size")(std::io::ErrorKind::InvalidData.into()))?;
+        let table = SharedMapping::map(table, table_len, false).map_err(io("map table"))?;
+        let arena = SharedMapping::map(arena, arena_len, false).map_err(io("map arena"))?;
+        Ok(Self { table, arena, levels: geometry.levels(), max_nodes: geometry.max_nodes(), geometry })
+    }
+
+    /// The table's shape.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The current global epoch (diagnostics).
+    pub fn epoch(&self) -> u64 {
+        self.table.word(header::EPOCH).load(Ordering::Acquire)
+    }
+
+    /// Segments currently in the arena (diagnostics).
+    pub fn segments(&self) -> u64 {
+        self.table.word(header::SEGMENTS).load(Ordering::Acquire)
+    }
+
+    /// Base address of the read-only table mapping (for tests that check
+    /// that it cannot be written).
+    pub fn table_ptr(&self) -> *const u8 {
+        self.table.as_ptr()
+    }
+
+    #[inline]
+    fn translate_one(&self, endpoint: u32, iova: u64, access: Access) -> Result<Piece, Fault> {
+        let fault = |kind| Fault { kind, endpoint, iova, access };
+        let Some(i) = self.geometry.endpoint_index(endpoint) else {
+            return Err(fault(FaultKind::Domain));
+        };
+        let word = self.table.word(layout::endpoint_offset(i)).load(Ordering::Acquire);
+        match word & ep_word::KIND_MASK {
+            ep_word::KIND_BYPASS => {
+                return Ok(Piece { gpa: iova, len: (u64::MAX - iova).saturating_add(1), mmio: false });
+            }
+            ep_word::KIND_DOMAIN => {}
+            _ => return Err(fault(FaultKind::Domain)),
+        }
+        if !self.geometry.in_input_range(iova) {
+            return Err(fault(FaultKind::Mapping));
+        }
+        let mut node = word >> ep_word::ROOT_SHIFT;
+        let mut level = self.levels - 1;
+        loop {
+            if node >= self.max_nodes {
+                return Err(fault(FaultKind::Mapping));
+            }
+            let offset = (node * layout::NODE_BYTES) as usize + layout::entry_index(iova, level) * 8;
+            let e = self.arena.word(offset).load(Ordering::Acquire);
+            if e & pte::PRESENT == 0 {
+                return Err(fault(FaultKind::Mapping));
+            }
+            if e & pte::LEAF != 0 {
+                if level > layout::MAX_LEAF_LEVEL {
+                    return Err(fault(FaultKind::Mapping));
+                }
+                let need = access.pte_bits();
+                if e & need != need {
+                    return Err(fault(FaultKind::Permission));
+                }
+                let span = layout::entry_span(level);
+                let within = iova & (span - 1);
+                let base = e & pte::ADDR_MASK & !(span - 1);
+                return Ok(Piece { gpa: base | within, len: span - within, mmio: e & pte::MMIO != 0 });
+            }
+            if level == 0 {
+                return Err(fault(FaultKind::Mapping));
+            }
+            node = e >> pte::CHILD_SHIFT;
+            level -= 1;
+        }
+    }
+}
+
+/// A session slot claimed by one thread. Not `Sync`: one session at a time.
+#[derive(Debug)]
+pub struct ReaderSlot {
+    file: Arc<SlotFile>,
+    index: usize,
+    _not_sync: PhantomData<std::cell::Cell<()>>,
+}
+
+impl ReaderSlot {
+    pub(crate) fn new(file: Arc<SlotFile>, index: usize) -> Self {
+        Self { file, index, _not_sync: PhantomData }
+    }
+
+    /// Index of this slot in its file.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Enters a session on `table`. Translations obtained in it stay valid
+    /// until it is dropped (keep sessions short: the writer's UNMAPs wait
+    /// for them), or longer for ranges pinned in it.
+    #[inline]
+    pub fn enter<'a>(&'a mut self, table: &'a TableReader) -> Session<'a> {
+        let epoch = grace::enter(table.table.word(header::EPOCH), self.file.map().slot(self.index));
+        Session { table, slot: self, epoch }
+    }
+}
+
+impl Drop for ReaderSlot {
+    fn drop(&mut self) {
+        grace::exit(self.file.map().slot(self.index));
+        self.file.release_slot(self.index);
+    }
+}
+
+/// A read-side critical section: the writer completes no revocation while
+/// it is open.
+#[derive(Debug)]
+pub struct Session<'a> {
+    table: &'a TableReader,
+    slot: &'a ReaderSlot,
+    epoch: u64,
+}
+
+/// Failure to pin a range.
+#[derive(Debug, Error)]
+pub enum PinError {
+    /// No pin record is free.
+    #[error("pin")]
+    Slots(#[from] SlotError),
+    /// The range does not translate (so there is nothing to keep alive).
+    #[error("pin")]
+    Fault(#[from] Fault),
+}
+
+impl Session<'_> {
+    /// The epoch this session was entered in.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Translates the page or leaf holding `iova`: the guest-physical
+    /// address and how many bytes follow it in the same leaf.
+    #[inline]
+    pub fn translate_one(&self, endpoint: u32, iova: u64, access: Access) -> Result<Piece, Fault> {
+        self.table.translate_one(endpoint, iova, access)
+    }
+
+    /// Translates `[iova, iova + len)` into guest-physical pieces, merging
+    /// physically contiguous leaves. Yields a fault at the first byte that
+    /// does not translate (and nothing after it).
+    pub fn translate(&self, endpoint: u32, iova: u64, len: u64, access: Access) -> Pieces<'_> {
+        Pieces { table: self.table, endpoint, next: iova, left: len, access, done: len == 0 }
+    }
+
+    /// Keeps `[iova, iova + len)` of `endpoint` translatable after this
+    /// session ends, until the returned pin is dropped: UNMAPs overlapping
+    /// it wait. The range must translate now (checked).
+    pub fn pin(&self, endpoint: u32, iova: u64, len: u64, access: Access) -> Result<Pin, PinError> {
+        let file = &self.slot.file;
+        let index = file.claim_pin()?;
+        let pin = Pin { file: Arc::clone(file), index };
+        let (state, fields) = file.map().pin(index);
+        let last = iova.saturating_add(len.max(1) - 1);
+        grace::pin(state, fields, u64::from(endpoint), iova, last);
+        for piece in self.translate(endpoint, iova, len, access) {
+            piece?;
+        }
+        Ok(pin)
+    }
+}
+
+impl Drop for Session<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        grace::exit(self.slot.file.map().slot(self.slot.index));
+    }
+}
+
+/// The pieces of a translated range; see [`Session::translate`].
+#[derive(Debug)]
+pub struct Pieces<'a> {
+    table: &'a TableReader,
+    endpoint: u32,
+    next: u64,
+    left: u64,
+    access: Access,
+    done: bool,
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = Result<Piece, Fault>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let mut out: Option<Piece> = None;
+        while self.left > 0 {
+            let p = match self.table.translate_one(self.endpoint, self.next, self.access) {
+                Ok(p) => p,
+                Err(f) if out.is_none() => {
+                    self.done = true;
+                    return Some(Err(f));
+                }
+                Err(_) => break,
+            };
+            let take = p.len.min(self.left);
+            match &mut out {
+                Some(o) if o.gpa.checked_add(o.len) == Some(p.gpa) && o.mmio == p.mmio => o.len += take,
+                Some(_) => break,
+                None => out = Some(Piece { len: take, ..p }),
+            }
+            self.left -= take;
+            match self.next.checked_add(take) {
+                Some(n) => self.next = n,
+                None => {
+                    self.left = 0;
+                }
+            }
+        }
+        if self.left == 0 {
+            self.done = true;
+        }
+        out.map(Ok)
+    }
+}
+
+/// A pinned range; dropping it lets overlapping UNMAPs complete.
+#[derive(Debug)]
+pub struct Pin {
+    file: Arc<SlotFile>,
+    index: usize,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let (state, _) = self.file.map().pin(self.index);
+        grace::unpin(state);
+        self.file.release_pin(self.index);
+    }
+}
