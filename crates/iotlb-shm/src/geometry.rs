@@ -67,10 +67,16 @@ impl Geometry {
         }
         let last = u64::from(self.endpoint_base) + u64::from(self.endpoint_count);
         if self.endpoint_count == 0 || last > 1 << 32 {
-            return Err(GeometryError::Endpoints { base: self.endpoint_base, count: self.endpoint_count });
+            return Err(GeometryError::Endpoints {
+                base: self.endpoint_base,
+                count: self.endpoint_count,
+            });
         }
         if self.segment_nodes == 0 || self.max_segments == 0 || self.max_nodes() > 1 << 32 {
-            return Err(GeometryError::Arena { nodes: self.segment_nodes, segments: self.max_segments });
+            return Err(GeometryError::Arena {
+                nodes: self.segment_nodes,
+                segments: self.max_segments,
+            });
         }
         Ok(())
     }
@@ -126,13 +132,31 @@ mod tests {
         assert_eq!(g.endpoint_index(0xffff), Some(0xffff));
         assert_eq!(g.endpoint_index(0x1_0000), None);
         assert!(g.in_input_range((1 << 48) - 1) && !g.in_input_range(1 << 48));
-        let bad = Geometry { input_bits: 11, ..g };
+        let bad = Geometry {
+            input_bits: 11,
+            ..g
+        };
         assert_eq!(bad.validate(), Err(GeometryError::InputBits(11)));
-        let bad = Geometry { endpoint_base: u32::MAX, endpoint_count: 2, ..g };
-        assert!(matches!(bad.validate(), Err(GeometryError::Endpoints { .. })));
-        let bad = Geometry { segment_nodes: 0, ..g };
+        let bad = Geometry {
+            endpoint_base: u32::MAX,
+            endpoint_count: 2,
+            ..g
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(GeometryError::Endpoints { .. })
+        ));
+        let bad = Geometry {
+            segment_nodes: 0,
+            ..g
+        };
         assert!(matches!(bad.validate(), Err(GeometryError::Arena { .. })));
-        let all = Geometry { input_bits: 64, endpoint_base: 0, endpoint_count: u32::MAX, ..g };
+        let all = Geometry {
+            input_bits: 64,
+            endpoint_base: 0,
+            endpoint_count: u32::MAX,
+            ..g
+        };
         assert_eq!(all.validate(), Ok(()));
         assert!(all.in_input_range(u64::MAX));
     }

@@ -145,7 +145,11 @@ pub mod slots {
 
 /// Levels needed to translate `input_bits` bits of IOVA.
 pub const fn levels_for(input_bits: u32) -> u32 {
-    let bits = if input_bits <= PAGE_SHIFT { 1 } else { input_bits - PAGE_SHIFT };
+    let bits = if input_bits <= PAGE_SHIFT {
+        1
+    } else {
+        input_bits - PAGE_SHIFT
+    };
     bits.div_ceil(BITS_PER_LEVEL)
 }
 

@@ -48,6 +48,11 @@ pub mod slots;
 #[cfg(not(loom))]
 pub mod writer;
 
+#[cfg(all(feature = "capi", not(loom)))]
+pub mod capi;
+#[cfg(all(feature = "vm-memory", not(loom)))]
+pub mod vm_memory;
+
 #[cfg(not(loom))]
 pub use access::{Access, Fault, FaultKind, Piece};
 #[cfg(not(loom))]
@@ -59,7 +64,10 @@ pub use registry::ReaderId;
 #[cfg(not(loom))]
 pub use slots::{SlotError, SlotFile};
 #[cfg(not(loom))]
-pub use writer::{EndpointTarget, GraceReport, Perms, StallPolicy, TableWriter, WriterConfig, WriterError, WriterStats};
+pub use writer::{
+    EndpointTarget, GraceReport, Perms, StallPolicy, TableWriter, WriterConfig, WriterError,
+    WriterStats,
+};
 
 /// The atomics the protocol runs on (loom's under `cfg(loom)`), for the
 /// loom models.

@@ -22,7 +22,8 @@ pub const SEALS_FIXED_SIZE: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc
 /// Creates a memfd that can be sealed, of `len` bytes.
 pub fn create(name: &CStr, len: u64) -> io::Result<OwnedFd> {
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -107,7 +108,11 @@ impl SharedMapping {
         if len == 0 || len % 4096 != 0 {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: a fresh mapping chosen by the kernel (addr = null) cannot
         // alias any Rust object; failure is checked below.
         let p = unsafe {
@@ -123,7 +128,8 @@ impl SharedMapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
+        let base =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
         Ok(Self { base, len })
     }
 
@@ -144,7 +150,10 @@ impl SharedMapping {
     /// of the caller, which validates every offset derived from shared data.
     #[inline]
     pub fn word(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset < self.len, "word {offset:#x} outside mapping");
+        assert!(
+            offset % 8 == 0 && offset < self.len,
+            "word {offset:#x} outside mapping"
+        );
         // SAFETY: in bounds and 8-aligned (checked above; the base is
         // page-aligned); the memory stays mapped for `&self`'s lifetime and is
         // only ever accessed atomically, by every process that maps it.
@@ -181,7 +190,11 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 
 /// Whether the process behind `pidfd` has exited (the pidfd is readable).
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut p, 1, 0) };
     n > 0 && p.revents & (libc::POLLIN | libc::POLLHUP) != 0

@@ -76,7 +76,11 @@ impl TableReader {
         let seals = memfd::seals(table).map_err(io("read table seals"))?;
         let need = libc::F_SEAL_SHRINK | libc::F_SEAL_FUTURE_WRITE;
         if seals & need != need || size < header::BYTES as u64 {
-            return Err(OpenError::Seals { file: "table", seals, size });
+            return Err(OpenError::Seals {
+                file: "table",
+                seals,
+                size,
+            });
         }
         let head = SharedMapping::map(table, header::BYTES, false).map_err(io("map header"))?;
         let w = |o| head.word(o).load(Ordering::Acquire);
@@ -94,18 +98,34 @@ impl TableReader {
         };
         geometry.validate()?;
         if u64::from(geometry.levels()) != w(header::LEVELS) || size < geometry.table_bytes() {
-            return Err(OpenError::Seals { file: "table", seals, size });
+            return Err(OpenError::Seals {
+                file: "table",
+                seals,
+                size,
+            });
         }
         let arena_seals = memfd::seals(arena).map_err(io("read arena seals"))?;
         if arena_seals & need != need {
             let size = memfd::size(arena).map_err(io("stat arena"))?;
-            return Err(OpenError::Seals { file: "arena", seals: arena_seals, size });
+            return Err(OpenError::Seals {
+                file: "arena",
+                seals: arena_seals,
+                size,
+            });
         }
-        let table_len = usize::try_from(geometry.table_bytes()).map_err(|_| io("size")(std::io::ErrorKind::InvalidData.into()))?;
-        let arena_len = usize::try_from(geometry.arena_bytes()).map_err(|_| io("size")(std::io::ErrorKind::InvalidData.into()))?;
+        let table_len = usize::try_from(geometry.table_bytes())
+            .map_err(|_| io("size")(std::io::ErrorKind::InvalidData.into()))?;
+        let arena_len = usize::try_from(geometry.arena_bytes())
+            .map_err(|_| io("size")(std::io::ErrorKind::InvalidData.into()))?;
         let table = SharedMapping::map(table, table_len, false).map_err(io("map table"))?;
         let arena = SharedMapping::map(arena, arena_len, false).map_err(io("map arena"))?;
-        Ok(Self { table, arena, levels: geometry.levels(), max_nodes: geometry.max_nodes(), geometry })
+        Ok(Self {
+            table,
+            arena,
+            levels: geometry.levels(),
+            max_nodes: geometry.max_nodes(),
+            geometry,
+        })
     }
 
     /// The table's shape.
@@ -131,14 +151,26 @@ impl TableReader {
 
     #[inline]
     fn translate_one(&self, endpoint: u32, iova: u64, access: Access) -> Result<Piece, Fault> {
-        let fault = |kind| Fault { kind, endpoint, iova, access };
+        let fault = |kind| Fault {
+            kind,
+            endpoint,
+            iova,
+            access,
+        };
         let Some(i) = self.geometry.endpoint_index(endpoint) else {
             return Err(fault(FaultKind::Domain));
         };
-        let word = self.table.word(layout::endpoint_offset(i)).load(Ordering::Acquire);
+        let word = self
+            .table
+            .word(layout::endpoint_offset(i))
+            .load(Ordering::Acquire);
         match word & ep_word::KIND_MASK {
             ep_word::KIND_BYPASS => {
-                return Ok(Piece { gpa: iova, len: (u64::MAX - iova).saturating_add(1), mmio: false });
+                return Ok(Piece {
+                    gpa: iova,
+                    len: (u64::MAX - iova).saturating_add(1),
+                    mmio: false,
+                });
             }
             ep_word::KIND_DOMAIN => {}
             _ => return Err(fault(FaultKind::Domain)),
@@ -152,7 +184,8 @@ impl TableReader {
             if node >= self.max_nodes {
                 return Err(fault(FaultKind::Mapping));
             }
-            let offset = (node * layout::NODE_BYTES) as usize + layout::entry_index(iova, level) * 8;
+            let offset =
+                (node * layout::NODE_BYTES) as usize + layout::entry_index(iova, level) * 8;
             let e = self.arena.word(offset).load(Ordering::Acquire);
             if e & pte::PRESENT == 0 {
                 return Err(fault(FaultKind::Mapping));
@@ -168,7 +201,11 @@ impl TableReader {
                 let span = layout::entry_span(level);
                 let within = iova & (span - 1);
                 let base = e & pte::ADDR_MASK & !(span - 1);
-                return Ok(Piece { gpa: base | within, len: span - within, mmio: e & pte::MMIO != 0 });
+                return Ok(Piece {
+                    gpa: base | within,
+                    len: span - within,
+                    mmio: e & pte::MMIO != 0,
+                });
             }
             if level == 0 {
                 return Err(fault(FaultKind::Mapping));
@@ -189,7 +226,11 @@ pub struct ReaderSlot {
 
 impl ReaderSlot {
     pub(crate) fn new(file: Arc<SlotFile>, index: usize) -> Self {
-        Self { file, index, _not_sync: PhantomData }
+        Self {
+            file,
+            index,
+            _not_sync: PhantomData,
+        }
     }
 
     /// Index of this slot in its file.
@@ -202,8 +243,15 @@ impl ReaderSlot {
     /// for them), or longer for ranges pinned in it.
     #[inline]
     pub fn enter<'a>(&'a mut self, table: &'a TableReader) -> Session<'a> {
-        let epoch = grace::enter(table.table.word(header::EPOCH), self.file.map().slot(self.index));
-        Session { table, slot: self, epoch }
+        let epoch = grace::enter(
+            table.table.word(header::EPOCH),
+            self.file.map().slot(self.index),
+        );
+        Session {
+            table,
+            slot: self,
+            epoch,
+        }
     }
 }
 
@@ -251,7 +299,14 @@ impl Session<'_> {
     /// physically contiguous leaves. Yields a fault at the first byte that
     /// does not translate (and nothing after it).
     pub fn translate(&self, endpoint: u32, iova: u64, len: u64, access: Access) -> Pieces<'_> {
-        Pieces { table: self.table, endpoint, next: iova, left: len, access, done: len == 0 }
+        Pieces {
+            table: self.table,
+            endpoint,
+            next: iova,
+            left: len,
+            access,
+            done: len == 0,
+        }
     }
 
     /// Keeps `[iova, iova + len)` of `endpoint` translatable after this
@@ -260,7 +315,10 @@ impl Session<'_> {
     pub fn pin(&self, endpoint: u32, iova: u64, len: u64, access: Access) -> Result<Pin, PinError> {
         let file = &self.slot.file;
         let index = file.claim_pin()?;
-        let pin = Pin { file: Arc::clone(file), index };
+        let pin = Pin {
+            file: Arc::clone(file),
+            index,
+        };
         let (state, fields) = file.map().pin(index);
         let last = iova.saturating_add(len.max(1) - 1);
         grace::pin(state, fields, u64::from(endpoint), iova, last);
@@ -298,7 +356,10 @@ impl Iterator for Pieces<'_> {
         }
         let mut out: Option<Piece> = None;
         while self.left > 0 {
-            let p = match self.table.translate_one(self.endpoint, self.next, self.access) {
+            let p = match self
+                .table
+                .translate_one(self.endpoint, self.next, self.access)
+            {
                 Ok(p) => p,
                 Err(f) if out.is_none() => {
                     self.done = true;
@@ -308,7 +369,9 @@ impl Iterator for Pieces<'_> {
             };
             let take = p.len.min(self.left);
             match &mut out {
-                Some(o) if o.gpa.checked_add(o.len) == Some(p.gpa) && o.mmio == p.mmio => o.len += take,
+                Some(o) if o.gpa.checked_add(o.len) == Some(p.gpa) && o.mmio == p.mmio => {
+                    o.len += take
+                }
                 Some(_) => break,
                 None => out = Some(Piece { len: take, ..p }),
             }

@@ -57,7 +57,11 @@ impl Reader {
     /// second for it to be gone.
     pub fn kill(&self) -> std::io::Result<()> {
         memfd::pidfd_kill(self.pidfd.as_fd())?;
-        let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.pidfd), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.pidfd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd; the timeout bounds the wait.
         unsafe { libc::poll(&mut p, 1, 1000) };
         Ok(())
@@ -73,12 +77,23 @@ pub struct Registry {
 
 impl Registry {
     /// Registers the process `pid` with the slot file `slots_fd`.
-    pub fn register(&mut self, slots_fd: BorrowedFd<'_>, pid: i32) -> Result<ReaderId, RegisterError> {
-        let slots = SlotMap::open(slots_fd, false).map_err(|source| RegisterError::Slots { pid, source })?;
-        let pidfd = memfd::pidfd_open(pid).map_err(|source| RegisterError::Pidfd { pid, source })?;
+    pub fn register(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        pid: i32,
+    ) -> Result<ReaderId, RegisterError> {
+        let slots = SlotMap::open(slots_fd, false)
+            .map_err(|source| RegisterError::Slots { pid, source })?;
+        let pidfd =
+            memfd::pidfd_open(pid).map_err(|source| RegisterError::Pidfd { pid, source })?;
         let id = ReaderId(self.next_id);
         self.next_id += 1;
-        self.readers.push(Reader { id, pid, pidfd, slots });
+        self.readers.push(Reader {
+            id,
+            pid,
+            pidfd,
+            slots,
+        });
         Ok(id)
     }
 

@@ -74,10 +74,14 @@ pub fn create(slot_count: usize, pin_count: usize) -> Result<OwnedFd, SlotError>
     let fd = memfd::create(c"iotlb-slots", len as u64).map_err(io("create memfd"))?;
     {
         let map = SharedMapping::map(as_borrowed(&fd), len, true).map_err(io("map"))?;
-        map.word(off::SLOT_COUNT).store(slot_count as u64, crate::sync::Ordering::Relaxed);
-        map.word(off::PIN_COUNT).store(pin_count as u64, crate::sync::Ordering::Relaxed);
-        map.word(off::VERSION).store(layout::VERSION, crate::sync::Ordering::Relaxed);
-        map.word(off::MAGIC).store(layout::SLOTS_MAGIC, crate::sync::Ordering::Release);
+        map.word(off::SLOT_COUNT)
+            .store(slot_count as u64, crate::sync::Ordering::Relaxed);
+        map.word(off::PIN_COUNT)
+            .store(pin_count as u64, crate::sync::Ordering::Relaxed);
+        map.word(off::VERSION)
+            .store(layout::VERSION, crate::sync::Ordering::Relaxed);
+        map.word(off::MAGIC)
+            .store(layout::SLOTS_MAGIC, crate::sync::Ordering::Release);
     }
     memfd::seal(as_borrowed(&fd), memfd::SEALS_FIXED_SIZE).map_err(io("seal"))?;
     Ok(fd)
@@ -90,7 +94,11 @@ fn as_borrowed(fd: &OwnedFd) -> BorrowedFd<'_> {
 
 fn check_counts(slots: u64, pins: u64) -> Result<(), SlotError> {
     let ok = |n: u64| (1..=MAX_RECORDS as u64).contains(&n);
-    if ok(slots) && ok(pins) { Ok(()) } else { Err(SlotError::Counts { slots, pins }) }
+    if ok(slots) && ok(pins) {
+        Ok(())
+    } else {
+        Err(SlotError::Counts { slots, pins })
+    }
 }
 
 /// A validated mapping of a slot file, from either side.
@@ -106,14 +114,25 @@ impl SlotMap {
     /// reader rewriting its header later changes nothing for the writer.
     pub fn open(fd: BorrowedFd<'_>, writable: bool) -> Result<Self, SlotError> {
         let seals = memfd::seals(fd).map_err(io("read seals"))?;
-        if seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL) != libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL {
+        if seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL)
+            != libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL
+        {
             return Err(SlotError::NotSealed(seals));
         }
         let size = memfd::size(fd).map_err(io("stat"))?;
         let head = SharedMapping::map(fd, 4096, false).map_err(io("map header"))?;
         let w = |o| head.word(o).load(crate::sync::Ordering::Acquire);
-        let (magic, version, slots, pins) = (w(off::MAGIC), w(off::VERSION), w(off::SLOT_COUNT), w(off::PIN_COUNT));
-        let bad = SlotError::Format { magic, version, size };
+        let (magic, version, slots, pins) = (
+            w(off::MAGIC),
+            w(off::VERSION),
+            w(off::SLOT_COUNT),
+            w(off::PIN_COUNT),
+        );
+        let bad = SlotError::Format {
+            magic,
+            version,
+            size,
+        };
         if magic != layout::SLOTS_MAGIC || version != layout::VERSION {
             return Err(bad);
         }
@@ -124,7 +143,11 @@ impl SlotMap {
             return Err(bad);
         }
         let map = SharedMapping::map(fd, len, writable).map_err(io("map"))?;
-        Ok(Self { map, slot_count, pin_count })
+        Ok(Self {
+            map,
+            slot_count,
+            pin_count,
+        })
     }
 
     /// Number of session slots.
@@ -145,7 +168,14 @@ impl SlotMap {
     /// Pin record `j` (< `pin_count`): its state word and its three fields.
     pub fn pin(&self, j: usize) -> (&AtomicU64, [&AtomicU64; 3]) {
         let o = off::pin_offset(self.slot_count, j);
-        (self.map.word(o), [self.map.word(o + 8), self.map.word(o + 16), self.map.word(o + 24)])
+        (
+            self.map.word(o),
+            [
+                self.map.word(o + 8),
+                self.map.word(o + 16),
+                self.map.word(o + 24),
+            ],
+        )
     }
 
     /// Base address of the mapping.
@@ -168,7 +198,11 @@ impl SlotFile {
         let map = SlotMap::open(fd, true)?;
         let free_slots = Mutex::new((0..map.slot_count).rev().collect());
         let free_pins = Mutex::new((0..map.pin_count).rev().collect());
-        Ok(Arc::new(Self { map, free_slots, free_pins }))
+        Ok(Arc::new(Self {
+            map,
+            free_slots,
+            free_pins,
+        }))
     }
 
     /// The mapping.
@@ -188,7 +222,10 @@ impl SlotFile {
     }
 
     pub(crate) fn release_slot(&self, index: usize) {
-        self.free_slots.lock().unwrap_or_else(PoisonError::into_inner).push(index);
+        self.free_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(index);
     }
 
     pub(crate) fn claim_pin(&self) -> Result<usize, SlotError> {
@@ -200,7 +237,10 @@ impl SlotFile {
     }
 
     pub(crate) fn release_pin(&self, index: usize) {
-        self.free_pins.lock().unwrap_or_else(PoisonError::into_inner).push(index);
+        self.free_pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(index);
     }
 }
 
@@ -219,15 +259,24 @@ mod tests {
         drop(claims);
         assert!(f.claim_slot().is_ok());
         assert!(matches!(create(0, 1), Err(SlotError::Counts { .. })));
-        assert!(matches!(create(1, MAX_RECORDS + 1), Err(SlotError::Counts { .. })));
+        assert!(matches!(
+            create(1, MAX_RECORDS + 1),
+            Err(SlotError::Counts { .. })
+        ));
     }
 
     #[test]
     fn unsealed_or_foreign_files_are_refused() {
         let plain = memfd::create(c"x", 4096).unwrap();
-        assert!(matches!(SlotMap::open(plain.as_fd(), false), Err(SlotError::NotSealed(_))));
+        assert!(matches!(
+            SlotMap::open(plain.as_fd(), false),
+            Err(SlotError::NotSealed(_))
+        ));
         memfd::seal(plain.as_fd(), memfd::SEALS_FIXED_SIZE).unwrap();
-        assert!(matches!(SlotMap::open(plain.as_fd(), false), Err(SlotError::Format { magic: 0, .. })));
+        assert!(matches!(
+            SlotMap::open(plain.as_fd(), false),
+            Err(SlotError::Format { magic: 0, .. })
+        ));
     }
 
     #[test]

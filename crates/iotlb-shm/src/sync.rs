@@ -9,6 +9,7 @@ pub use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 /// What a waiting party does between two polls of a shared word.
 #[cfg(loom)]
+#[allow(dead_code)]
 pub fn relax() {
     loom::thread::yield_now();
 }

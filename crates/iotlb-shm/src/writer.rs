@@ -66,7 +66,10 @@ pub struct StallPolicy {
 
 impl Default for StallPolicy {
     fn default() -> Self {
-        Self { warn_after: Duration::from_millis(100), kill_after: None }
+        Self {
+            warn_after: Duration::from_millis(100),
+            kill_after: None,
+        }
     }
 }
 
@@ -197,11 +200,17 @@ impl TableWriter {
     pub fn new(config: &WriterConfig) -> Result<Self, WriterError> {
         let g = config.geometry;
         g.validate()?;
-        let table_fd = memfd::create(c"iotlb-table", g.table_bytes()).map_err(io("create table memfd"))?;
-        let arena_fd = memfd::create(c"iotlb-arena", g.segment_bytes()).map_err(io("create arena memfd"))?;
-        let len = |b: u64| usize::try_from(b).map_err(|_| io("size")(std::io::ErrorKind::InvalidInput.into()));
-        let table = SharedMapping::map(table_fd.as_fd(), len(g.table_bytes())?, true).map_err(io("map table"))?;
-        let arena = SharedMapping::map(arena_fd.as_fd(), len(g.arena_bytes())?, true).map_err(io("map arena"))?;
+        let table_fd =
+            memfd::create(c"iotlb-table", g.table_bytes()).map_err(io("create table memfd"))?;
+        let arena_fd =
+            memfd::create(c"iotlb-arena", g.segment_bytes()).map_err(io("create arena memfd"))?;
+        let len = |b: u64| {
+            usize::try_from(b).map_err(|_| io("size")(std::io::ErrorKind::InvalidInput.into()))
+        };
+        let table = SharedMapping::map(table_fd.as_fd(), len(g.table_bytes())?, true)
+            .map_err(io("map table"))?;
+        let arena = SharedMapping::map(arena_fd.as_fd(), len(g.arena_bytes())?, true)
+            .map_err(io("map arena"))?;
         let put = |o, v| table.word(o).store(v, Ordering::Relaxed);
         put(header::VERSION, layout::VERSION);
         put(header::ENDPOINT_BASE, u64::from(g.endpoint_base));
@@ -213,7 +222,9 @@ impl TableWriter {
         put(header::EPOCH, 1);
         put(header::SEGMENTS, 1);
         put(header::WRITER_PID, u64::from(std::process::id()));
-        table.word(header::MAGIC).store(layout::TABLE_MAGIC, Ordering::Release);
+        table
+            .word(header::MAGIC)
+            .store(layout::TABLE_MAGIC, Ordering::Release);
         memfd::seal(table_fd.as_fd(), memfd::SEALS_FROZEN_READ_ONLY).map_err(io("seal table"))?;
         memfd::seal(arena_fd.as_fd(), memfd::SEALS_GROWABLE_READ_ONLY).map_err(io("seal arena"))?;
         Ok(Self {
@@ -233,7 +244,10 @@ impl TableWriter {
             endpoint_domain: HashMap::new(),
             pending: Pending::default(),
             readers: Registry::default(),
-            stats: WriterStats { segments: 1, ..WriterStats::default() },
+            stats: WriterStats {
+                segments: 1,
+                ..WriterStats::default()
+            },
             stall_counted: false,
         })
     }
@@ -255,7 +269,11 @@ impl TableWriter {
 
     /// Counters.
     pub fn stats(&self) -> WriterStats {
-        WriterStats { nodes_in_use: self.fresh - self.free.len() as u64, segments: self.segments, ..self.stats }
+        WriterStats {
+            nodes_in_use: self.fresh - self.free.len() as u64,
+            segments: self.segments,
+            ..self.stats
+        }
     }
 
     /// Bytes of the arena file in use (diagnostics and the bytes-per-mapping
@@ -276,7 +294,11 @@ impl TableWriter {
 
     /// Registers a reader process and its slot file (see
     /// [`crate::slots::create`]).
-    pub fn register_reader(&mut self, slots_fd: BorrowedFd<'_>, pid: i32) -> Result<ReaderId, WriterError> {
+    pub fn register_reader(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        pid: i32,
+    ) -> Result<ReaderId, WriterError> {
         Ok(self.readers.register(slots_fd, pid)?)
     }
 
@@ -290,18 +312,25 @@ impl TableWriter {
     pub fn reap_dead_readers(&mut self) -> Vec<ReaderId> {
         let gone = self.readers.reap();
         for id in &gone {
-            tracing::info!(reader = id.0, "reader process exited; its slots and pins are released");
+            tracing::info!(
+                reader = id.0,
+                "reader process exited; its slots and pins are released"
+            );
         }
         self.stats.reaped += gone.len() as u64;
         gone
     }
 
     fn entry(&self, node: u32, index: usize) -> &AtomicU64 {
-        self.arena.word(node as usize * layout::NODE_BYTES as usize + index * 8)
+        self.arena
+            .word(node as usize * layout::NODE_BYTES as usize + index * 8)
     }
 
     fn endpoint_word(&self, endpoint: u32) -> Result<&AtomicU64, WriterError> {
-        let i = self.geometry.endpoint_index(endpoint).ok_or(WriterError::UnknownEndpoint(endpoint))?;
+        let i = self
+            .geometry
+            .endpoint_index(endpoint)
+            .ok_or(WriterError::UnknownEndpoint(endpoint))?;
         Ok(self.table.word(layout::endpoint_offset(i)))
     }
 
@@ -334,8 +363,13 @@ impl TableWriter {
         let bytes = (self.segments + 1) * self.geometry.segment_bytes();
         memfd::resize(self.arena_fd.as_fd(), bytes).map_err(io("grow arena"))?;
         self.segments += 1;
-        self.live.resize((self.segments * u64::from(self.geometry.segment_nodes)) as usize, 0);
-        self.table.word(header::SEGMENTS).store(self.segments, Ordering::Release);
+        self.live.resize(
+            (self.segments * u64::from(self.geometry.segment_nodes)) as usize,
+            0,
+        );
+        self.table
+            .word(header::SEGMENTS)
+            .store(self.segments, Ordering::Release);
         tracing::debug!(segments = self.segments, "translation table arena grew");
         Ok(())
     }
@@ -352,18 +386,24 @@ impl TableWriter {
 
     /// Points an endpoint at its new target. Leaving a domain or bypass
     /// needs a grace period; leaving the blocked state does not.
-    pub fn set_endpoint(&mut self, endpoint: u32, target: EndpointTarget) -> Result<(), WriterError> {
+    pub fn set_endpoint(
+        &mut self,
+        endpoint: u32,
+        target: EndpointTarget,
+    ) -> Result<(), WriterError> {
         let word = self.endpoint_word(endpoint)?;
         let (kind, root) = match target {
             EndpointTarget::Blocked => (ep_word::KIND_BLOCKED, 0),
             EndpointTarget::Bypass => (ep_word::KIND_BYPASS, 0),
-            EndpointTarget::Domain(d) => {
-                (ep_word::KIND_DOMAIN, *self.domains.get(&d).ok_or(WriterError::UnknownDomain(d))?)
-            }
+            EndpointTarget::Domain(d) => (
+                ep_word::KIND_DOMAIN,
+                *self.domains.get(&d).ok_or(WriterError::UnknownDomain(d))?,
+            ),
         };
         let old = word.load(Ordering::Relaxed);
         let generation = ((old >> ep_word::GENERATION_SHIFT) + 1) & ep_word::GENERATION_MASK;
-        let new = kind | generation << ep_word::GENERATION_SHIFT | u64::from(root) << ep_word::ROOT_SHIFT;
+        let new =
+            kind | generation << ep_word::GENERATION_SHIFT | u64::from(root) << ep_word::ROOT_SHIFT;
         word.store(new, Ordering::Release);
         if old & ep_word::KIND_MASK != ep_word::KIND_BLOCKED {
             self.pending.endpoints.push(endpoint);
@@ -377,11 +417,26 @@ impl TableWriter {
     }
 
     /// Publishes `[first, last]` → `gpa`. Visible to readers on return.
-    pub fn map(&mut self, domain: u32, first: u64, last: u64, gpa: u64, perms: Perms) -> Result<(), WriterError> {
-        let root = *self.domains.get(&domain).ok_or(WriterError::UnknownDomain(domain))?;
+    pub fn map(
+        &mut self,
+        domain: u32,
+        first: u64,
+        last: u64,
+        gpa: u64,
+        perms: Perms,
+    ) -> Result<(), WriterError> {
+        let root = *self
+            .domains
+            .get(&domain)
+            .ok_or(WriterError::UnknownDomain(domain))?;
         let bad = WriterError::BadRange { first, last, gpa };
-        let aligned = first % layout::PAGE_SIZE == 0 && gpa % layout::PAGE_SIZE == 0 && last & 0xfff == 0xfff;
-        if !aligned || last < first || !self.geometry.in_input_range(last) || gpa.checked_add(last - first).is_none() {
+        let aligned =
+            first % layout::PAGE_SIZE == 0 && gpa % layout::PAGE_SIZE == 0 && last & 0xfff == 0xfff;
+        if !aligned
+            || last < first
+            || !self.geometry.in_input_range(last)
+            || gpa.checked_add(last - first).is_none()
+        {
             return Err(bad);
         }
         let flags = pte::PRESENT | pte::LEAF | perms.pte_bits();
@@ -411,7 +466,13 @@ impl TableWriter {
         }
     }
 
-    fn set_leaf(&mut self, root: u32, iova: u64, leaf_level: u32, value: u64) -> Result<(), WriterError> {
+    fn set_leaf(
+        &mut self,
+        root: u32,
+        iova: u64,
+        leaf_level: u32,
+        value: u64,
+    ) -> Result<(), WriterError> {
         let mut node = root;
         let mut level = self.levels - 1;
         while level > leaf_level {
@@ -419,7 +480,10 @@ impl TableWriter {
             let e = self.entry(node, idx).load(Ordering::Relaxed);
             node = if e & pte::PRESENT == 0 {
                 let child = self.alloc_node()?;
-                self.entry(node, idx).store(pte::PRESENT | u64::from(child) << pte::CHILD_SHIFT, Ordering::Release);
+                self.entry(node, idx).store(
+                    pte::PRESENT | u64::from(child) << pte::CHILD_SHIFT,
+                    Ordering::Release,
+                );
                 self.live[node as usize] += 1;
                 child
             } else if e & pte::LEAF != 0 {
@@ -443,7 +507,9 @@ impl TableWriter {
         let mut node = root;
         let mut level = self.levels - 1;
         loop {
-            let e = self.entry(node, layout::entry_index(iova, level)).load(Ordering::Relaxed);
+            let e = self
+                .entry(node, layout::entry_index(iova, level))
+                .load(Ordering::Relaxed);
             if e & pte::PRESENT == 0 {
                 return None;
             }
@@ -463,19 +529,39 @@ impl TableWriter {
     /// Removes every leaf inside `[first, last]`. Readers may still use them
     /// until the next [`Self::synchronize`].
     pub fn unmap(&mut self, domain: u32, first: u64, last: u64) -> Result<(), WriterError> {
-        let root = *self.domains.get(&domain).ok_or(WriterError::UnknownDomain(domain))?;
+        let root = *self
+            .domains
+            .get(&domain)
+            .ok_or(WriterError::UnknownDomain(domain))?;
         if first % layout::PAGE_SIZE != 0 || last & 0xfff != 0xfff || last < first {
-            return Err(WriterError::BadRange { first, last, gpa: 0 });
+            return Err(WriterError::BadRange {
+                first,
+                last,
+                gpa: 0,
+            });
         }
         self.unmap_range(domain, root, first, last, true)
     }
 
-    fn unmap_range(&mut self, domain: u32, root: u32, first: u64, last: u64, check: bool) -> Result<(), WriterError> {
+    fn unmap_range(
+        &mut self,
+        domain: u32,
+        root: u32,
+        first: u64,
+        last: u64,
+        check: bool,
+    ) -> Result<(), WriterError> {
         if check {
-            if self.leaf_bounds(root, first).is_some_and(|(start, _)| start < first) {
+            if self
+                .leaf_bounds(root, first)
+                .is_some_and(|(start, _)| start < first)
+            {
                 return Err(WriterError::SplitsLeaf(first));
             }
-            if self.leaf_bounds(root, last).is_some_and(|(_, end)| end > last) {
+            if self
+                .leaf_bounds(root, last)
+                .is_some_and(|(_, end)| end > last)
+            {
                 return Err(WriterError::SplitsLeaf(last));
             }
         }
@@ -530,15 +616,25 @@ impl TableWriter {
     /// Destroys a domain and every mapping in it. Endpoints still attached
     /// are blocked.
     pub fn destroy_domain(&mut self, domain: u32) -> Result<(), WriterError> {
-        let root = self.domains.remove(&domain).ok_or(WriterError::UnknownDomain(domain))?;
-        let attached: Vec<u32> =
-            self.endpoint_domain.iter().filter(|(_, d)| **d == domain).map(|(e, _)| *e).collect();
+        let root = self
+            .domains
+            .remove(&domain)
+            .ok_or(WriterError::UnknownDomain(domain))?;
+        let attached: Vec<u32> = self
+            .endpoint_domain
+            .iter()
+            .filter(|(_, d)| **d == domain)
+            .map(|(e, _)| *e)
+            .collect();
         for e in attached {
             // The domain is gone from `domains`, so block directly.
             let word = self.endpoint_word(e)?;
             let old = word.load(Ordering::Relaxed);
             let generation = ((old >> ep_word::GENERATION_SHIFT) + 1) & ep_word::GENERATION_MASK;
-            word.store(ep_word::KIND_BLOCKED | generation << ep_word::GENERATION_SHIFT, Ordering::Release);
+            word.store(
+                ep_word::KIND_BLOCKED | generation << ep_word::GENERATION_SHIFT,
+                Ordering::Release,
+            );
             self.endpoint_domain.remove(&e);
             self.pending.endpoints.push(e);
         }
@@ -564,10 +660,16 @@ impl TableWriter {
     /// reclaimed on the way; stuck ones are handled by the [`StallPolicy`].
     pub fn synchronize(&mut self) -> GraceReport {
         if !self.needs_grace() {
-            return GraceReport { epoch: self.table.word(header::EPOCH).load(Ordering::Relaxed), ..GraceReport::default() };
+            return GraceReport {
+                epoch: self.table.word(header::EPOCH).load(Ordering::Relaxed),
+                ..GraceReport::default()
+            };
         }
         let epoch = grace::advance(self.table.word(header::EPOCH));
-        let mut report = GraceReport { epoch, ..GraceReport::default() };
+        let mut report = GraceReport {
+            epoch,
+            ..GraceReport::default()
+        };
         let started = Instant::now();
         let mut warned = false;
         self.stall_counted = false;
@@ -579,7 +681,9 @@ impl TableWriter {
                     let slot = reader.slots.slot(s);
                     if !grace::quiescent_since(slot, epoch) {
                         report.waited = true;
-                        end = self.wait_for(r, started, &mut warned, || grace::quiescent_since(slot, epoch));
+                        end = self.wait_for(r, started, &mut warned, || {
+                            grace::quiescent_since(slot, epoch)
+                        });
                         if end != WaitEnd::Done {
                             break;
                         }
@@ -603,12 +707,19 @@ impl TableWriter {
     }
 
     fn pin_matters(&self, endpoint: u64, first: u64, last: u64) -> bool {
-        let Ok(endpoint) = u32::try_from(endpoint) else { return false };
+        let Ok(endpoint) = u32::try_from(endpoint) else {
+            return false;
+        };
         if self.pending.endpoints.contains(&endpoint) {
             return true;
         }
-        let Some(d) = self.endpoint_domain.get(&endpoint) else { return false };
-        self.pending.ranges.iter().any(|(rd, f, l)| rd == d && first <= *l && *f <= last)
+        let Some(d) = self.endpoint_domain.get(&endpoint) else {
+            return false;
+        };
+        self.pending
+            .ranges
+            .iter()
+            .any(|(rd, f, l)| rd == d && first <= *l && *f <= last)
     }
 
     fn wait_for_pins(&mut self, started: Instant, warned: &mut bool, waited: &mut bool) -> usize {
@@ -619,12 +730,15 @@ impl TableWriter {
             if let Some(reader) = self.readers.get(r) {
                 for j in 0..reader.slots.pin_count() {
                     let (state, fields) = reader.slots.pin(j);
-                    let Some(snap) = grace::read_pin(state, fields) else { continue };
+                    let Some(snap) = grace::read_pin(state, fields) else {
+                        continue;
+                    };
                     if !self.pin_matters(snap.endpoint, snap.first, snap.last) {
                         continue;
                     }
                     *waited = true;
-                    end = self.wait_for(r, started, warned, || !grace::pin_still_held(state, &snap));
+                    end =
+                        self.wait_for(r, started, warned, || !grace::pin_still_held(state, &snap));
                     if end != WaitEnd::Done {
                         break;
                     }
@@ -645,12 +759,17 @@ impl TableWriter {
             self.stall_counted = true;
             self.stats.stalls += 1;
         }
-        let Some(reader) = self.readers.get(r) else { return false };
+        let Some(reader) = self.readers.get(r) else {
+            return false;
+        };
         let (id, pid) = (reader.id, reader.pid);
         match end {
             WaitEnd::Done => false,
             WaitEnd::Exited => {
-                tracing::warn!(pid, "reader process died inside a session or holding pins; reclaimed");
+                tracing::warn!(
+                    pid,
+                    "reader process died inside a session or holding pins; reclaimed"
+                );
                 self.stats.reaped += 1;
                 self.readers.remove(id)
             }
@@ -664,7 +783,13 @@ impl TableWriter {
 
     /// Spins, then yields, then sleeps until `done`; applies the stall
     /// policy to reader `r`.
-    fn wait_for(&self, r: usize, started: Instant, warned: &mut bool, done: impl Fn() -> bool) -> WaitEnd {
+    fn wait_for(
+        &self,
+        r: usize,
+        started: Instant,
+        warned: &mut bool,
+        done: impl Fn() -> bool,
+    ) -> WaitEnd {
         let mut spins = 0u32;
         loop {
             if done() {
@@ -675,7 +800,9 @@ impl TableWriter {
                 crate::sync::relax();
                 continue;
             }
-            let Some(reader) = self.readers.get(r) else { return WaitEnd::Done };
+            let Some(reader) = self.readers.get(r) else {
+                return WaitEnd::Done;
+            };
             if reader.exited() {
                 return WaitEnd::Exited;
             }
@@ -689,7 +816,10 @@ impl TableWriter {
                 );
             }
             if self.stall.kill_after.is_some_and(|k| elapsed >= k) {
-                tracing::error!(pid = reader.pid, "killing reader process stuck past the stall bound");
+                tracing::error!(
+                    pid = reader.pid,
+                    "killing reader process stuck past the stall bound"
+                );
                 if let Err(e) = reader.kill() {
                     tracing::error!(pid = reader.pid, error = %e, "could not kill stuck reader");
                 }

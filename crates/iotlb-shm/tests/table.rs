@@ -1,4 +1,5 @@
 //! The table in one process: the writer's changes as a reader sees them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -6,12 +7,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use iotlb_shm::{
-    Access, EndpointTarget, FaultKind, Geometry, Perms, Piece, SlotFile, TableReader, TableWriter, WriterConfig,
-    WriterError,
+    Access, EndpointTarget, FaultKind, Geometry, Perms, Piece, SlotFile, TableReader, TableWriter,
+    WriterConfig, WriterError,
 };
 
-const RW: Perms = Perms { read: true, write: true, mmio: false };
-const RO: Perms = Perms { read: true, write: false, mmio: false };
+const RW: Perms = Perms {
+    read: true,
+    write: true,
+    mmio: false,
+};
+const RO: Perms = Perms {
+    read: true,
+    write: false,
+    mmio: false,
+};
 const KIB4: u64 = 0x1000;
 const MIB2: u64 = 0x20_0000;
 const GIB1: u64 = 0x4000_0000;
@@ -24,12 +33,22 @@ struct Rig {
 }
 
 fn rig_with(geometry: Geometry) -> Rig {
-    let mut w = TableWriter::new(&WriterConfig { geometry, ..WriterConfig::default() }).unwrap();
+    let mut w = TableWriter::new(&WriterConfig {
+        geometry,
+        ..WriterConfig::default()
+    })
+    .unwrap();
     let slot_fd = iotlb_shm::slots::create(8, 16).unwrap();
-    w.register_reader(slot_fd.as_fd(), std::process::id() as i32).unwrap();
+    w.register_reader(slot_fd.as_fd(), std::process::id() as i32)
+        .unwrap();
     let r = TableReader::open(w.table_fd(), w.arena_fd()).unwrap();
     let slots = SlotFile::open(slot_fd.as_fd()).unwrap();
-    Rig { w, r, slots, _slot_fd: slot_fd }
+    Rig {
+        w,
+        r,
+        slots,
+        _slot_fd: slot_fd,
+    }
 }
 
 fn rig() -> Rig {
@@ -46,7 +65,9 @@ impl Rig {
     fn pieces(&self, ep: u32, iova: u64, len: u64) -> Vec<Result<(u64, u64), FaultKind>> {
         let mut slot = self.slots.claim_slot().unwrap();
         let s = slot.enter(&self.r);
-        s.translate(ep, iova, len, Access::READ).map(|p| p.map(|p| (p.gpa, p.len)).map_err(|f| f.kind)).collect()
+        s.translate(ep, iova, len, Access::READ)
+            .map(|p| p.map(|p| (p.gpa, p.len)).map_err(|f| f.kind))
+            .collect()
     }
 }
 
@@ -62,21 +83,40 @@ fn a_map_is_visible_on_return_with_offsets_and_permissions() {
     assert_eq!(t.one(8, 0x1234, Access::WRITE), Err(FaultKind::Permission));
     assert_eq!(t.one(8, 0x2000, Access::READ), Err(FaultKind::Mapping));
     assert_eq!(t.one(8, 0xfff, Access::READ), Err(FaultKind::Mapping));
-    t.w.map(1, 0x2000, 0x2fff, 0xfee0_0000, Perms { mmio: true, ..RW }).unwrap();
+    t.w.map(1, 0x2000, 0x2fff, 0xfee0_0000, Perms { mmio: true, ..RW })
+        .unwrap();
     assert!(t.one(8, 0x2000, Access::READ_WRITE).unwrap().mmio);
 }
 
 #[test]
 fn blocked_unknown_and_bypass_endpoints() {
     let mut t = rig();
-    assert_eq!(t.one(3, 0x1000, Access::READ), Err(FaultKind::Domain), "endpoints start blocked");
-    assert_eq!(t.one(0x1_0000, 0x1000, Access::READ), Err(FaultKind::Domain), "no word: unknown endpoint");
+    assert_eq!(
+        t.one(3, 0x1000, Access::READ),
+        Err(FaultKind::Domain),
+        "endpoints start blocked"
+    );
+    assert_eq!(
+        t.one(0x1_0000, 0x1000, Access::READ),
+        Err(FaultKind::Domain),
+        "no word: unknown endpoint"
+    );
     t.w.set_endpoint(3, EndpointTarget::Bypass).unwrap();
     let p = t.one(3, 0x1234_5678, Access::WRITE).unwrap();
     assert_eq!((p.gpa, p.len), (0x1234_5678, u64::MAX - 0x1234_5678 + 1));
-    assert_eq!(t.one(3, 0, Access::READ).unwrap().len, u64::MAX, "length saturates");
-    assert!(matches!(t.w.set_endpoint(0x1_0000, EndpointTarget::Bypass), Err(WriterError::UnknownEndpoint(_))));
-    assert!(matches!(t.w.set_endpoint(3, EndpointTarget::Domain(9)), Err(WriterError::UnknownDomain(9))));
+    assert_eq!(
+        t.one(3, 0, Access::READ).unwrap().len,
+        u64::MAX,
+        "length saturates"
+    );
+    assert!(matches!(
+        t.w.set_endpoint(0x1_0000, EndpointTarget::Bypass),
+        Err(WriterError::UnknownEndpoint(_))
+    ));
+    assert!(matches!(
+        t.w.set_endpoint(3, EndpointTarget::Domain(9)),
+        Err(WriterError::UnknownDomain(9))
+    ));
     t.w.set_endpoint(3, EndpointTarget::Blocked).unwrap();
     assert!(t.w.needs_grace(), "leaving bypass narrows");
     assert_eq!(t.one(3, 0x1000, Access::READ), Err(FaultKind::Domain));
@@ -94,14 +134,21 @@ fn huge_leaves_are_used_when_both_sides_are_aligned() {
     let p = t.one(1, GIB1 + 0x12_3456, Access::READ).unwrap();
     assert_eq!((p.gpa, p.len), (GIB1 + 0x12_3456, GIB1 - 0x12_3456));
     // 2 MiB aligned in IOVA but not in GPA: falls back to 4 KiB leaves.
-    t.w.map(1, 4 * GIB1, 4 * GIB1 + MIB2 - 1, 0x1000, RW).unwrap();
+    t.w.map(1, 4 * GIB1, 4 * GIB1 + MIB2 - 1, 0x1000, RW)
+        .unwrap();
     assert_eq!(t.one(1, 4 * GIB1 + 0x1000, Access::READ).unwrap().len, KIB4);
     // Both aligned: one 2 MiB leaf.
     t.w.map(1, 5 * GIB1, 5 * GIB1 + MIB2 - 1, MIB2, RW).unwrap();
     assert_eq!(t.one(1, 5 * GIB1, Access::READ).unwrap().len, MIB2);
     // Unmapping part of a huge leaf would split it: refused, nothing removed.
-    assert!(matches!(t.w.unmap(1, GIB1, GIB1 + KIB4 - 1), Err(WriterError::SplitsLeaf(_))));
-    assert!(matches!(t.w.unmap(1, GIB1 - KIB4, GIB1 + KIB4 - 1), Err(WriterError::SplitsLeaf(_))));
+    assert!(matches!(
+        t.w.unmap(1, GIB1, GIB1 + KIB4 - 1),
+        Err(WriterError::SplitsLeaf(_))
+    ));
+    assert!(matches!(
+        t.w.unmap(1, GIB1 - KIB4, GIB1 + KIB4 - 1),
+        Err(WriterError::SplitsLeaf(_))
+    ));
     assert!(t.one(1, GIB1, Access::READ).is_ok());
 }
 
@@ -112,8 +159,15 @@ fn ranges_translate_in_pieces_and_stop_at_the_first_hole() {
     t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
     t.w.map(1, 0x10000, 0x11fff, 0x50000, RW).unwrap(); // contiguous pair
     t.w.map(1, 0x12000, 0x12fff, 0x90000, RW).unwrap(); // discontiguous
-    assert_eq!(t.pieces(1, 0x10800, 0x1800), vec![Ok((0x50800, 0x1800))], "contiguous leaves merge");
-    assert_eq!(t.pieces(1, 0x10800, 0x2000 + 0x100), vec![Ok((0x50800, 0x1800)), Ok((0x90000, 0x900))]);
+    assert_eq!(
+        t.pieces(1, 0x10800, 0x1800),
+        vec![Ok((0x50800, 0x1800))],
+        "contiguous leaves merge"
+    );
+    assert_eq!(
+        t.pieces(1, 0x10800, 0x2000 + 0x100),
+        vec![Ok((0x50800, 0x1800)), Ok((0x90000, 0x900))]
+    );
     assert_eq!(
         t.pieces(1, 0x12000, 0x1001),
         vec![Ok((0x90000, 0x1000)), Err(FaultKind::Mapping)],
@@ -129,24 +183,40 @@ fn unmap_clears_and_recycles_nodes_only_after_a_grace_period() {
     t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
     let base = t.w.stats().nodes_in_use;
     for i in 0..64u64 {
-        t.w.map(1, i * GIB1, i * GIB1 + KIB4 - 1, i * KIB4, RW).unwrap();
+        t.w.map(1, i * GIB1, i * GIB1 + KIB4 - 1, i * KIB4, RW)
+            .unwrap();
     }
     let full = t.w.stats().nodes_in_use;
-    assert!(full >= base + 64 * 2, "each page needs its own level-1 and level-0 node");
+    assert!(
+        full >= base + 64 * 2,
+        "each page needs its own level-1 and level-0 node"
+    );
     for i in 0..64u64 {
         t.w.unmap(1, i * GIB1, i * GIB1 + KIB4 - 1).unwrap();
         assert_eq!(t.one(1, i * GIB1, Access::READ), Err(FaultKind::Mapping));
     }
-    assert_eq!(t.w.stats().nodes_in_use, full, "detached nodes wait for the grace period");
+    assert_eq!(
+        t.w.stats().nodes_in_use,
+        full,
+        "detached nodes wait for the grace period"
+    );
     assert!(t.w.needs_grace());
     t.w.synchronize();
-    assert_eq!(t.w.stats().nodes_in_use, base, "emptied nodes are pruned up to the root");
+    assert_eq!(
+        t.w.stats().nodes_in_use,
+        base,
+        "emptied nodes are pruned up to the root"
+    );
     assert!(!t.w.needs_grace());
     // Reuse: mapping again does not grow the arena.
     let segments = t.w.stats().segments;
     for i in 0..64u64 {
-        t.w.map(1, i * GIB1, i * GIB1 + KIB4 - 1, 0x7000_0000 + i * KIB4, RW).unwrap();
-        assert_eq!(t.one(1, i * GIB1 + 8, Access::READ).unwrap().gpa, 0x7000_0008 + i * KIB4);
+        t.w.map(1, i * GIB1, i * GIB1 + KIB4 - 1, 0x7000_0000 + i * KIB4, RW)
+            .unwrap();
+        assert_eq!(
+            t.one(1, i * GIB1 + 8, Access::READ).unwrap().gpa,
+            0x7000_0008 + i * KIB4
+        );
     }
     assert_eq!(t.w.stats().segments, segments);
 }
@@ -158,21 +228,65 @@ fn overlapping_and_malformed_maps_are_refused_and_leave_the_table_as_it_was() {
     t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
     t.w.map(1, 0x5000, 0x5fff, 0x1000, RW).unwrap();
     // Covers 0x3000..0x6fff: the first two pages go in, then 0x5000 clashes.
-    assert!(matches!(t.w.map(1, 0x3000, 0x6fff, 0x10000, RW), Err(WriterError::Overlap(0x5000))));
-    assert_eq!(t.one(1, 0x3000, Access::READ), Err(FaultKind::Mapping), "rolled back");
-    assert_eq!(t.one(1, 0x4000, Access::READ), Err(FaultKind::Mapping), "rolled back");
-    assert_eq!(t.one(1, 0x5000, Access::READ).unwrap().gpa, 0x1000, "the old mapping stays");
+    assert!(matches!(
+        t.w.map(1, 0x3000, 0x6fff, 0x10000, RW),
+        Err(WriterError::Overlap(0x5000))
+    ));
+    assert_eq!(
+        t.one(1, 0x3000, Access::READ),
+        Err(FaultKind::Mapping),
+        "rolled back"
+    );
+    assert_eq!(
+        t.one(1, 0x4000, Access::READ),
+        Err(FaultKind::Mapping),
+        "rolled back"
+    );
+    assert_eq!(
+        t.one(1, 0x5000, Access::READ).unwrap().gpa,
+        0x1000,
+        "the old mapping stays"
+    );
     assert_eq!(t.one(1, 0x6000, Access::READ), Err(FaultKind::Mapping));
-    for (first, last, gpa) in [(0x1001, 0x1fff, 0), (0x1000, 0x1ffe, 0), (0x1000, 0x1fff, 0x10), (0x2000, 0x1fff, 0)] {
-        assert!(matches!(t.w.map(1, first, last, gpa, RW), Err(WriterError::BadRange { .. })));
+    for (first, last, gpa) in [
+        (0x1001, 0x1fff, 0),
+        (0x1000, 0x1ffe, 0),
+        (0x1000, 0x1fff, 0x10),
+        (0x2000, 0x1fff, 0),
+    ] {
+        assert!(matches!(
+            t.w.map(1, first, last, gpa, RW),
+            Err(WriterError::BadRange { .. })
+        ));
     }
     let top = 1u64 << 48;
-    assert!(matches!(t.w.map(1, top, top + 0xfff, 0, RW), Err(WriterError::BadRange { .. })), "past input range");
-    assert!(matches!(t.w.map(1, 0x1000, 0x1fff, u64::MAX & !0xfff, RW), Ok(())), "last GPA page is fine");
-    assert!(matches!(t.w.map(1, 0x2000, 0x3fff, u64::MAX & !0xfff, RW), Err(WriterError::BadRange { .. })));
-    assert!(matches!(t.w.map(2, 0x1000, 0x1fff, 0, RW), Err(WriterError::UnknownDomain(2))));
-    assert!(matches!(t.w.create_domain(1), Err(WriterError::DomainExists(1))));
-    assert!(matches!(t.w.unmap(1, 0x1001, 0x1fff), Err(WriterError::BadRange { .. })));
+    assert!(
+        matches!(
+            t.w.map(1, top, top + 0xfff, 0, RW),
+            Err(WriterError::BadRange { .. })
+        ),
+        "past input range"
+    );
+    assert!(
+        matches!(t.w.map(1, 0x1000, 0x1fff, !0xfffu64, RW), Ok(())),
+        "last GPA page is fine"
+    );
+    assert!(matches!(
+        t.w.map(1, 0x2000, 0x3fff, !0xfffu64, RW),
+        Err(WriterError::BadRange { .. })
+    ));
+    assert!(matches!(
+        t.w.map(2, 0x1000, 0x1fff, 0, RW),
+        Err(WriterError::UnknownDomain(2))
+    ));
+    assert!(matches!(
+        t.w.create_domain(1),
+        Err(WriterError::DomainExists(1))
+    ));
+    assert!(matches!(
+        t.w.unmap(1, 0x1001, 0x1fff),
+        Err(WriterError::BadRange { .. })
+    ));
     // The top of the input range maps and unmaps.
     t.w.map(1, top - KIB4, top - 1, 0x3000, RW).unwrap();
     assert_eq!(t.one(1, top - 1, Access::READ).unwrap().gpa, 0x3fff);
@@ -184,12 +298,22 @@ fn overlapping_and_malformed_maps_are_refused_and_leave_the_table_as_it_was() {
 
 #[test]
 fn a_full_64_bit_input_range_works_at_both_ends() {
-    let mut t = rig_with(Geometry { input_bits: 64, ..Geometry::default() });
+    let mut t = rig_with(Geometry {
+        input_bits: 64,
+        ..Geometry::default()
+    });
     t.w.create_domain(1).unwrap();
     t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
     t.w.map(1, u64::MAX - 0xfff, u64::MAX, 0x2000, RW).unwrap();
     t.w.map(1, 0, 0xfff, 0x1000, RW).unwrap();
-    assert_eq!(t.one(1, u64::MAX, Access::READ).unwrap(), Piece { gpa: 0x2fff, len: 1, mmio: false });
+    assert_eq!(
+        t.one(1, u64::MAX, Access::READ).unwrap(),
+        Piece {
+            gpa: 0x2fff,
+            len: 1,
+            mmio: false
+        }
+    );
     assert_eq!(t.pieces(1, u64::MAX - 1, 2), vec![Ok((0x2ffe, 2))]);
     t.w.unmap(1, u64::MAX - 0xfff, u64::MAX).unwrap();
     assert_eq!(t.one(1, u64::MAX, Access::READ), Err(FaultKind::Mapping));
@@ -204,28 +328,44 @@ fn destroying_a_domain_blocks_its_endpoints_and_frees_its_tree() {
     t.w.set_endpoint(1, EndpointTarget::Domain(4)).unwrap();
     t.w.set_endpoint(2, EndpointTarget::Domain(4)).unwrap();
     for i in 0..10 {
-        t.w.map(4, i * MIB2 * 3, i * MIB2 * 3 + KIB4 - 1, 0, RO).unwrap();
+        t.w.map(4, i * MIB2 * 3, i * MIB2 * 3 + KIB4 - 1, 0, RO)
+            .unwrap();
     }
     t.w.destroy_domain(4).unwrap();
     assert_eq!(t.one(1, 0, Access::READ), Err(FaultKind::Domain));
     assert_eq!(t.one(2, 0, Access::READ), Err(FaultKind::Domain));
     t.w.synchronize();
     assert_eq!(t.w.stats().nodes_in_use, base);
-    assert!(matches!(t.w.destroy_domain(4), Err(WriterError::UnknownDomain(4))));
+    assert!(matches!(
+        t.w.destroy_domain(4),
+        Err(WriterError::UnknownDomain(4))
+    ));
 }
 
 #[test]
 fn the_arena_grows_in_segments_under_an_open_reader() {
-    let mut t = rig_with(Geometry { segment_nodes: 4, max_segments: 64, ..Geometry::default() });
+    let mut t = rig_with(Geometry {
+        segment_nodes: 4,
+        max_segments: 64,
+        ..Geometry::default()
+    });
     t.w.create_domain(1).unwrap();
     t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
     for i in 0..40u64 {
-        t.w.map(1, i * GIB1, i * GIB1 + KIB4 - 1, i * KIB4, RW).unwrap();
+        t.w.map(1, i * GIB1, i * GIB1 + KIB4 - 1, i * KIB4, RW)
+            .unwrap();
     }
     assert!(t.w.stats().segments > 10);
-    assert_eq!(t.r.segments(), t.w.stats().segments, "the reader sees the announced size");
+    assert_eq!(
+        t.r.segments(),
+        t.w.stats().segments,
+        "the reader sees the announced size"
+    );
     for i in 0..40u64 {
-        assert_eq!(t.one(1, i * GIB1 + 1, Access::READ).unwrap().gpa, i * KIB4 + 1);
+        assert_eq!(
+            t.one(1, i * GIB1 + 1, Access::READ).unwrap().gpa,
+            i * KIB4 + 1
+        );
     }
     // The arena is full at 64 × 4 nodes: the next domain of many pages fails
     // with ArenaFull, not a crash.
@@ -261,7 +401,10 @@ fn a_session_holds_the_grace_period_until_it_ends() {
         assert_eq!(rx.recv().unwrap(), 0x9000);
         t.w.unmap(1, 0x1000, 0x1fff).unwrap();
         let report = t.w.synchronize();
-        assert!(released.load(Ordering::SeqCst), "synchronize returned while a session was open");
+        assert!(
+            released.load(Ordering::SeqCst),
+            "synchronize returned while a session was open"
+        );
         assert!(report.waited);
     });
 }
@@ -304,7 +447,10 @@ fn a_pin_holds_only_overlapping_unmaps() {
         });
         t.w.unmap(1, 0x2000, 0x2fff).unwrap();
         let report = t.w.synchronize();
-        assert!(released.load(Ordering::SeqCst), "UNMAP completed under a pin");
+        assert!(
+            released.load(Ordering::SeqCst),
+            "UNMAP completed under a pin"
+        );
         assert!(report.waited);
     });
 }
@@ -330,7 +476,10 @@ fn a_pin_is_held_across_a_detach_of_its_endpoint() {
         });
         t.w.set_endpoint(1, EndpointTarget::Blocked).unwrap();
         t.w.synchronize();
-        assert!(released.load(Ordering::SeqCst), "DETACH completed under a pin");
+        assert!(
+            released.load(Ordering::SeqCst),
+            "DETACH completed under a pin"
+        );
     });
 }
 
@@ -341,27 +490,52 @@ fn the_table_cannot_be_mapped_or_made_writable_by_a_reader() {
         use std::os::fd::AsRawFd;
         // SAFETY: asking for a fresh shared writable mapping; checked below.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
         };
         assert_eq!(p, libc::MAP_FAILED, "a writable shared mapping was granted");
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EPERM)
+        );
     }
     // SAFETY: only changes protections of the reader's own read-only mapping; fails.
-    let r = unsafe { libc::mprotect(t.r.table_ptr() as *mut _, 4096, libc::PROT_READ | libc::PROT_WRITE) };
+    let r = unsafe {
+        libc::mprotect(
+            t.r.table_ptr() as *mut _,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
     assert_eq!(r, -1, "mprotect made the table writable");
-    assert!(iotlb_shm::memfd::resize(t.w.table_fd(), 0).is_err(), "table shrunk");
+    assert!(
+        iotlb_shm::memfd::resize(t.w.table_fd(), 0).is_err(),
+        "table shrunk"
+    );
 }
 
 #[test]
 fn foreign_files_are_not_opened_as_tables() {
     let t = rig();
     let junk = iotlb_shm::memfd::create(c"junk", 8192).unwrap();
-    assert!(TableReader::open(junk.as_fd(), t.w.arena_fd()).is_err(), "unsealed junk");
+    assert!(
+        TableReader::open(junk.as_fd(), t.w.arena_fd()).is_err(),
+        "unsealed junk"
+    );
     iotlb_shm::memfd::seal(junk.as_fd(), iotlb_shm::memfd::SEALS_FROZEN_READ_ONLY).unwrap();
     assert!(matches!(
         TableReader::open(junk.as_fd(), t.w.arena_fd()),
         Err(iotlb_shm::OpenError::Format { magic: 0, .. })
     ));
     let plain = iotlb_shm::memfd::create(c"plain", 8192).unwrap();
-    assert!(TableReader::open(t.w.table_fd(), plain.as_fd()).is_err(), "unsealed arena");
+    assert!(
+        TableReader::open(t.w.table_fd(), plain.as_fd()).is_err(),
+        "unsealed arena"
+    );
 }

@@ -1,0 +1,1 @@
+//! Being written (feature-gated; not built by default).
