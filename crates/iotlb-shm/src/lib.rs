@@ -36,6 +36,10 @@ mod sync;
 #[cfg(not(loom))]
 mod access;
 #[cfg(not(loom))]
+pub mod backend_proto;
+#[cfg(not(loom))]
+pub mod client;
+#[cfg(not(loom))]
 pub mod geometry;
 #[cfg(not(loom))]
 pub mod memfd;
@@ -55,6 +59,8 @@ pub mod vm_memory;
 
 #[cfg(not(loom))]
 pub use access::{Access, Fault, FaultKind, Piece};
+#[cfg(not(loom))]
+pub use client::{BackendClient, ClientError};
 #[cfg(not(loom))]
 pub use geometry::{Geometry, GeometryError};
 #[cfg(not(loom))]

@@ -80,6 +80,11 @@ pub struct WriterConfig {
     pub geometry: Geometry,
     /// Stuck-reader policy.
     pub stall: StallPolicy,
+    /// Nodes kept back for domain roots: mappings never use the last
+    /// `reserved_roots − domains` free nodes, so creating a domain (up to
+    /// this many) never fails for lack of space. Set it to the device's
+    /// domain limit.
+    pub reserved_roots: u32,
 }
 
 /// A writer operation that failed; the table is unchanged.
@@ -192,6 +197,7 @@ pub struct TableWriter {
     readers: Registry,
     stats: WriterStats,
     stall_counted: bool,
+    reserved_roots: u64,
 }
 
 impl TableWriter {
@@ -249,6 +255,7 @@ impl TableWriter {
                 ..WriterStats::default()
             },
             stall_counted: false,
+            reserved_roots: u64::from(config.reserved_roots),
         })
     }
 
@@ -334,7 +341,50 @@ impl TableWriter {
         Ok(self.table.word(layout::endpoint_offset(i)))
     }
 
+    /// Nodes that can still be handed out (free now, reclaimable after a
+    /// grace period, or never used).
+    pub fn available_nodes(&self) -> u64 {
+        self.geometry.max_nodes() - self.fresh + self.free.len() as u64 + self.retired.len() as u64
+    }
+
+    /// Nodes mappings may still use (the root reserve set aside).
+    fn available_for_mappings(&self) -> u64 {
+        let reserve = self
+            .reserved_roots
+            .saturating_sub(self.domains.len() as u64);
+        self.available_nodes().saturating_sub(reserve)
+    }
+
+    /// An upper bound of the nodes that mapping `[first, last]` → `gpa`
+    /// can need, computed without touching the table, so that an
+    /// impossible MAP fails at once instead of after writing entries.
+    fn nodes_needed_bound(&self, first: u64, last: u64, gpa: u64) -> u64 {
+        let pages = ((last - first) >> layout::PAGE_SHIFT) + 1;
+        // If IOVA and GPA agree modulo 2 MiB, at most two partial 2 MiB
+        // stretches need 4 KiB leaves; otherwise every page may.
+        let congruent = (first ^ gpa) & (layout::entry_span(1) - 1) == 0;
+        let leaf_pages = if congruent {
+            pages.min(2 * layout::ENTRIES_PER_NODE)
+        } else {
+            pages
+        };
+        let mut bound = 0;
+        let mut below = leaf_pages.max(pages >> layout::BITS_PER_LEVEL);
+        for _ in 1..self.levels {
+            below = below.div_ceil(layout::ENTRIES_PER_NODE) + 1;
+            bound += below;
+        }
+        bound
+    }
+
     fn alloc_node(&mut self) -> Result<u32, WriterError> {
+        if self.available_for_mappings() == 0 {
+            return Err(WriterError::ArenaFull(self.geometry.max_nodes()));
+        }
+        self.alloc_any_node()
+    }
+
+    fn alloc_any_node(&mut self) -> Result<u32, WriterError> {
         let node = if let Some(n) = self.free.pop() {
             for i in 0..layout::ENTRIES_PER_NODE as usize {
                 self.entry(n, i).store(0, Ordering::Relaxed);
@@ -379,7 +429,7 @@ impl TableWriter {
         if self.domains.contains_key(&domain) {
             return Err(WriterError::DomainExists(domain));
         }
-        let root = self.alloc_node()?;
+        let root = self.alloc_any_node()?;
         self.domains.insert(domain, root);
         Ok(())
     }
@@ -438,6 +488,9 @@ impl TableWriter {
             || gpa.checked_add(last - first).is_none()
         {
             return Err(bad);
+        }
+        if self.nodes_needed_bound(first, last, gpa) > self.available_for_mappings() {
+            return Err(WriterError::ArenaFull(self.geometry.max_nodes()));
         }
         let flags = pte::PRESENT | pte::LEAF | perms.pte_bits();
         let mut iova = first;
@@ -652,6 +705,35 @@ impl TableWriter {
         }
         self.pending.any = true;
         Ok(())
+    }
+
+    /// Empties the table for a new device (a new VMM connection): every
+    /// domain destroyed, every endpoint blocked, then one grace period.
+    /// Readers keep their files and slots.
+    pub fn reset(&mut self) -> GraceReport {
+        let domains: Vec<u32> = self.domains.keys().copied().collect();
+        for d in domains {
+            let _ = self.destroy_domain(d);
+        }
+        for i in 0..u64::from(self.geometry.endpoint_count) {
+            let word = self.table.word(layout::endpoint_offset(i));
+            let old = word.load(Ordering::Relaxed);
+            if old & ep_word::KIND_MASK != ep_word::KIND_BLOCKED {
+                let generation =
+                    ((old >> ep_word::GENERATION_SHIFT) + 1) & ep_word::GENERATION_MASK;
+                word.store(
+                    ep_word::KIND_BLOCKED | generation << ep_word::GENERATION_SHIFT,
+                    Ordering::Release,
+                );
+                // Pins of this endpoint are stale now.
+                self.pending
+                    .endpoints
+                    .push(self.geometry.endpoint_base + i as u32);
+                self.pending.any = true;
+            }
+        }
+        self.endpoint_domain.clear();
+        self.synchronize()
     }
 
     /// Runs one grace period if anything needs it: publishes a new epoch,

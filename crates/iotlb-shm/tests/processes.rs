@@ -82,7 +82,12 @@ impl Reader {
 }
 
 fn writer(stall: StallPolicy, geometry: Geometry) -> TableWriter {
-    let mut w = TableWriter::new(&WriterConfig { geometry, stall }).unwrap();
+    let mut w = TableWriter::new(&WriterConfig {
+        geometry,
+        stall,
+        reserved_roots: 0,
+    })
+    .unwrap();
     w.create_domain(1).unwrap();
     w.set_endpoint(EP, EndpointTarget::Domain(1)).unwrap();
     w.map(1, 0x1000, 0x1fff, 0x8000, RW).unwrap();
@@ -258,7 +263,7 @@ fn stress(readers: usize, millis: u64) {
     };
     let mut w = TableWriter::new(&WriterConfig {
         geometry,
-        stall: StallPolicy::default(),
+        ..WriterConfig::default()
     })
     .unwrap();
     w.create_domain(1).unwrap();

@@ -539,3 +539,74 @@ fn foreign_files_are_not_opened_as_tables() {
         "unsealed arena"
     );
 }
+
+#[test]
+fn reset_blocks_every_endpoint_and_frees_every_domain() {
+    let mut t = rig();
+    let base = t.w.stats().nodes_in_use;
+    t.w.create_domain(1).unwrap();
+    t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
+    t.w.set_endpoint(2, EndpointTarget::Bypass).unwrap();
+    t.w.map(1, 0, 0xfff, 0, RW).unwrap();
+    t.w.reset();
+    assert_eq!(t.one(1, 0, Access::READ), Err(FaultKind::Domain));
+    assert_eq!(t.one(2, 0, Access::READ), Err(FaultKind::Domain));
+    assert_eq!(
+        t.w.stats().nodes_in_use,
+        base,
+        "root pool back to where it started"
+    );
+    t.w.create_domain(1).unwrap();
+}
+
+#[test]
+fn a_map_that_cannot_fit_fails_at_once_and_roots_stay_reserved() {
+    let geometry = Geometry {
+        segment_nodes: 4,
+        max_segments: 4,
+        ..Geometry::default()
+    };
+    let mut w = TableWriter::new(&WriterConfig {
+        geometry,
+        reserved_roots: 3,
+        ..WriterConfig::default()
+    })
+    .unwrap();
+    w.create_domain(1).unwrap();
+    // 16 nodes, 2 roots still reserved: a 1 TiB map with misaligned GPA
+    // needs far more and is refused before anything is written.
+    let t0 = std::time::Instant::now();
+    assert!(matches!(
+        w.map(1, 0, (1 << 40) - 1, 0x1000, RW),
+        Err(WriterError::ArenaFull(16))
+    ));
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "refusal must not walk the range"
+    );
+    assert_eq!(w.stats().nodes_in_use, 1);
+    // Fill the rest with scattered pages until mappings are refused.
+    let mut mapped = 0;
+    let mut refused = false;
+    for i in 0..100u64 {
+        let before = w.stats().nodes_in_use;
+        if let Err(e) = w.map(1, i * GIB1, i * GIB1 + KIB4 - 1, 0, RW) {
+            assert!(matches!(e, WriterError::ArenaFull(16)), "{e}");
+            assert_eq!(
+                w.stats().nodes_in_use,
+                before,
+                "a refused MAP leaves no nodes behind"
+            );
+            refused = true;
+            break;
+        }
+        mapped += 1;
+    }
+    assert!(mapped > 2 && refused, "{mapped} mapped");
+    assert!(
+        w.available_nodes() >= 2,
+        "the two reserved roots are still free"
+    );
+    w.create_domain(2).unwrap();
+    w.create_domain(3).unwrap();
+}

@@ -78,9 +78,10 @@ impl IommuBackend {
         config: DeviceConfig,
         queue_size: u16,
         poll: Duration,
-        publisher: Box<dyn TablePublisher>,
+        mut publisher: Box<dyn TablePublisher>,
     ) -> Result<Self, viommu_core::ConfigError> {
         let device = Device::new(config)?;
+        publisher.start(&device);
         // An eventfd only fails to be created when the process is out of
         // descriptors; the daemon cannot run then anyway.
         let fault_wake = EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| {
@@ -345,10 +346,13 @@ impl VhostUserBackend for IommuBackend {
         if needs_grace {
             st.publisher.synchronize();
         }
-        result.map_err(|e| {
-            warn!(error = %e, offset, len = buf.len(), "config write refused");
-            io::Error::new(io::ErrorKind::InvalidInput, e)
-        })
+        // A refused write is the guest's doing (a read-only field, a bad
+        // value): it changes nothing and must not end the connection, which
+        // an error returned here would do.
+        if let Err(e) = result {
+            warn!(error = %e, offset, len = buf.len(), "config write refused; config unchanged");
+        }
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {

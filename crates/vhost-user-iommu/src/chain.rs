@@ -103,6 +103,20 @@ impl ChainParts {
         Ok(done)
     }
 
+    /// Checks that every writable segment lies in guest memory, so that a
+    /// request is applied only when its reply can be written.
+    pub fn check_writable<M: GuestMemory>(&self, mem: &M) -> Result<(), ChainError> {
+        for seg in &self.writable {
+            if !mem.check_range(GuestAddress(seg.addr), seg.len as usize, Permissions::Write) {
+                return Err(ChainError::OutsideMemory {
+                    addr: seg.addr,
+                    len: seg.len,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `data` at the start of the writable part. The caller keeps
     /// `data` no longer than the writable part; every segment it touches is
     /// checked before anything is written, so a bad address writes nothing.

@@ -12,9 +12,12 @@
 //! - [`backend`]: the `VhostUserBackend` implementation (features, config
 //!   space, reset, queue events).
 //! - [`serve`]: the listening loop, one fresh device per connection.
+//! - [`shm_table`]: the shared translation table as the model's publisher.
+//! - [`backend_socket`]: where co-located backends get the table.
 //! - [`logging`], [`signals`]: process plumbing.
 
 pub mod backend;
+pub mod backend_socket;
 pub mod chain;
 pub mod eventq;
 pub mod logging;
@@ -22,4 +25,5 @@ pub mod publish;
 pub mod requestq;
 pub mod serve;
 pub mod settings;
+pub mod shm_table;
 pub mod signals;

@@ -42,11 +42,14 @@ fn main() -> ExitCode {
         error!("no socket to listen on");
         return ExitCode::from(2);
     };
-    let socket = match &listen {
-        vhost_user_iommu::settings::Listen::Path(p) => Some(p.clone()),
-        vhost_user_iommu::settings::Listen::Fd(_) => None,
-    };
-    if let Err(e) = signals::exit_on_termination(socket) {
+    let mut sockets = Vec::new();
+    if let vhost_user_iommu::settings::Listen::Path(p) = &listen {
+        sockets.push(p.clone());
+    }
+    if let Some(t) = &settings.table {
+        sockets.push(t.socket.clone());
+    }
+    if let Err(e) = signals::exit_on_termination(sockets) {
         error!(error = %e, "cannot set up signal handling");
         return ExitCode::FAILURE;
     }

@@ -6,11 +6,23 @@
 
 use viommu_core::{Change, ChangeSink};
 
+/// A change the table could not mirror (it is full, or out of step with
+/// the model).
+#[derive(Debug, thiserror::Error)]
+#[error("the shared table cannot mirror {change:?}")]
+pub struct PublishError {
+    /// The change.
+    pub change: Change,
+    /// Why.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 /// A published copy of the translation state that other processes read.
 pub trait TablePublisher: Send {
     /// Mirrors one change; a new translation is visible to readers when
-    /// this returns.
-    fn publish(&mut self, change: &Change);
+    /// this returns. On error the table is as it was before the change.
+    fn publish(&mut self, change: &Change) -> Result<(), PublishError>;
 
     /// Returns once no reader can still use a translation taken away by the
     /// changes published so far.
@@ -18,6 +30,10 @@ pub trait TablePublisher: Send {
 
     /// Short name for logs.
     fn name(&self) -> &'static str;
+
+    /// A fresh device starts using this publisher (a new VMM connection):
+    /// forget the previous device's state and publish this one's.
+    fn start(&mut self, _device: &viommu_core::Device) {}
 }
 
 /// No shared table: translations live only in the device model. Used until
@@ -26,7 +42,9 @@ pub trait TablePublisher: Send {
 pub struct NoTable;
 
 impl TablePublisher for NoTable {
-    fn publish(&mut self, _change: &Change) {}
+    fn publish(&mut self, _change: &Change) -> Result<(), PublishError> {
+        Ok(())
+    }
     fn synchronize(&mut self) {}
     fn name(&self) -> &'static str {
         "none"
@@ -34,11 +52,14 @@ impl TablePublisher for NoTable {
 }
 
 /// A change sink that publishes each change and remembers whether any of
-/// them needs a grace period.
+/// them needs a grace period, and the first one that could not be
+/// published.
 pub struct Publishing<'a> {
     publisher: &'a mut dyn TablePublisher,
     /// Whether a published change took access away.
     pub needs_grace: bool,
+    /// The first change the table refused.
+    pub failed: Option<PublishError>,
 }
 
 impl<'a> Publishing<'a> {
@@ -47,6 +68,7 @@ impl<'a> Publishing<'a> {
         Publishing {
             publisher,
             needs_grace: false,
+            failed: None,
         }
     }
 }
@@ -54,7 +76,10 @@ impl<'a> Publishing<'a> {
 impl ChangeSink for Publishing<'_> {
     fn change(&mut self, change: Change) {
         self.needs_grace |= change.requires_grace_period();
-        self.publisher.publish(&change);
+        if let Err(e) = self.publisher.publish(&change) {
+            tracing::warn!(error = %e, cause = %e.source, "shared table refused a change");
+            self.failed.get_or_insert(e);
+        }
     }
 }
 
@@ -67,8 +92,9 @@ mod tests {
     struct Recorder(Vec<Change>, usize);
 
     impl TablePublisher for Recorder {
-        fn publish(&mut self, change: &Change) {
+        fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
             self.0.push(*change);
+            Ok(())
         }
         fn synchronize(&mut self) {
             self.1 += 1;

@@ -5,8 +5,9 @@ use crate::chain::{ChainError, ChainParts};
 use crate::publish::{Publishing, TablePublisher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::debug;
-use viommu_core::{Device, Reply};
-use virtio_iommu_proto::request::MAX_READABLE_LEN;
+use viommu_core::{Change, Device, Reply};
+use virtio_iommu_proto::request::{MAX_READABLE_LEN, TAIL_LEN, encode_tail};
+use virtio_iommu_proto::{Request, Status, Unmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// What became of one chain.
@@ -69,10 +70,46 @@ impl RequestServer {
                 return unused;
             }
         };
+        if let Err(e) = self.parts.check_writable(mem) {
+            // Nothing is applied when the reply could not be written: used
+            // length 0 means the request had no effect.
+            debug!(error = %e, "reply buffer outside guest memory, returned with used length 0");
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return unused;
+        }
         let writable_len = usize::try_from(self.parts.writable_len()).unwrap_or(usize::MAX);
         let mut sink = Publishing::new(publisher);
         let reply = device.process(&readable[..got], writable_len, &mut sink);
         let needs_grace = sink.needs_grace;
+        if let Some(Change::MappingAdded { domain, mapping }) = sink.failed.take().map(|f| f.change)
+        {
+            // The table is full: take the mapping back out of the model so
+            // both agree, and answer NOMEM (a limit, like the model's own).
+            let mut undo = Publishing::new(publisher);
+            let unmap = Request::Unmap(Unmap {
+                domain,
+                virt_start: mapping.virt_start,
+                virt_end: mapping.virt_end,
+                reserved: [0; 4],
+            });
+            let undone = device.handle(&unmap, &mut undo);
+            debug!(domain, iova = mapping.virt_start, %undone, "MAP refused: the shared table is full");
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let needs_grace = needs_grace || undo.needs_grace;
+            if let Err(e) = self.parts.scatter(mem, &encode_tail(Status::NoMem)) {
+                debug!(error = %e, "cannot write the reply, returned with used length 0");
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return Served {
+                    used_len: 0,
+                    needs_grace,
+                };
+            }
+            self.stats.completed.fetch_add(1, Ordering::Relaxed);
+            return Served {
+                used_len: TAIL_LEN as u32,
+                needs_grace,
+            };
+        }
         let Reply::Complete {
             req_type, status, ..
         } = reply

@@ -2,8 +2,12 @@
 //! device (a new connection is the "system reset" of AMB-16).
 
 use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
+use crate::backend_socket::{BackendSocket, FaultRoute};
+use crate::publish::{NoTable, TablePublisher};
 use crate::settings::{Listen, Settings};
+use crate::shm_table::{self, SharedWriter, ShmPublisher};
 use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -25,6 +29,12 @@ pub enum ServeError {
     /// The vhost-user machinery failed.
     #[error("vhost-user daemon failed: {0}")]
     Daemon(String),
+    /// The shared table could not be created.
+    #[error("cannot create the shared translation table: {0}")]
+    Table(String),
+    /// The backend socket could not be created.
+    #[error("cannot listen for backends on {0}")]
+    BackendSocket(String, #[source] std::io::Error),
 }
 
 fn listener(listen: &Listen) -> Result<Listener, ServeError> {
@@ -65,13 +75,54 @@ pub fn describe(listen: &Listen) -> String {
     }
 }
 
+/// Creates the shared table and starts the backend socket, if configured.
+fn start_table(
+    settings: &Settings,
+    route: &FaultRoute,
+) -> Result<Option<SharedWriter>, ServeError> {
+    let Some(t) = &settings.table else {
+        info!("no --backend-socket: translations are not published to backends");
+        return Ok(None);
+    };
+    let writer = shm_table::create(&settings.device, t).map_err(ServeError::Table)?;
+    let g = *writer.geometry();
+    let writer: SharedWriter = Arc::new(Mutex::new(writer));
+    BackendSocket::bind(
+        &t.socket,
+        t.allowed_uids.clone(),
+        writer.clone(),
+        route.clone(),
+    )
+    .and_then(BackendSocket::spawn)
+    .map_err(|e| ServeError::BackendSocket(t.socket.display().to_string(), e))?;
+    info!(
+        backend_socket = %t.socket.display(),
+        max_mib = t.max_mib,
+        endpoints = g.endpoint_count,
+        input_bits = g.input_bits,
+        "shared translation table ready; backends connect to the backend socket"
+    );
+    Ok(Some(writer))
+}
+
 /// Serves connections until the process is told to stop.
 pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
     let mut listener = listener(listen)?;
     let where_ = describe(listen);
+    let route = FaultRoute::default();
+    let table = start_table(settings, &route)?;
     loop {
-        let backend =
-            IommuBackend::new(settings.device.clone(), settings.queue_size, settings.poll)?;
+        let publisher: Box<dyn TablePublisher> = match &table {
+            Some(w) => Box::new(ShmPublisher::new(w.clone())),
+            None => Box::new(NoTable),
+        };
+        let backend = IommuBackend::with_publisher(
+            settings.device.clone(),
+            settings.queue_size,
+            settings.poll,
+            publisher,
+        )?;
+        route.set(Some(backend.clone()));
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-iommu".to_string(),
             backend.clone(),
@@ -92,7 +143,9 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
             .start(&mut listener)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         info!("VMM connected; serving a fresh device");
-        match daemon.wait() {
+        let ended = daemon.wait();
+        route.set(None);
+        match ended {
             Ok(()) => info!("VMM disconnected; the device is gone with its domains and mappings"),
             Err(e) => {
                 warn!(error = %e, "VMM connection ended with an error; waiting for the next one")

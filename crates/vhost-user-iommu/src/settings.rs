@@ -116,6 +116,33 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// Listen for co-located backends (vhost-user-net/-blk processes) on
+    /// this Unix socket; each one that connects receives the shared
+    /// translation table (see docs/backend-protocol.md). Without it no
+    /// table is published.
+    #[arg(long, value_name = "PATH")]
+    pub backend_socket: Option<PathBuf>,
+
+    /// A user ID allowed to connect to the backend socket (repeatable).
+    /// The daemon's own user and root are always allowed.
+    #[arg(long = "backend-uid", value_name = "UID")]
+    pub backend_uids: Vec<u32>,
+
+    /// Most memory the shared table may use, in MiB; a MAP that would need
+    /// more answers NOMEM. Default: 1024.
+    #[arg(long, value_name = "MIB")]
+    pub table_max_mib: Option<u32>,
+
+    /// Log a warning when a backend holds an UNMAP back (inside a session
+    /// or holding a pin) this long. Default: 100.
+    #[arg(long, value_name = "MS")]
+    pub stall_warn_ms: Option<u64>,
+
+    /// Kill (SIGKILL) a backend that holds an UNMAP back this long; 0 never
+    /// kills and waits for as long as the backend lives. Default: 0.
+    #[arg(long, value_name = "MS")]
+    pub stall_kill_ms: Option<u64>,
 }
 
 /// A switch.
@@ -162,6 +189,12 @@ pub struct FileSettings {
     poll_us: Option<u64>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    backend_socket: Option<PathBuf>,
+    #[serde(default)]
+    backend_uids: Vec<u32>,
+    table_max_mib: Option<u32>,
+    stall_warn_ms: Option<u64>,
+    stall_kill_ms: Option<u64>,
 }
 
 /// `[[endpoint]]`: a range of endpoints with its own reserved regions.
@@ -204,6 +237,26 @@ pub struct Settings {
     pub poll: Duration,
     /// Logging.
     pub log: LogSettings,
+    /// The shared table and its backend socket, if enabled.
+    pub table: Option<TableSettings>,
+}
+
+/// Default size bound of the shared table, in MiB.
+pub const DEFAULT_TABLE_MAX_MIB: u32 = 1024;
+
+/// The shared table and the backend socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSettings {
+    /// Where backends connect.
+    pub socket: PathBuf,
+    /// Extra user IDs allowed to connect (besides the daemon's and root).
+    pub allowed_uids: Vec<u32>,
+    /// Size bound of the table, in MiB.
+    pub max_mib: u32,
+    /// Warn when a backend holds a grace period this long.
+    pub stall_warn: Duration,
+    /// Kill a backend that holds a grace period this long.
+    pub stall_kill: Option<Duration>,
 }
 
 /// Why settings are unusable.
@@ -255,6 +308,9 @@ pub enum SettingsError {
     /// The device configuration is invalid.
     #[error("invalid device configuration")]
     Device(#[from] ConfigError),
+    /// The shared table cannot represent this device.
+    #[error("shared table (--backend-socket): {0}")]
+    Table(String),
 }
 
 /// Parses `123` or `0x7b`.
@@ -479,7 +535,40 @@ impl Settings {
             (None, None) if cli.print_capabilities => None,
             (None, None) => return Err(SettingsError::NoSocket),
         };
+        let table = match cli.backend_socket.as_ref().or(file.backend_socket.as_ref()) {
+            None => None,
+            Some(socket) => {
+                if device.page_size_mask.trailing_zeros() < 12 {
+                    return Err(SettingsError::Table(format!(
+                        "page_size_mask {:#x} has a granule below 4 KiB, the table's smallest page",
+                        device.page_size_mask
+                    )));
+                }
+                let max_mib = cli
+                    .table_max_mib
+                    .or(file.table_max_mib)
+                    .unwrap_or(DEFAULT_TABLE_MAX_MIB);
+                if !(2..=1 << 20).contains(&max_mib) {
+                    return Err(SettingsError::Table(format!(
+                        "table_max_mib {max_mib} is not in 2..=1048576"
+                    )));
+                }
+                let mut allowed_uids = file.backend_uids.clone();
+                allowed_uids.extend(&cli.backend_uids);
+                let kill = cli.stall_kill_ms.or(file.stall_kill_ms).unwrap_or(0);
+                Some(TableSettings {
+                    socket: socket.clone(),
+                    allowed_uids,
+                    max_mib,
+                    stall_warn: Duration::from_millis(
+                        cli.stall_warn_ms.or(file.stall_warn_ms).unwrap_or(100),
+                    ),
+                    stall_kill: (kill > 0).then(|| Duration::from_millis(kill)),
+                })
+            }
+        };
         Ok(Settings {
+            table,
             device,
             listen,
             queue_size,

@@ -22,7 +22,7 @@ fn termination_set() -> libc::sigset_t {
 /// Blocks SIGTERM/SIGINT in the calling thread and every thread it spawns
 /// later, and starts the thread that waits for them. Call it before any
 /// other thread is spawned.
-pub fn exit_on_termination(socket: Option<PathBuf>) -> std::io::Result<()> {
+pub fn exit_on_termination(sockets: Vec<PathBuf>) -> std::io::Result<()> {
     let set = termination_set();
     // SAFETY: `set` is a valid, initialised signal set; no old mask is read.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -44,7 +44,7 @@ pub fn exit_on_termination(socket: Option<PathBuf>) -> std::io::Result<()> {
             } else {
                 "SIGINT"
             };
-            if let Some(path) = &socket {
+            for path in &sockets {
                 let _ = std::fs::remove_file(path);
             }
             info!(signal = name, "exiting");

@@ -1,0 +1,438 @@
+//! The backend socket protocol, v1 (`docs/backend-protocol.md`): how a
+//! co-located backend obtains the table from the daemon and reports faults.
+//!
+//! Every message is a 16-byte header (`magic`, `version`, `type`, total
+//! length, all little-endian u32) and a fixed body. Descriptors travel as
+//! `SCM_RIGHTS` ancillary data attached to the WELCOME message.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use thiserror::Error;
+
+use crate::access::{Access, Fault, FaultKind};
+
+/// `VIOB` in little-endian.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"VIOB");
+/// Protocol version.
+pub const VERSION: u32 = 1;
+/// Header bytes.
+pub const HEADER_LEN: usize = 16;
+/// Longest message (a REFUSED with its reason).
+pub const MAX_LEN: usize = HEADER_LEN + 8 + MAX_REASON;
+/// Longest REFUSED reason, in bytes.
+pub const MAX_REASON: usize = 240;
+/// Descriptors sent with WELCOME: table, arena, slots.
+pub const WELCOME_FDS: usize = 3;
+
+const HELLO: u32 = 1;
+const WELCOME: u32 = 2;
+const REFUSED: u32 = 3;
+const FAULT: u32 = 4;
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Backend → daemon, first message: the slot file it wants (0 = the
+    /// daemon's default for either count).
+    Hello {
+        /// Session slots (threads that translate).
+        slots: u32,
+        /// Pin records (I/Os in flight).
+        pins: u32,
+    },
+    /// Daemon → backend: accepted; the table, arena and slot descriptors
+    /// come with it.
+    Welcome {
+        /// The daemon's ID for this reader (for logs).
+        reader_id: u64,
+    },
+    /// Daemon → backend: refused; the connection closes after it.
+    Refused {
+        /// An errno-style reason code (e.g. `EACCES`).
+        code: u32,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Backend → daemon: a DMA that did not translate, for the guest's
+    /// event queue.
+    Fault(Fault),
+}
+
+/// A message that does not parse.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than its header or its type's body.
+    #[error("message of {0} bytes is truncated")]
+    Truncated(usize),
+    /// Wrong magic or version.
+    #[error("not a v1 backend-protocol message (magic {magic:#x}, version {version})")]
+    Foreign {
+        /// Magic found.
+        magic: u32,
+        /// Version found.
+        version: u32,
+    },
+    /// Unknown type, or a field out of range.
+    #[error("bad message type {0} or field")]
+    Bad(u32),
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from(u32_at(b, o)) | u64::from(u32_at(b, o + 4)) << 32
+}
+
+impl Message {
+    /// Total length of a message of this type, or `None` for REFUSED
+    /// (variable) and unknown types.
+    fn fixed_len(kind: u32) -> Option<usize> {
+        match kind {
+            HELLO => Some(HEADER_LEN + 8),
+            WELCOME => Some(HEADER_LEN + 8),
+            FAULT => Some(HEADER_LEN + 24),
+            _ => None,
+        }
+    }
+
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(32);
+        let kind = match self {
+            Message::Hello { slots, pins } => {
+                body.extend_from_slice(&slots.to_le_bytes());
+                body.extend_from_slice(&pins.to_le_bytes());
+                HELLO
+            }
+            Message::Welcome { reader_id } => {
+                body.extend_from_slice(&reader_id.to_le_bytes());
+                WELCOME
+            }
+            Message::Refused { code, reason } => {
+                let mut r = reason.as_bytes();
+                if r.len() > MAX_REASON {
+                    let mut cut = MAX_REASON;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    r = &r[..cut];
+                }
+                body.extend_from_slice(&code.to_le_bytes());
+                body.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                body.extend_from_slice(r);
+                REFUSED
+            }
+            Message::Fault(f) => {
+                let kind = match f.kind {
+                    FaultKind::Domain => 1u32,
+                    FaultKind::Mapping => 2,
+                    FaultKind::Permission => 3,
+                };
+                body.extend_from_slice(&f.endpoint.to_le_bytes());
+                body.extend_from_slice(&u32::from(f.access.bits()).to_le_bytes());
+                body.extend_from_slice(&kind.to_le_bytes());
+                body.extend_from_slice(&0u32.to_le_bytes());
+                body.extend_from_slice(&f.iova.to_le_bytes());
+                FAULT
+            }
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&((HEADER_LEN + body.len()) as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Length of the whole message whose header is `header`.
+    pub fn total_len(header: &[u8; HEADER_LEN]) -> Result<usize, DecodeError> {
+        let (magic, version) = (u32_at(header, 0), u32_at(header, 4));
+        if magic != MAGIC || version != VERSION {
+            return Err(DecodeError::Foreign { magic, version });
+        }
+        let (kind, len) = (u32_at(header, 8), u32_at(header, 12) as usize);
+        let ok = match Self::fixed_len(kind) {
+            Some(n) => len == n,
+            None => kind == REFUSED && (HEADER_LEN + 8..=MAX_LEN).contains(&len),
+        };
+        if ok {
+            Ok(len)
+        } else {
+            Err(DecodeError::Bad(kind))
+        }
+    }
+
+    /// Decodes one whole message.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        let header: &[u8; HEADER_LEN] = b
+            .get(..HEADER_LEN)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(DecodeError::Truncated(b.len()))?;
+        let len = Self::total_len(header)?;
+        if b.len() < len {
+            return Err(DecodeError::Truncated(b.len()));
+        }
+        let body = &b[HEADER_LEN..len];
+        let kind = u32_at(b, 8);
+        match kind {
+            HELLO => Ok(Message::Hello {
+                slots: u32_at(body, 0),
+                pins: u32_at(body, 4),
+            }),
+            WELCOME => Ok(Message::Welcome {
+                reader_id: u64_at(body, 0),
+            }),
+            REFUSED => {
+                let n = u32_at(body, 4) as usize;
+                let text = body.get(8..8 + n).ok_or(DecodeError::Bad(kind))?;
+                Ok(Message::Refused {
+                    code: u32_at(body, 0),
+                    reason: String::from_utf8_lossy(text).into_owned(),
+                })
+            }
+            FAULT => {
+                let access = u8::try_from(u32_at(body, 4))
+                    .ok()
+                    .and_then(Access::from_bits)
+                    .ok_or(DecodeError::Bad(kind))?;
+                let kind = match u32_at(body, 8) {
+                    1 => FaultKind::Domain,
+                    2 => FaultKind::Mapping,
+                    3 => FaultKind::Permission,
+                    _ => return Err(DecodeError::Bad(kind)),
+                };
+                Ok(Message::Fault(Fault {
+                    kind,
+                    endpoint: u32_at(body, 0),
+                    iova: u64_at(body, 16),
+                    access,
+                }))
+            }
+            other => Err(DecodeError::Bad(other)),
+        }
+    }
+}
+
+/// Sends `bytes` with `fds` attached (SCM_RIGHTS).
+pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let fd_bytes = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is a pure computation on a length.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: an all-zero msghdr is valid; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` zeroed, 8-aligned bytes, so
+        // the first header fits and CMSG_DATA stays inside the buffer.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr(),
+                libc::CMSG_DATA(c).cast::<i32>(),
+                raw.len(),
+            );
+        }
+    }
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let mut iov = libc::iovec {
+            iov_base: bytes[sent..].as_ptr() as *mut _,
+            iov_len: bytes.len() - sent,
+        };
+        msg.msg_iov = &mut iov;
+        // SAFETY: msg describes live buffers; MSG_NOSIGNAL avoids SIGPIPE.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += n as usize;
+        // The descriptors went with the first chunk.
+        msg.msg_control = std::ptr::null_mut();
+        msg.msg_controllen = 0;
+    }
+    Ok(())
+}
+
+/// Receives exactly one message into `buf`, with any descriptors attached
+/// to it. Returns `Ok(None)` on an orderly end of stream before a message.
+pub fn recv_message(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8; MAX_LEN],
+) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
+    let mut fds = Vec::new();
+    let mut got = 0;
+    let mut want = HEADER_LEN;
+    while got < want {
+        let n = recv_some(sock, &mut buf[got..want], &mut fds)?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "backend socket closed mid-message",
+            ));
+        }
+        got += n;
+        if got == HEADER_LEN && want == HEADER_LEN {
+            let header: [u8; HEADER_LEN] =
+                buf[..HEADER_LEN].try_into().map_err(io::Error::other)?;
+            want = Message::total_len(&header)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+    }
+    let msg =
+        Message::decode(&buf[..want]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some((msg, fds)))
+}
+
+fn recv_some(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    loop {
+        // SAFETY: msg describes live buffers of the stated sizes.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: walking the control headers the kernel wrote into
+        // `control`, within msg_controllen, with the libc macros.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c).cast::<i32>();
+                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                    for i in 0..count {
+                        // The kernel installed these descriptors for us.
+                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "too many descriptors attached",
+            ));
+        }
+        return Ok(n as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_round_trips() {
+        let msgs = [
+            Message::Hello { slots: 4, pins: 0 },
+            Message::Welcome {
+                reader_id: u64::MAX - 1,
+            },
+            Message::Refused {
+                code: 13,
+                reason: "uid 1000 not allowed".into(),
+            },
+            Message::Fault(Fault {
+                kind: FaultKind::Permission,
+                endpoint: 8,
+                iova: 0xdead_beef_f000,
+                access: Access::WRITE,
+            }),
+        ];
+        for m in msgs {
+            let b = m.encode();
+            assert_eq!(Message::decode(&b), Ok(m.clone()));
+            assert_eq!(
+                Message::decode(&b[..b.len() - 1]),
+                Err(DecodeError::Truncated(b.len() - 1))
+            );
+        }
+    }
+
+    #[test]
+    fn foreign_and_malformed_messages_are_refused() {
+        let mut b = Message::Hello { slots: 1, pins: 1 }.encode();
+        b[0] ^= 1;
+        assert!(matches!(
+            Message::decode(&b),
+            Err(DecodeError::Foreign { .. })
+        ));
+        let mut b = Message::Hello { slots: 1, pins: 1 }.encode();
+        b[12] = 99; // wrong length for HELLO
+        assert_eq!(Message::decode(&b), Err(DecodeError::Bad(HELLO)));
+        let mut b = Message::Hello { slots: 1, pins: 1 }.encode();
+        b[8] = 77;
+        assert_eq!(Message::decode(&b), Err(DecodeError::Bad(77)));
+        let mut f = Message::Fault(Fault {
+            kind: FaultKind::Domain,
+            endpoint: 1,
+            iova: 0,
+            access: Access::READ,
+        })
+        .encode();
+        f[HEADER_LEN + 4] = 9; // access 9
+        assert_eq!(Message::decode(&f), Err(DecodeError::Bad(FAULT)));
+        let long = Message::Refused {
+            code: 1,
+            reason: "é".repeat(200),
+        }
+        .encode();
+        assert!(long.len() <= MAX_LEN);
+        assert!(matches!(
+            Message::decode(&long),
+            Ok(Message::Refused { .. })
+        ));
+    }
+
+    #[test]
+    fn descriptors_travel_with_the_message() {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = crate::memfd::create(c"t", 4096).unwrap();
+        let msg = Message::Welcome { reader_id: 7 }.encode();
+        send_with_fds(a.as_fd(), &msg, &[file.as_fd(), file.as_fd(), file.as_fd()]).unwrap();
+        let mut buf = [0u8; MAX_LEN];
+        let (m, fds) = recv_message(b.as_fd(), &mut buf).unwrap().unwrap();
+        assert_eq!(m, Message::Welcome { reader_id: 7 });
+        assert_eq!(fds.len(), 3);
+        assert_eq!(crate::memfd::size(fds[0].as_fd()).unwrap(), 4096);
+        drop(a);
+        assert!(
+            recv_message(b.as_fd(), &mut buf).unwrap().is_none(),
+            "clean EOF"
+        );
+    }
+}

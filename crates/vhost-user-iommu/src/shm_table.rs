@@ -1,0 +1,144 @@
+//! The shared table as the daemon's publisher: every change of the device
+//! model is mirrored into an `iotlb_shm::TableWriter` that co-located
+//! backends read.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use iotlb_shm::{
+    EndpointTarget, Geometry, Perms, StallPolicy, TableWriter, WriterConfig, WriterError,
+};
+use viommu_core::{Change, Device, DeviceConfig, EndpointState};
+use virtio_iommu_proto::MapFlags;
+
+use crate::publish::{PublishError, Publishing, TablePublisher};
+use crate::settings::TableSettings;
+
+/// The table, shared by the request path and the backend socket.
+pub type SharedWriter = Arc<Mutex<TableWriter>>;
+
+/// Locks the writer; a panic elsewhere cannot leave the table half-written
+/// (each writer call is all-or-nothing), so a poisoned lock is taken over.
+pub fn lock(writer: &SharedWriter) -> MutexGuard<'_, TableWriter> {
+    writer.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Most endpoint words the table will hold (8 bytes each).
+pub const MAX_TABLE_ENDPOINTS: u64 = 1 << 24;
+
+/// Creates the table for a device configuration.
+pub fn create(device: &DeviceConfig, t: &TableSettings) -> Result<TableWriter, String> {
+    let first = device.endpoints.iter().map(|r| r.first).min().unwrap_or(0);
+    let last = device.endpoints.iter().map(|r| r.last).max().unwrap_or(0);
+    let count = u64::from(last) - u64::from(first) + 1;
+    if count > MAX_TABLE_ENDPOINTS {
+        return Err(format!(
+            "endpoint IDs {first:#x}-{last:#x} span {count} words; the table holds at most {MAX_TABLE_ENDPOINTS}"
+        ));
+    }
+    let input_end = device.input_range.map_or(u64::MAX, |r| r.end);
+    let input_bits = (64 - input_end.leading_zeros()).max(12);
+    let segment_nodes = 512u32; // 2 MiB per segment
+    let geometry = Geometry {
+        endpoint_base: first,
+        endpoint_count: count as u32,
+        input_bits,
+        segment_nodes,
+        max_segments: (t.max_mib / 2).max(1),
+    };
+    let config = WriterConfig {
+        geometry,
+        stall: StallPolicy {
+            warn_after: t.stall_warn,
+            kill_after: t.stall_kill,
+        },
+        reserved_roots: device
+            .limits
+            .max_domains
+            .min((geometry.max_nodes() / 2) as u32),
+    };
+    TableWriter::new(&config).map_err(|e| format!("{e}: {}", e_chain(&e)))
+}
+
+fn e_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut s = e.source();
+    while let Some(c) = s {
+        out.push(c.to_string());
+        s = c.source();
+    }
+    out.join(": ")
+}
+
+/// Mirrors the device model into the shared table.
+pub struct ShmPublisher {
+    writer: SharedWriter,
+}
+
+impl ShmPublisher {
+    /// Publishes into `writer`.
+    pub fn new(writer: SharedWriter) -> Self {
+        Self { writer }
+    }
+}
+
+fn target(state: EndpointState) -> EndpointTarget {
+    match state {
+        EndpointState::Blocked => EndpointTarget::Blocked,
+        EndpointState::Bypass => EndpointTarget::Bypass,
+        EndpointState::Domain(d) => EndpointTarget::Domain(d),
+    }
+}
+
+impl TablePublisher for ShmPublisher {
+    fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
+        let mut w = lock(&self.writer);
+        let result: Result<(), WriterError> = match *change {
+            Change::DomainCreated { domain } => w.create_domain(domain),
+            Change::Endpoint { endpoint, to, .. } => w.set_endpoint(endpoint, target(to)),
+            Change::MappingAdded { domain, mapping } => w.map(
+                domain,
+                mapping.virt_start,
+                mapping.virt_end,
+                mapping.phys_start,
+                Perms {
+                    read: mapping.flags.contains(MapFlags::READ),
+                    write: mapping.flags.contains(MapFlags::WRITE),
+                    mmio: mapping.flags.contains(MapFlags::MMIO),
+                },
+            ),
+            Change::MappingRemoved { domain, mapping } => {
+                w.unmap(domain, mapping.virt_start, mapping.virt_end)
+            }
+            Change::DomainDestroyed { domain } => w.destroy_domain(domain),
+        };
+        result.map_err(|e| PublishError {
+            change: *change,
+            source: Box::new(e),
+        })
+    }
+
+    fn synchronize(&mut self) {
+        let report = lock(&self.writer).synchronize();
+        if report.reaped > 0 {
+            tracing::warn!(
+                reaped = report.reaped,
+                "grace period reclaimed dead or stuck backends"
+            );
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "shared memory"
+    }
+
+    /// Empties the table and publishes the state of a fresh `device`.
+    /// Returns once no backend can use the previous device's state.
+    fn start(&mut self, device: &Device) {
+        lock(&self.writer).reset();
+        let mut sink = Publishing::new(self);
+        device.publish_state(&mut sink);
+        if let Some(e) = sink.failed {
+            tracing::error!(error = %e, "the shared table cannot hold the device's initial state");
+        }
+    }
+}

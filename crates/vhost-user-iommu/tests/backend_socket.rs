@@ -1,0 +1,498 @@
+//! The backend socket end to end: the real daemon, a VMM stand-in
+//! (viommu-frontend's driver) on the vhost-user socket, and a backend in a
+//! separate process that gets the table over the backend socket.
+//!
+//! The backend is this same test binary re-executed with
+//! `VIOMMU_TEST_BACKEND=<socket>` (hence `harness = false`): it connects,
+//! then obeys one command per stdin line and answers on stdout.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use iotlb_shm::{Access, BackendClient, Fault, FaultKind};
+use viommu_frontend::driver::{Driver, DriverOptions};
+use virtio_iommu_proto::{Attach, Map, MapFlags, Request, Status, Unmap};
+
+const EP: u32 = 8;
+
+// ---------------------------------------------------------------- backend role
+
+fn backend_main(socket: &str) -> ! {
+    let client = match BackendClient::connect(Path::new(socket), 2, 4) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("refused {e}");
+            std::process::exit(3);
+        }
+    };
+    println!("connected {}", client.reader_id);
+    let mut slot = client.slots.claim_slot().unwrap();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let translate = |s: &iotlb_shm::Session<'_>, ep: u32, iova: u64| match s.translate_one(
+        ep,
+        iova,
+        Access::READ,
+    ) {
+        Ok(p) => format!("gpa {:#x}", p.gpa),
+        Err(f) => format!("fault {:?}", f.kind),
+    };
+    while let Some(Ok(line)) = lines.next() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| u64::from_str_radix(w[i].trim_start_matches("0x"), 16).unwrap();
+        match w[0] {
+            "translate" => {
+                let s = slot.enter(&client.table);
+                println!("{}", translate(&s, num(1) as u32, num(2)));
+            }
+            "enter" => {
+                let s = slot.enter(&client.table);
+                println!("{}", translate(&s, num(1) as u32, num(2)));
+                // Stay in the session until "exit".
+                for l in lines.by_ref() {
+                    if l.unwrap().trim() == "exit" {
+                        break;
+                    }
+                }
+                drop(s);
+                println!("left");
+            }
+            "fault" => {
+                let f = Fault {
+                    kind: FaultKind::Mapping,
+                    endpoint: num(1) as u32,
+                    iova: num(2),
+                    access: Access::WRITE,
+                };
+                client.report_fault(&f).unwrap();
+                println!("sent");
+            }
+            _ => println!("?"),
+        }
+    }
+    std::process::exit(0)
+}
+
+struct Backend {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl Backend {
+    fn spawn(socket: &Path, uid: Option<u32>) -> Backend {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env("VIOMMU_TEST_BACKEND", socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(uid) = uid {
+            cmd.uid(uid);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = BufReader::new(child.stdout.take().unwrap());
+        Backend {
+            child,
+            input,
+            output,
+        }
+    }
+
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.output.read_line(&mut s).unwrap();
+        s.trim().to_string()
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        writeln!(self.input, "{cmd}").unwrap();
+        self.input.flush().unwrap();
+        self.line()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- harness
+
+struct Daemon {
+    child: Child,
+    vmm: PathBuf,
+    backends: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str, extra: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("viommu-bs-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (vmm, backends, log) = (
+            dir.join("vmm.sock"),
+            dir.join("backends.sock"),
+            dir.join("daemon.log"),
+        );
+        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-iommu"))
+            .arg("--socket-path")
+            .arg(&vmm)
+            .arg("--backend-socket")
+            .arg(&backends)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(vmm.exists() && backends.exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its sockets"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Daemon {
+            child,
+            vmm,
+            backends,
+            log,
+        }
+    }
+
+    fn driver(&self) -> Driver {
+        Driver::connect(
+            &self.vmm,
+            DriverOptions {
+                ram_size: 64 << 20,
+                ..DriverOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn attach(domain: u32) -> Request {
+    Request::Attach(Attach {
+        domain,
+        endpoint: EP,
+        flags: Default::default(),
+        reserved: Default::default(),
+    })
+}
+
+fn map(domain: u32, iova: u64, gpa: u64) -> Request {
+    Request::Map(Map {
+        domain,
+        virt_start: iova,
+        virt_end: iova + 0xfff,
+        phys_start: gpa,
+        flags: MapFlags::READ.union(MapFlags::WRITE),
+    })
+}
+
+fn unmap(domain: u32, iova: u64) -> Request {
+    Request::Unmap(Unmap {
+        domain,
+        virt_start: iova,
+        virt_end: iova + 0xfff,
+        reserved: [0; 4],
+    })
+}
+
+fn ok(d: &mut Driver, r: Request) {
+    assert_eq!(d.send_one(&r).unwrap().status(), Some(Status::Ok), "{r:?}");
+}
+
+// ---------------------------------------------------------------- tests
+
+/// Every MAP is in the table by the time its used entry appears: the
+/// backend, asked right after each completion, always finds it.
+fn a_map_is_in_the_table_before_it_completes() {
+    let d = Daemon::start("map", &[]);
+    let mut drv = d.driver();
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    assert_eq!(
+        b.ask(&format!("translate {EP:x} 1000")),
+        "gpa 0x1000",
+        "unattached endpoints bypass by default"
+    );
+    ok(&mut drv, attach(1));
+    for i in 0..200u64 {
+        let iova = 0x10_0000 + i * 0x1000;
+        ok(&mut drv, map(1, iova, 0x20_0000 + i * 0x1000));
+        assert_eq!(
+            b.ask(&format!("translate {EP:x} {:x}", iova + 0x10)),
+            format!("gpa {:#x}", 0x20_0010 + i * 0x1000)
+        );
+    }
+    ok(&mut drv, unmap(1, 0x10_0000));
+    assert_eq!(
+        b.ask(&format!("translate {EP:x} 100000")),
+        "fault Mapping",
+        "UNMAP completed: gone"
+    );
+}
+
+/// An UNMAP waits for a backend inside a session on the range, and
+/// completes when the backend leaves the session, or dies in it.
+fn an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies() {
+    let d = Daemon::start("grace", &[]);
+    let mut drv = d.driver();
+    ok(&mut drv, attach(1));
+    ok(&mut drv, map(1, 0x1000, 0x8000));
+    ok(&mut drv, map(1, 0x2000, 0x9000));
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(
+        b.line().starts_with("connected"),
+        "a late backend sees the current table"
+    );
+    assert_eq!(b.ask(&format!("enter {EP:x} 1000")), "gpa 0x8000");
+    let (tx, rx) = mpsc::channel();
+    let mut drv = std::thread::scope(|s| {
+        let h = s.spawn(move || {
+            let out = drv.send_one(&unmap(1, 0x1000)).unwrap();
+            tx.send(out.status()).unwrap();
+            drv
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "UNMAP completed inside a backend session"
+        );
+        writeln!(b.input, "exit").unwrap();
+        b.input.flush().unwrap();
+        assert_eq!(b.line(), "left");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Some(Status::Ok)
+        );
+        h.join().unwrap()
+    });
+    // Now the backend dies inside a session.
+    assert_eq!(b.ask(&format!("enter {EP:x} 2000")), "gpa 0x9000");
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            tx.send(drv.send_one(&unmap(1, 0x2000)).unwrap().status())
+                .unwrap()
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "UNMAP completed inside a backend session"
+        );
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(b.child.id() as i32, libc::SIGKILL) };
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Some(Status::Ok),
+            "stuck on a dead backend"
+        );
+    });
+    assert!(d.log().contains("backend disconnected"), "{}", d.log());
+}
+
+/// A backend's fault reaches the guest's event queue as a fault record.
+fn a_backend_fault_reaches_the_event_queue() {
+    let d = Daemon::start("fault", &[]);
+    let mut drv = d.driver();
+    drv.post_event_buffers(4, 24).unwrap();
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    assert_eq!(b.ask(&format!("fault {EP:x} dead0000")), "sent");
+    let events = drv.take_events(Duration::from_secs(5)).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let rec = events[0].record.expect("a well-formed fault record");
+    assert_eq!(rec.endpoint, EP);
+    assert_eq!(rec.address, Some(0xdead_0000));
+    assert_eq!(rec.reason, virtio_iommu_proto::FaultReason::Mapping);
+    assert_eq!(rec.access, virtio_iommu_proto::FaultFlags::WRITE);
+}
+
+/// A new VMM connection is a fresh device: the table the backend reads is
+/// emptied, then mirrors the new device.
+fn a_vmm_reconnect_resets_the_table_backends_keep_reading() {
+    let d = Daemon::start("reconnect", &["--bypass", "off"]);
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    {
+        let mut drv = d.driver();
+        ok(&mut drv, attach(1));
+        ok(&mut drv, map(1, 0x1000, 0x8000));
+        assert_eq!(b.ask(&format!("translate {EP:x} 1000")), "gpa 0x8000");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut drv = loop {
+        // The daemon accepts the next VMM once it has dropped the previous one.
+        match Driver::connect(
+            &d.vmm,
+            DriverOptions {
+                ram_size: 64 << 20,
+                ..DriverOptions::default()
+            },
+        ) {
+            Ok(drv) => break drv,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no reconnect: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert_eq!(
+        b.ask(&format!("translate {EP:x} 1000")),
+        "fault Domain",
+        "old device's state survived"
+    );
+    ok(&mut drv, attach(2));
+    ok(&mut drv, map(2, 0x1000, 0xa000));
+    assert_eq!(b.ask(&format!("translate {EP:x} 1000")), "gpa 0xa000");
+}
+
+/// Only the daemon's user, root and `--backend-uid` users may connect.
+fn backends_of_other_users_are_refused_unless_allowed() -> Result<(), String> {
+    // SAFETY: getuid has no failure mode.
+    if unsafe { libc::getuid() } != 0 {
+        return Err("needs root to run a backend as another user".into());
+    }
+    // Without --backend-uid the socket file itself keeps other users out.
+    let d = Daemon::start("uid", &[]);
+    let mut b = Backend::spawn(&d.backends, Some(65534));
+    assert!(b.line().starts_with("refused"));
+    drop(d);
+    // With another user allowed, a third one reaches the daemon and is
+    // refused by its credentials.
+    let d = Daemon::start("uid1", &["--backend-uid", "1234"]);
+    let mut b = Backend::spawn(&d.backends, Some(65534));
+    let answer = b.line();
+    assert!(
+        answer.starts_with("refused") && answer.contains("uid 65534 is not allowed"),
+        "{answer}"
+    );
+    drop(d);
+    let d = Daemon::start("uid2", &["--backend-uid", "65534"]);
+    let mut b = Backend::spawn(&d.backends, Some(65534));
+    assert!(b.line().starts_with("connected"));
+    Ok(())
+}
+
+/// The MAPs past what the table can hold answer NOMEM, and the device and
+/// the table stay in step (the refused range is not mapped, later MAPs work).
+fn a_full_table_answers_nomem_and_stays_consistent() {
+    // 2 MiB table = 512 nodes; scattered pages need 3 nodes each.
+    let d = Daemon::start("full", &["--table-max-mib", "2", "--max-domains", "4"]);
+    let mut drv = d.driver();
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    ok(&mut drv, attach(1));
+    let mut refused = None;
+    for i in 0..1000u64 {
+        let iova = i << 30;
+        match drv.send_one(&map(1, iova, 0x1000)).unwrap().status() {
+            Some(Status::Ok) => {}
+            Some(Status::NoMem) => {
+                refused = Some(iova);
+                break;
+            }
+            other => panic!("MAP {i}: {other:?}"),
+        }
+    }
+    let iova = refused.expect("the table never filled");
+    assert_eq!(
+        b.ask(&format!("translate {EP:x} {iova:x}")),
+        "fault Mapping",
+        "a refused MAP is not in the table"
+    );
+    // The model agrees: mapping the same range again is still NOMEM (not
+    // INVAL for an overlap), and UNMAP of it is a no-op.
+    assert_eq!(
+        drv.send_one(&map(1, iova, 0x1000)).unwrap().status(),
+        Some(Status::NoMem)
+    );
+    ok(&mut drv, unmap(1, 0));
+    ok(&mut drv, map(1, iova, 0x1000));
+    assert_eq!(b.ask(&format!("translate {EP:x} {iova:x}")), "gpa 0x1000");
+}
+
+fn main() {
+    if let Ok(socket) = std::env::var("VIOMMU_TEST_BACKEND") {
+        backend_main(&socket);
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    type Case = (&'static str, fn() -> Result<(), String>);
+    let cases: Vec<Case> = vec![
+        ("a_map_is_in_the_table_before_it_completes", || {
+            a_map_is_in_the_table_before_it_completes();
+            Ok(())
+        }),
+        (
+            "an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies",
+            || {
+                an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies();
+                Ok(())
+            },
+        ),
+        ("a_backend_fault_reaches_the_event_queue", || {
+            a_backend_fault_reaches_the_event_queue();
+            Ok(())
+        }),
+        (
+            "a_vmm_reconnect_resets_the_table_backends_keep_reading",
+            || {
+                a_vmm_reconnect_resets_the_table_backends_keep_reading();
+                Ok(())
+            },
+        ),
+        (
+            "backends_of_other_users_are_refused_unless_allowed",
+            backends_of_other_users_are_refused_unless_allowed,
+        ),
+        ("a_full_table_answers_nomem_and_stays_consistent", || {
+            a_full_table_answers_nomem_and_stays_consistent();
+            Ok(())
+        }),
+    ];
+    let mut failed = 0;
+    for (name, case) in cases {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let result = std::panic::catch_unwind(case);
+        match result {
+            Ok(Ok(())) => println!("test {name} ... ok"),
+            Ok(Err(why)) => {
+                failed += 1;
+                println!("test {name} ... FAILED: cannot run here: {why}");
+            }
+            Err(_) => {
+                failed += 1;
+                println!("test {name} ... FAILED");
+            }
+        }
+    }
+    if failed > 0 {
+        println!("{failed} backend-socket test(s) failed");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,78 @@
+//! The realistic workload: the whole Linux 6.12 virtio-blk trace from the
+//! shared folder replayed through the daemon over vhost-user, one request
+//! per kick and 32 per kick; every request must complete with status OK.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Daemon, daemon_bin, scratch_dir};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use viommu_frontend::replay::replay;
+use viommu_frontend::{Driver, DriverOptions, trace};
+
+const TRACE: &str = "linux612-virtio-blk-lazy-mixed.trace.gz";
+/// Requests in the trace, per its README.
+const TRACE_REQUESTS: usize = 219_002;
+
+fn trace_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/traces")
+        .join(TRACE)
+}
+
+fn daemon(name: &str) -> Daemon {
+    let dir = scratch_dir(&format!("vhost-{name}"));
+    let socket = dir.join("viommu.sock");
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    let child = Command::new(daemon_bin())
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn daemon");
+    let mut d = Daemon { child, socket };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.socket.exists() {
+        assert!(d.running(), "daemon exited early");
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    d
+}
+
+fn replay_whole_trace(batch: usize) {
+    let path = trace_path();
+    assert!(
+        path.exists(),
+        "the shared trace {} is missing: this test needs the team's shared folder next to the repository",
+        path.display()
+    );
+    let requests = trace::load(&path).unwrap();
+    assert_eq!(requests.len(), TRACE_REQUESTS, "the whole trace");
+    let d = daemon(&format!("replay{batch}"));
+    // Default options: 1 GiB memfd (the trace's GPAs are inside it), EVENT_IDX.
+    let mut drv = Driver::connect(&d.socket, DriverOptions::default()).unwrap();
+    let report = replay(&mut drv, &requests, batch).unwrap();
+    eprintln!("batch {batch}:\n{report}");
+    assert_eq!(report.requests, TRACE_REQUESTS as u64);
+    assert_eq!(report.non_ok, 0, "{report}");
+    assert_eq!(report.statuses[0], TRACE_REQUESTS as u64);
+}
+
+#[test]
+fn replay_linux612_trace_one_request_per_kick_all_ok() {
+    replay_whole_trace(1);
+}
+
+#[test]
+fn replay_linux612_trace_32_requests_per_kick_all_ok() {
+    replay_whole_trace(32);
+}

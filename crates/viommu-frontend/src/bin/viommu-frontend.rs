@@ -1,0 +1,333 @@
+//! `viommu-frontend`: sends virtio-iommu requests to a vhost-user-iommu
+//! daemon as a VMM plus a Linux guest driver would, or replays a trace.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use viommu_frontend::driver::{DEFAULT_QUEUE_SIZE, Driver, DriverOptions, Outcome};
+use viommu_frontend::{Layout, replay, trace};
+use virtio_iommu_proto::probe::{Property, parse_properties};
+use virtio_iommu_proto::{Attach, Detach, Map, MapFlags, Probe, Request, Unmap};
+
+/// Test frontend for vhost-user-iommu: connects to the daemon's socket as a
+/// VMM, keeps guest RAM in a memfd, brings the device up the way the Linux
+/// virtio-iommu driver does, and sends requests on the request queue.
+///
+/// Every invocation is a new vhost-user connection, which the daemon
+/// treats as a new device: domains and mappings do not outlive the command.
+/// Exit status: 0 when every request completed with status OK, 1 when
+/// some did not, 2 on a usage, connection or trace error.
+#[derive(Parser, Debug)]
+#[command(name = "viommu-frontend", version)]
+struct Cli {
+    /// The daemon's vhost-user socket (vhost-user-iommu --socket-path).
+    #[arg(
+        long,
+        value_name = "PATH",
+        global = true,
+        default_value = "/tmp/vhost-user-iommu.sock"
+    )]
+    socket: PathBuf,
+
+    /// Guest RAM size (memfd, pages allocated lazily): bytes, or with a
+    /// K, M or G suffix. Request buffers and rings live at its start.
+    #[arg(long, value_name = "SIZE", global = true, default_value = "1G", value_parser = parse_size)]
+    ram_size: u64,
+
+    /// Virtqueue size (descriptors per queue, a power of two).
+    #[arg(long, value_name = "N", global = true, default_value_t = DEFAULT_QUEUE_SIZE)]
+    queue_size: u16,
+
+    /// Do not negotiate VIRTIO_RING_F_EVENT_IDX (Linux does when offered).
+    #[arg(long, global = true)]
+    no_event_idx: bool,
+
+    /// How each request is cut into descriptors.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "LAYOUT",
+        global = true,
+        default_value = "two"
+    )]
+    layout: LayoutArg,
+
+    /// Seconds to wait for the device to complete a batch.
+    #[arg(long, value_name = "S", global = true, default_value_t = 10)]
+    timeout: u64,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Descriptor layouts.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LayoutArg {
+    /// One readable and one writable descriptor (what Linux posts).
+    Two,
+    /// One descriptor per field (head, each field, PROBE properties, tail).
+    PerField,
+    /// Every request in an indirect table, one descriptor per field.
+    Indirect,
+    /// One descriptor per byte of the readable part and of the tail.
+    Bytes,
+}
+
+impl From<LayoutArg> for Layout {
+    fn from(l: LayoutArg) -> Layout {
+        match l {
+            LayoutArg::Two => Layout::Two,
+            LayoutArg::PerField => Layout::PerField,
+            LayoutArg::Indirect => Layout::Indirect,
+            LayoutArg::Bytes => Layout::Chunks(1),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// ATTACH an endpoint to a domain (created if absent).
+    Attach {
+        /// Domain ID.
+        #[arg(long, value_parser = parse_u32)]
+        domain: u32,
+        /// Endpoint ID (PCI requester ID: bus<<8 | dev<<3 | fn).
+        #[arg(long, value_parser = parse_u32)]
+        endpoint: u32,
+        /// Set VIRTIO_IOMMU_ATTACH_F_BYPASS: make it a bypass domain.
+        #[arg(long)]
+        bypass: bool,
+    },
+    /// DETACH an endpoint from a domain (attaches it first with --attach).
+    Detach {
+        /// Domain ID.
+        #[arg(long, value_parser = parse_u32)]
+        domain: u32,
+        /// Endpoint ID.
+        #[arg(long, value_parser = parse_u32)]
+        endpoint: u32,
+        /// ATTACH the endpoint to the domain first, in the same connection.
+        #[arg(long)]
+        attach: bool,
+    },
+    /// MAP an inclusive IOVA range to guest-physical memory.
+    Map {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Guest-physical address of the first IOVA.
+        #[arg(long, value_parser = parse_u64)]
+        phys_start: u64,
+        /// MAP flags: 1 READ, 2 WRITE, 4 MMIO (OR them).
+        #[arg(long, value_parser = parse_u32, default_value = "3")]
+        flags: u32,
+    },
+    /// UNMAP every mapping inside an inclusive IOVA range.
+    Unmap {
+        #[command(flatten)]
+        range: RangeArgs,
+    },
+    /// PROBE an endpoint and print its properties.
+    Probe {
+        /// Endpoint ID.
+        #[arg(long, value_parser = parse_u32)]
+        endpoint: u32,
+    },
+    /// Replay a request trace (gzip or text; see shared/traces/README.md)
+    /// and print requests/s, batch latency percentiles and non-OK counts.
+    Replay {
+        /// The trace file.
+        #[arg(long, value_name = "FILE")]
+        trace: PathBuf,
+        /// Requests queued per kick (the driver then waits for all of them).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        batch: usize,
+    },
+}
+
+/// Domain and IOVA range of MAP and UNMAP.
+#[derive(Args, Debug)]
+struct RangeArgs {
+    /// Domain ID.
+    #[arg(long, value_parser = parse_u32)]
+    domain: u32,
+    /// First IOVA.
+    #[arg(long, value_parser = parse_u64)]
+    virt_start: u64,
+    /// Last IOVA, inclusive.
+    #[arg(long, value_parser = parse_u64)]
+    virt_end: u64,
+    /// ATTACH this endpoint to the domain first, in the same connection
+    /// (a new connection is a new device with no domains).
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_u32)]
+    attach: Option<u32>,
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(&h.replace('_', ""), 16),
+        None => s.replace('_', "").parse(),
+    };
+    r.map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let v = parse_u64(s)?;
+    u32::try_from(v).map_err(|_| format!("`{s}` does not fit 32 bits"))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let v = parse_u64(num)?;
+    v.checked_mul(1u64 << shift)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("`{s}` is zero or too large"))
+}
+
+fn attach_req(domain: u32, endpoint: u32, flags: u32) -> Request {
+    Request::Attach(Attach {
+        domain,
+        endpoint,
+        flags,
+        reserved: [0; 4],
+    })
+}
+
+fn print_outcome(name: &str, o: &Outcome) -> bool {
+    match o.status() {
+        Some(s) => println!("{name}: {s} (used length {})", o.used_len),
+        None => println!(
+            "{name}: no status (used length {}, tail {:02x?})",
+            o.used_len,
+            o.tail()
+        ),
+    }
+    o.status() == Some(virtio_iommu_proto::Status::Ok)
+}
+
+fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
+    let opts = DriverOptions {
+        ram_size: cli.ram_size,
+        queue_size: cli.queue_size,
+        event_idx: !cli.no_event_idx,
+        features: None,
+        layout: cli.layout.into(),
+        timeout: Duration::from_secs(cli.timeout.max(1)),
+    };
+    if let Command::Replay { trace: path, batch } = &cli.command {
+        let requests = trace::load(path)?;
+        let mut driver = Driver::connect(&cli.socket, opts)?;
+        let report = replay::replay(&mut driver, &requests, *batch)?;
+        println!("{report}");
+        return Ok(report.non_ok == 0);
+    }
+    let mut driver = Driver::connect(&cli.socket, opts)?;
+    let mut reqs: Vec<(&str, Request)> = Vec::new();
+    match &cli.command {
+        Command::Attach {
+            domain,
+            endpoint,
+            bypass,
+        } => reqs.push(("ATTACH", attach_req(*domain, *endpoint, u32::from(*bypass)))),
+        Command::Detach {
+            domain,
+            endpoint,
+            attach,
+        } => {
+            if *attach {
+                reqs.push(("ATTACH", attach_req(*domain, *endpoint, 0)));
+            }
+            reqs.push((
+                "DETACH",
+                Request::Detach(Detach {
+                    domain: *domain,
+                    endpoint: *endpoint,
+                }),
+            ));
+        }
+        Command::Map {
+            range,
+            phys_start,
+            flags,
+        } => {
+            if let Some(ep) = range.attach {
+                reqs.push(("ATTACH", attach_req(range.domain, ep, 0)));
+            }
+            reqs.push((
+                "MAP",
+                Request::Map(Map {
+                    domain: range.domain,
+                    virt_start: range.virt_start,
+                    virt_end: range.virt_end,
+                    phys_start: *phys_start,
+                    flags: MapFlags(*flags),
+                }),
+            ));
+        }
+        Command::Unmap { range } => {
+            if let Some(ep) = range.attach {
+                reqs.push(("ATTACH", attach_req(range.domain, ep, 0)));
+            }
+            reqs.push((
+                "UNMAP",
+                Request::Unmap(Unmap {
+                    domain: range.domain,
+                    virt_start: range.virt_start,
+                    virt_end: range.virt_end,
+                    reserved: [0; 4],
+                }),
+            ));
+        }
+        Command::Probe { endpoint } => reqs.push((
+            "PROBE",
+            Request::Probe(Probe {
+                endpoint: *endpoint,
+            }),
+        )),
+        Command::Replay { .. } => {}
+    }
+    let mut all_ok = true;
+    for (name, req) in reqs {
+        // One request per kick, each waited for: later ones depend on earlier ones.
+        let o = driver.send_one(&req)?;
+        all_ok &= print_outcome(name, &o);
+        if matches!(req, Request::Probe(_)) && o.used_len > 0 {
+            for p in parse_properties(o.properties()) {
+                match p {
+                    Property::ResvMem(r) => {
+                        println!("  RESV_MEM {:?} {:#x}-{:#x}", r.subtype, r.start, r.end)
+                    }
+                    Property::Other {
+                        raw_type,
+                        offset,
+                        length,
+                    } => println!("  property type {raw_type:#x} at {offset}, {length} bytes"),
+                }
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                text.push_str(&format!("\n  caused by: {c}"));
+                cause = c.source();
+            }
+            eprintln!("viommu-frontend: {text}");
+            ExitCode::from(2)
+        }
+    }
+}
