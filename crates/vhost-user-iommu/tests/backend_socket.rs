@@ -72,6 +72,19 @@ fn backend_main(socket: &str) -> ! {
                 client.report_fault(&f).unwrap();
                 println!("sent");
             }
+            "faults" => {
+                // faults COUNT EP FIRST_IOVA: COUNT faults, IOVAs one page apart.
+                for i in 0..num(1) {
+                    let f = Fault {
+                        kind: FaultKind::Domain,
+                        endpoint: num(2) as u32,
+                        iova: num(3) + i * 0x1000,
+                        access: Access::READ,
+                    };
+                    client.report_fault(&f).unwrap();
+                }
+                println!("sent");
+            }
             _ => println!("?"),
         }
     }
@@ -328,6 +341,54 @@ fn a_backend_fault_reaches_the_event_queue() {
     assert_eq!(rec.access, virtio_iommu_proto::FaultFlags::WRITE);
 }
 
+/// DEV-FAULT-5: a record never spreads over buffers; a 16-byte buffer is
+/// returned unwritten (used length 0), the next 24-byte one gets a record.
+fn dev_fault_5_a_buffer_too_small_gets_no_partial_record() {
+    let d = Daemon::start("fault5", &[]);
+    let mut drv = d.driver();
+    drv.post_event_buffers(1, 16).unwrap();
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    assert_eq!(b.ask(&format!("fault {EP:x} 1000")), "sent");
+    let events = drv.take_events(Duration::from_secs(5)).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].used_len, 0);
+    assert!(events[0].bytes.iter().all(|&x| x == 0), "a partial record was written: {:?}", events[0].bytes);
+    drv.post_event_buffers(1, 24).unwrap();
+    assert_eq!(b.ask(&format!("fault {EP:x} 2000")), "sent");
+    let events = drv.take_events(Duration::from_secs(5)).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].used_len, 24);
+    assert_eq!(events[0].record.expect("record").address, Some(0x2000));
+}
+
+/// DEV-FAULT-7: with no event buffer, faults wait (bounded, oldest dropped)
+/// and the request queue is never held up by them.
+fn dev_fault_7_faults_never_block_the_request_queue() {
+    let d = Daemon::start("fault7", &[]);
+    let mut drv = d.driver();
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    assert_eq!(b.ask(&format!("faults 12c {EP:x} 100000")), "sent"); // 300 faults
+    ok(&mut drv, attach(1));
+    for i in 0..100u64 {
+        ok(&mut drv, map(1, i * 0x1000, 0x8000));
+    }
+    // Let the daemon take in every fault message, then offer buffers.
+    std::thread::sleep(Duration::from_millis(300));
+    drv.post_event_buffers(256, 24).unwrap();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while records.len() < 256 && Instant::now() < deadline {
+        records.extend(drv.take_events(Duration::from_millis(200)).unwrap());
+    }
+    assert_eq!(records.len(), 256, "one record per buffer, up to the pending bound");
+    let first = records[0].record.expect("record");
+    assert_eq!(first.address, Some(0x10_0000 + 44 * 0x1000), "the 44 oldest of 300 were dropped");
+    assert_eq!(first.reason, virtio_iommu_proto::FaultReason::Domain);
+    assert_eq!(first.access, virtio_iommu_proto::FaultFlags::READ);
+}
+
 /// A new VMM connection is a fresh device: the table the backend reads is
 /// emptied, then mirrors the new device.
 fn a_vmm_reconnect_resets_the_table_backends_keep_reading() {
@@ -453,6 +514,14 @@ fn main() {
                 Ok(())
             },
         ),
+        ("dev_fault_5_a_buffer_too_small_gets_no_partial_record", || {
+            dev_fault_5_a_buffer_too_small_gets_no_partial_record();
+            Ok(())
+        }),
+        ("dev_fault_7_faults_never_block_the_request_queue", || {
+            dev_fault_7_faults_never_block_the_request_queue();
+            Ok(())
+        }),
         ("a_backend_fault_reaches_the_event_queue", || {
             a_backend_fault_reaches_the_event_queue();
             Ok(())
