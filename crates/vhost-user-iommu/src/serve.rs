@@ -146,7 +146,11 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         let ended = daemon.wait();
         route.set(None);
         match ended {
-            Ok(()) => info!("VMM disconnected; the device is gone with its domains and mappings"),
+            // A VMM that closes its socket is the normal end of a connection.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("VMM disconnected; the device is gone with its domains and mappings"),
             Err(e) => {
                 warn!(error = %e, "VMM connection ended with an error; waiting for the next one")
             }

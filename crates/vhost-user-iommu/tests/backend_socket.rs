@@ -353,7 +353,11 @@ fn dev_fault_5_a_buffer_too_small_gets_no_partial_record() {
     let events = drv.take_events(Duration::from_secs(5)).unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].used_len, 0);
-    assert!(events[0].bytes.iter().all(|&x| x == 0), "a partial record was written: {:?}", events[0].bytes);
+    assert!(
+        events[0].bytes.iter().all(|&x| x == 0),
+        "a partial record was written: {:?}",
+        events[0].bytes
+    );
     drv.post_event_buffers(1, 24).unwrap();
     assert_eq!(b.ask(&format!("fault {EP:x} 2000")), "sent");
     let events = drv.take_events(Duration::from_secs(5)).unwrap();
@@ -382,9 +386,17 @@ fn dev_fault_7_faults_never_block_the_request_queue() {
     while records.len() < 256 && Instant::now() < deadline {
         records.extend(drv.take_events(Duration::from_millis(200)).unwrap());
     }
-    assert_eq!(records.len(), 256, "one record per buffer, up to the pending bound");
+    assert_eq!(
+        records.len(),
+        256,
+        "one record per buffer, up to the pending bound"
+    );
     let first = records[0].record.expect("record");
-    assert_eq!(first.address, Some(0x10_0000 + 44 * 0x1000), "the 44 oldest of 300 were dropped");
+    assert_eq!(
+        first.address,
+        Some(0x10_0000 + 44 * 0x1000),
+        "the 44 oldest of 300 were dropped"
+    );
     assert_eq!(first.reason, virtio_iommu_proto::FaultReason::Domain);
     assert_eq!(first.access, virtio_iommu_proto::FaultFlags::READ);
 }
@@ -514,10 +526,13 @@ fn main() {
                 Ok(())
             },
         ),
-        ("dev_fault_5_a_buffer_too_small_gets_no_partial_record", || {
-            dev_fault_5_a_buffer_too_small_gets_no_partial_record();
-            Ok(())
-        }),
+        (
+            "dev_fault_5_a_buffer_too_small_gets_no_partial_record",
+            || {
+                dev_fault_5_a_buffer_too_small_gets_no_partial_record();
+                Ok(())
+            },
+        ),
         ("dev_fault_7_faults_never_block_the_request_queue", || {
             dev_fault_7_faults_never_block_the_request_queue();
             Ok(())
