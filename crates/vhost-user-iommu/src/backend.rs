@@ -1,6 +1,7 @@
 //! The vhost-user backend: one virtio-iommu device for one VMM connection.
 
 use crate::eventq::{FaultQueue, FaultStats};
+use crate::kick_loop::KickLoop;
 use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::requestq::{RequestServer, Served};
 use std::io;
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use viommu_core::{Device, DeviceConfig};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -44,6 +45,10 @@ struct DeviceState {
 
 struct Inner {
     state: Mutex<DeviceState>,
+    /// The io_uring request-queue thread, when enabled.
+    kick_loop: Mutex<Option<KickLoop>>,
+    /// The framework's epoll handler, to take the kick eventfd out of it.
+    epoll: Mutex<Option<Arc<VringEpollHandler<IommuBackend>>>>,
     mem: RwLock<Option<GuestMem>>,
     event_idx: AtomicBool,
     queue_size: u16,
@@ -96,6 +101,8 @@ impl IommuBackend {
                     server: RequestServer::default(),
                     completions: Vec::new(),
                 }),
+                kick_loop: Mutex::new(None),
+                epoll: Mutex::new(None),
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
                 queue_size,
@@ -104,6 +111,74 @@ impl IommuBackend {
                 fault_wake,
             }),
         })
+    }
+
+    /// Moves the request queue's kick path onto an io_uring thread (pinned
+    /// to `cpu` if given). `handler` is the framework's epoll handler, from
+    /// which the kick eventfd is taken. Call [`Self::shutdown`] when the
+    /// connection ends.
+    pub fn enable_kick_loop(
+        &self,
+        handler: Arc<VringEpollHandler<IommuBackend>>,
+        cpu: Option<usize>,
+    ) -> io::Result<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let serve = Box::new(move |vring: &VringRwLock| {
+            let Some(inner) = weak.upgrade() else { return };
+            let backend = IommuBackend { inner };
+            if let Err(e) = backend.process_request_queue(vring) {
+                warn!(error = %e, "request queue processing failed");
+            }
+        });
+        let kick_loop = KickLoop::start(serve, cpu)?;
+        *self.inner.kick_loop.lock().map_err(lock_error)? = Some(kick_loop);
+        *self.inner.epoll.lock().map_err(lock_error)? = Some(handler);
+        Ok(())
+    }
+
+    /// Stops the io_uring thread and lets go of the framework's handler
+    /// (which refers back to this backend).
+    pub fn shutdown(&self) {
+        if let Ok(mut k) = self.inner.kick_loop.lock() {
+            if let Some(mut k) = k.take() {
+                k.stop();
+            }
+        }
+        if let Ok(mut e) = self.inner.epoll.lock() {
+            e.take();
+        }
+    }
+
+    /// With the io_uring loop on: takes the request queue's current kick
+    /// eventfd out of the framework's epoll set, gives it to the loop, and
+    /// asks for a pass. Returns false when the loop is off.
+    fn hand_over_kick(&self, vring: &VringRwLock) -> io::Result<bool> {
+        let kick_loop = self.inner.kick_loop.lock().map_err(lock_error)?;
+        let Some(kick_loop) = kick_loop.as_ref() else {
+            return Ok(false);
+        };
+        let raw = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+        if let (Some(raw), Some(handler)) =
+            (raw, self.inner.epoll.lock().map_err(lock_error)?.as_ref())
+        {
+            // epoll_ctl(DEL) ignores the event data; the framework refuses
+            // queue indices here, so pass a listener ID above them. ENOENT
+            // (already taken over) is fine.
+            let _ = handler.unregister_listener(raw, EventSet::IN, u64::from(FAULT_WAKE_EVENT) + 1);
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor the vring owns; the
+            // result is a new descriptor owned by nobody else.
+            let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `dup` was just created and is owned here alone.
+            let dup = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+            kick_loop.hand_over(dup, vring.clone());
+            debug!("request-queue kick eventfd handed to the io_uring thread");
+        } else {
+            kick_loop.request_pass();
+        }
+        Ok(true)
     }
 
     /// Queues a fault record for the guest's event queue and wakes the
@@ -377,6 +452,9 @@ impl VhostUserBackend for IommuBackend {
                 let vring = vrings
                     .get(usize::from(REQUEST_QUEUE))
                     .ok_or_else(|| io::Error::other("no request queue"))?;
+                if self.hand_over_kick(vring)? {
+                    return Ok(());
+                }
                 self.process_request_queue(vring)
             }
             // Buffers stay in the ring until a fault needs one.

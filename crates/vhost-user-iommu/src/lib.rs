@@ -11,6 +11,7 @@
 //! - [`eventq`]: fault records waiting for event-queue buffers.
 //! - [`backend`]: the `VhostUserBackend` implementation (features, config
 //!   space, reset, queue events).
+//! - [`kick_loop`]: the request queue's kick path on io_uring.
 //! - [`serve`]: the listening loop, one fresh device per connection.
 //! - [`shm_table`]: the shared translation table as the model's publisher.
 //! - [`backend_socket`]: where co-located backends get the table.
@@ -20,6 +21,7 @@ pub mod backend;
 pub mod backend_socket;
 pub mod chain;
 pub mod eventq;
+pub mod kick_loop;
 pub mod logging;
 pub mod publish;
 pub mod requestq;

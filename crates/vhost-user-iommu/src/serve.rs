@@ -4,11 +4,11 @@
 use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
 use crate::backend_socket::{BackendSocket, FaultRoute};
 use crate::publish::{NoTable, TablePublisher};
-use crate::settings::{Listen, Settings};
+use crate::settings::{KickLoopKind, Listen, Settings};
 use crate::shm_table::{self, SharedWriter, ShmPublisher};
 use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -138,6 +138,17 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
                 )
                 .map_err(|e| ServeError::Daemon(format!("cannot watch the fault eventfd: {e}")))?;
         }
+        if settings.kick_loop == KickLoopKind::Uring {
+            let handler = daemon.get_epoll_handlers().into_iter().next();
+            match handler.map(|h| backend.enable_kick_loop(h, settings.cpu)) {
+                Some(Ok(())) => debug!("request-queue kicks on io_uring"),
+                Some(Err(e)) => warn!(
+                    error = %e,
+                    "io_uring unavailable: request-queue kicks stay on the epoll thread"
+                ),
+                None => warn!("no epoll handler: request-queue kicks stay on the epoll thread"),
+            }
+        }
         info!(socket = %where_, "waiting for a VMM to connect");
         daemon
             .start(&mut listener)
@@ -145,6 +156,7 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         info!("VMM connected; serving a fresh device");
         let ended = daemon.wait();
         route.set(None);
+        backend.shutdown();
         match ended {
             // A VMM that closes its socket is the normal end of a connection.
             Ok(())

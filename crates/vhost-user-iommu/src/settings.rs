@@ -110,12 +110,25 @@ pub struct Cli {
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing
     /// filter directive). `RUST_LOG` is used when this is not given.
     /// Default: info.
-    #[arg(long, value_name = "FILTER")]
+    /// Given twice, the last one wins.
+    #[arg(long, value_name = "FILTER", overrides_with = "log_level")]
     pub log_level: Option<String>,
 
     /// Log line format.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// How request-queue kicks are waited for: `uring` (a dedicated thread
+    /// reading the kick eventfd through io_uring; falls back to `epoll`
+    /// when io_uring is unavailable) or `epoll` (vhost-user-backend's own
+    /// event thread). Default: uring.
+    #[arg(long, value_enum, value_name = "LOOP")]
+    pub kick_loop: Option<KickLoopKind>,
+
+    /// Pin the request-queue thread to this CPU (with `--kick-loop uring`),
+    /// e.g. a core isolated for DPDK-style polling. Default: not pinned.
+    #[arg(long, value_name = "CPU")]
+    pub cpu: Option<usize>,
 
     /// Listen for co-located backends (vhost-user-net/-blk processes) on
     /// this Unix socket; each one that connects receives the shared
@@ -155,6 +168,17 @@ pub enum OnOff {
     Off,
 }
 
+/// Where request-queue kicks are handled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KickLoopKind {
+    /// A dedicated thread on io_uring.
+    #[default]
+    Uring,
+    /// vhost-user-backend's epoll thread.
+    Epoll,
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -189,6 +213,8 @@ pub struct FileSettings {
     poll_us: Option<u64>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    kick_loop: Option<KickLoopKind>,
+    cpu: Option<usize>,
     backend_socket: Option<PathBuf>,
     #[serde(default)]
     backend_uids: Vec<u32>,
@@ -239,6 +265,10 @@ pub struct Settings {
     pub log: LogSettings,
     /// The shared table and its backend socket, if enabled.
     pub table: Option<TableSettings>,
+    /// Where request-queue kicks are handled.
+    pub kick_loop: KickLoopKind,
+    /// CPU to pin the request-queue thread to.
+    pub cpu: Option<usize>,
 }
 
 /// Default size bound of the shared table, in MiB.
@@ -568,6 +598,8 @@ impl Settings {
             }
         };
         Ok(Settings {
+            kick_loop: cli.kick_loop.or(file.kick_loop).unwrap_or_default(),
+            cpu: cli.cpu.or(file.cpu),
             table,
             device,
             listen,

@@ -321,6 +321,11 @@ fn an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies() {
             "stuck on a dead backend"
         );
     });
+    // The connection thread notices the end of the socket on its own time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !d.log().contains("backend disconnected") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(d.log().contains("backend disconnected"), "{}", d.log());
 }
 

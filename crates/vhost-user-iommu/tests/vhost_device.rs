@@ -905,3 +905,51 @@ fn dev_gen_3_nothing_is_used_before_the_ring_is_enabled() {
     };
     assert_eq!((used.len, used.writable), (4, vec![0, 0, 0, 0]));
 }
+
+/// Both kick paths serve the same requests with the same results; with the
+/// default (`uring`) the request queue's kick eventfd really moves to the
+/// io_uring thread, including after a device reset and a reconnect, with
+/// polling and CPU pinning on.
+#[test]
+fn both_kick_loops_serve_the_request_queue_and_uring_owns_the_kick() {
+    let (reqs, want) = layout_script();
+    for (name, extra) in [
+        ("epoll", &["--kick-loop", "epoll"][..]),
+        ("uring", &["--log-level", "debug"][..]),
+        (
+            "uringpoll",
+            &["--log-level", "debug", "--poll-us", "20", "--cpu", "0"][..],
+        ),
+    ] {
+        let d = daemon(&format!("kick-{name}"), extra);
+        for _connection in 0..2 {
+            let mut drv = driver(&d);
+            for _ in 0..2 {
+                drv.reset().unwrap();
+                let got: Vec<Status> = drv
+                    .send(&reqs)
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.status().unwrap())
+                    .collect();
+                assert_eq!(got, want, "{name}");
+            }
+            // Many small batches: every kick is seen.
+            for i in 0..300u64 {
+                let o = drv.send_one(&probe(8)).unwrap();
+                assert_eq!(o.status(), Some(Status::Ok), "{name} request {i}");
+            }
+        }
+        let log = std::fs::read_to_string(socket(&d).with_file_name("daemon.log")).unwrap();
+        let handed = log.matches("handed to the io_uring thread").count();
+        if name == "epoll" {
+            assert_eq!(handed, 0, "{log}");
+        } else {
+            assert!(
+                handed >= 2,
+                "kick eventfd not taken over on each connection:\n{log}"
+            );
+            assert!(!log.contains("io_uring unavailable"), "{log}");
+        }
+    }
+}

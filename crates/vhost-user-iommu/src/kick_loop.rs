@@ -1,0 +1,256 @@
+//! The request queue's kick path on io_uring.
+//!
+//! vhost-user-backend keeps the control plane (the VMM's socket messages)
+//! and the event queue on its epoll thread. The request queue's kick eventfd
+//! is taken out of that epoll set and read by this thread through io_uring:
+//! one `READ` of the kick eventfd and one of a control eventfd in flight,
+//! one `io_uring_enter` per wake-up. After each drain the thread can
+//! busy-poll the avail ring (`--poll-us`) before it sleeps, and it can be
+//! pinned to a CPU (`--cpu`).
+//!
+//! Hand-over: the framework calls the backend's `handle_event` for the
+//! request queue when the queue is enabled (and whenever it has registered
+//! a new kick eventfd); the backend then removes that eventfd from the
+//! framework's epoll set and gives a duplicate to this thread. A kick the
+//! framework consumed before the hand-over is not lost: the hand-over
+//! always asks for a processing pass.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use io_uring::{IoUring, opcode, types};
+use tracing::{debug, info, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
+
+/// What the thread runs on a kick.
+pub type Serve = Box<dyn Fn(&VringRwLock) + Send>;
+
+#[derive(Default)]
+struct Command {
+    new_kick: Option<(OwnedFd, VringRwLock)>,
+    pass: bool,
+    exit: bool,
+}
+
+struct Control {
+    wake: EventFd,
+    cmd: Mutex<Command>,
+}
+
+/// The running kick thread of one VMM connection.
+pub struct KickLoop {
+    control: Arc<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const WAKE: u64 = 1;
+const CANCEL: u64 = 2;
+/// Kick reads carry `KICK | generation`.
+const KICK: u64 = 1 << 32;
+
+impl KickLoop {
+    /// Starts the thread (pinned to `cpu` if given). Fails if io_uring is
+    /// not available (old kernel, seccomp), so the caller can fall back.
+    pub fn start(serve: Serve, cpu: Option<usize>) -> io::Result<Self> {
+        let ring = IoUring::new(8)?;
+        let control = Arc::new(Control {
+            wake: EventFd::new(EFD_CLOEXEC)?,
+            cmd: Mutex::new(Command::default()),
+        });
+        let c = Arc::clone(&control);
+        let thread = std::thread::Builder::new().name("requestq".into()).spawn(move || {
+            if let Some(cpu) = cpu {
+                pin_to(cpu);
+            }
+            if let Err(e) = run(ring, &c, &serve) {
+                warn!(error = %e, "request-queue io_uring loop failed; the queue is no longer served");
+            }
+        })?;
+        Ok(Self {
+            control,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, f: impl FnOnce(&mut Command)) {
+        f(&mut self
+            .control
+            .cmd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner));
+        if let Err(e) = self.control.wake.write(1) {
+            warn!(error = %e, "cannot wake the request-queue thread");
+        }
+    }
+
+    /// Gives the thread a (new) kick eventfd for `vring` and asks for a pass.
+    pub fn hand_over(&self, kick: OwnedFd, vring: VringRwLock) {
+        self.send(|c| {
+            c.new_kick = Some((kick, vring));
+            c.pass = true;
+        });
+    }
+
+    /// Asks for one processing pass.
+    pub fn request_pass(&self) {
+        self.send(|c| c.pass = true);
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        self.send(|c| c.exit = true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for KickLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set`, for any cpu below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        info!(cpu, "request-queue thread pinned");
+    } else {
+        warn!(cpu, error = %io::Error::last_os_error(), "cannot pin the request-queue thread");
+    }
+}
+
+struct Loop {
+    ring: IoUring,
+    /// Buffers the kernel writes the eventfd counters into; boxed so their
+    /// address is stable while a read is in flight.
+    wake_buf: Box<[u8; 8]>,
+    kick_buf: Box<[u8; 8]>,
+    in_flight: Vec<u64>,
+}
+
+impl Loop {
+    fn read(&mut self, fd: i32, user_data: u64) -> io::Result<()> {
+        let buf = if user_data == WAKE {
+            self.wake_buf.as_mut_ptr()
+        } else {
+            self.kick_buf.as_mut_ptr()
+        };
+        let sqe = opcode::Read::new(types::Fd(fd), buf, 8)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the buffer is owned by `self` and outlives the operation:
+        // every read in flight is cancelled and reaped before `self` drops
+        // (see `drain`).
+        unsafe { self.ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+        self.in_flight.push(user_data);
+        Ok(())
+    }
+
+    fn cancel(&mut self, user_data: u64) -> io::Result<()> {
+        let sqe = opcode::AsyncCancel::new(user_data)
+            .build()
+            .user_data(CANCEL);
+        // SAFETY: a cancel request refers to no memory.
+        unsafe { self.ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+        Ok(())
+    }
+
+    /// Cancels and reaps every read in flight.
+    fn drain(&mut self) {
+        let pending = self.in_flight.clone();
+        for ud in pending {
+            let _ = self.cancel(ud);
+        }
+        while !self.in_flight.is_empty() {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            self.in_flight.retain(|ud| !done.contains(ud));
+        }
+    }
+}
+
+fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
+    let mut l = Loop {
+        ring,
+        wake_buf: Box::new([0; 8]),
+        kick_buf: Box::new([0; 8]),
+        in_flight: Vec::new(),
+    };
+    let mut kick: Option<(OwnedFd, VringRwLock)> = None;
+    let mut generation = 0u64;
+    l.read(control.wake.as_raw_fd(), WAKE)?;
+    debug!("request-queue io_uring loop running");
+    let result = loop {
+        if let Err(e) = l.ring.submit_and_wait(1) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Err(e);
+        }
+        let done: Vec<(u64, i32)> = l
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let mut pass = false;
+        let mut exit = false;
+        for (ud, res) in done {
+            if ud == CANCEL {
+                continue;
+            }
+            l.in_flight.retain(|x| *x != ud);
+            if ud == WAKE {
+                let cmd = std::mem::take(
+                    &mut *control.cmd.lock().unwrap_or_else(PoisonError::into_inner),
+                );
+                if cmd.exit {
+                    exit = true;
+                    continue;
+                }
+                if let Some((fd, vring)) = cmd.new_kick {
+                    if kick.is_some() {
+                        l.cancel(KICK | generation)?;
+                    }
+                    generation += 1;
+                    l.read(fd.as_raw_fd(), KICK | generation)?;
+                    kick = Some((fd, vring));
+                }
+                pass |= cmd.pass;
+                l.read(control.wake.as_raw_fd(), WAKE)?;
+            } else if ud == KICK | generation {
+                if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+                    warn!(error = %io::Error::from_raw_os_error(-res), "reading the kick eventfd failed");
+                }
+                pass = true;
+                if let Some((fd, _)) = &kick {
+                    l.read(fd.as_raw_fd(), KICK | generation)?;
+                }
+            }
+            // Anything else: a read of an older kick eventfd, cancelled.
+        }
+        if exit {
+            break Ok(());
+        }
+        if pass {
+            if let Some((_, vring)) = &kick {
+                if vring.get_ref().is_enabled() {
+                    serve(vring);
+                }
+            }
+        }
+    };
+    l.drain();
+    debug!("request-queue io_uring loop stopped");
+    result
+}
