@@ -103,7 +103,12 @@ impl KickLoop {
     pub fn stop(&mut self) {
         self.send(|c| c.exit = true);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The last reference to the device may be dropped by the loop
+            // thread itself (it holds one while serving); it then exits on
+            // its own after the exit command and must not join itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

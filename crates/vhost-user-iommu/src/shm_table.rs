@@ -111,6 +111,11 @@ impl TablePublisher for ShmPublisher {
             }
             Change::DomainDestroyed { domain } => w.destroy_domain(domain),
         };
+        if let (Err(_), Change::Endpoint { endpoint, .. }) = (&result, change) {
+            // Fail closed: an endpoint the table cannot point at its domain
+            // must not keep its previous (possibly wider) access.
+            let _ = w.set_endpoint(*endpoint, EndpointTarget::Blocked);
+        }
         result.map_err(|e| PublishError {
             change: *change,
             source: Box::new(e),
@@ -140,5 +145,65 @@ impl TablePublisher for ShmPublisher {
         if let Some(e) = sink.failed {
             tracing::error!(error = %e, "the shared table cannot hold the device's initial state");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iotlb_shm::{Access, FaultKind, SlotFile, TableReader};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn an_endpoint_the_table_cannot_attach_is_blocked_not_left_in_bypass() {
+        let geometry = Geometry {
+            segment_nodes: 1,
+            max_segments: 1,
+            ..Geometry::default()
+        };
+        let w = TableWriter::new(&WriterConfig {
+            geometry,
+            ..WriterConfig::default()
+        })
+        .unwrap();
+        let writer: SharedWriter = Arc::new(Mutex::new(w));
+        let mut p = ShmPublisher::new(writer.clone());
+        let bypass = Change::Endpoint {
+            endpoint: 5,
+            from: EndpointState::Blocked,
+            to: EndpointState::Bypass,
+        };
+        p.publish(&bypass).unwrap();
+        p.publish(&Change::DomainCreated { domain: 1 }).unwrap(); // takes the only node
+        assert!(
+            p.publish(&Change::DomainCreated { domain: 2 }).is_err(),
+            "table full"
+        );
+        let attach = Change::Endpoint {
+            endpoint: 5,
+            from: EndpointState::Bypass,
+            to: EndpointState::Domain(2),
+        };
+        assert!(p.publish(&attach).is_err());
+        let slot_fd = iotlb_shm::slots::create(1, 1).unwrap();
+        let (table, arena) = {
+            let mut w = lock(&writer);
+            w.register_reader(slot_fd.as_fd(), std::process::id() as i32)
+                .unwrap();
+            (
+                w.table_fd().try_clone_to_owned().unwrap(),
+                w.arena_fd().try_clone_to_owned().unwrap(),
+            )
+        };
+        let reader = TableReader::open(table.as_fd(), arena.as_fd()).unwrap();
+        let mut slot = SlotFile::open(slot_fd.as_fd())
+            .unwrap()
+            .claim_slot()
+            .unwrap();
+        let s = slot.enter(&reader);
+        assert_eq!(
+            s.translate_one(5, 0x1000, Access::READ).map_err(|f| f.kind),
+            Err(FaultKind::Domain)
+        );
     }
 }

@@ -24,7 +24,11 @@ fn trace_path() -> PathBuf {
     let ours = root.join("crates/viommu-frontend/traces").join(TRACE);
     if let Ok(shared) = std::fs::read(root.join("../shared/traces").join(TRACE)) {
         let copy = std::fs::read(&ours).unwrap_or_default();
-        assert!(copy == shared, "{} differs from ../shared/traces/{TRACE}", ours.display());
+        assert!(
+            copy == shared,
+            "{} differs from ../shared/traces/{TRACE}",
+            ours.display()
+        );
     }
     ours
 }
