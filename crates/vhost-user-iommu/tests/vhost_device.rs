@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::{Daemon, daemon_bin, scratch_dir};
+use common::Daemon;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use viommu_frontend::connection::{Connection, WANTED_PROTOCOL_FEATURES};
@@ -24,35 +23,6 @@ use virtio_iommu_proto::{
     ResvSubtype, Status, Unmap,
 };
 use vm_memory::Bytes;
-
-/// Starts the daemon with `extra` options; its log goes to a file (a
-/// pipe nobody reads would block it once full).
-fn daemon(name: &str, extra: &[&str]) -> Daemon {
-    let dir = scratch_dir(&format!("vhost-{name}"));
-    let socket = dir.join("viommu.sock");
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(daemon_bin())
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(["--log-level", "warn"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn daemon");
-    let mut d = Daemon { child, socket };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.socket.exists() {
-        assert!(d.running(), "daemon exited early");
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    d
-}
 
 fn opts() -> DriverOptions {
     DriverOptions {
@@ -133,7 +103,7 @@ const DEFAULT_CONFIG: ConfigSpace = ConfigSpace {
 
 #[test]
 fn dev_vq_1_two_queues_and_the_protocol_features_used() {
-    let d = daemon("vq1", &[]);
+    let d = Daemon::start("vq1", &[]);
     let mut conn = Connection::connect(&socket(&d)).unwrap();
     assert_eq!(conn.protocol_features(), WANTED_PROTOCOL_FEATURES);
     assert!(
@@ -147,7 +117,7 @@ fn dev_vq_1_two_queues_and_the_protocol_features_used() {
 fn dev_feat_1_2_3_offered_feature_bits() {
     let bits = |v: &[u32]| v.iter().fold(0u64, |a, &b| a | (1 << b));
     let offered = |extra: &[&str]| {
-        let d = daemon(&format!("feat{}", extra.len()), extra);
+        let d = Daemon::start(&format!("feat{}", extra.len()), extra);
         Connection::connect(&socket(&d)).unwrap().offered_features()
     };
     // Defaults: VERSION_1, PROTOCOL_FEATURES, INDIRECT, EVENT_IDX and the
@@ -176,7 +146,7 @@ fn dev_feat_1_2_3_offered_feature_bits() {
 
 #[test]
 fn dev_cfg_1_7_8_config_space_before_features_ok_is_the_documented_default() {
-    let d = daemon("cfg7", &[]);
+    let d = Daemon::start("cfg7", &[]);
     let mut conn = Connection::connect(&socket(&d)).unwrap();
     assert_eq!(conn.acked_features(), None, "before SET_FEATURES");
     let bytes = conn.config_bytes().unwrap();
@@ -195,7 +165,7 @@ fn dev_cfg_1_7_8_config_space_before_features_ok_is_the_documented_default() {
 
 #[test]
 fn dev_cfg_3_8_config_space_follows_the_daemon_options() {
-    let d = daemon(
+    let d = Daemon::start(
         "cfg8",
         &[
             "--page-size-mask",
@@ -228,7 +198,7 @@ fn dev_cfg_3_8_config_space_follows_the_daemon_options() {
 
 #[test]
 fn drv_cfg_1_writing_the_bypass_byte_changes_only_that_byte() {
-    let d = daemon("cfg6a", &[]);
+    let d = Daemon::start("cfg6a", &[]);
     let mut drv = driver(&d);
     let conn = drv.connection();
     let before = conn.config_bytes().unwrap();
@@ -243,7 +213,7 @@ fn drv_cfg_1_writing_the_bypass_byte_changes_only_that_byte() {
 
 #[test]
 fn drv_cfg_1_dev_cfg_6_refused_config_writes_change_nothing_and_keep_the_device() {
-    let d = daemon("cfg6b", &[]);
+    let d = Daemon::start("cfg6b", &[]);
     let mut drv = driver(&d);
     assert_eq!(
         drv.send_one(&attach(1, 8)).unwrap().status(),
@@ -274,7 +244,7 @@ fn drv_cfg_1_dev_cfg_6_refused_config_writes_change_nothing_and_keep_the_device(
 
 #[test]
 fn dev_cfg_4_dev_init_1_device_reset_drops_domains_and_keeps_bypass() {
-    let d = daemon("cfg4", &[]);
+    let d = Daemon::start("cfg4", &[]);
     let mut drv = driver(&d);
     let outs = drv
         .send(&[attach(1, 8), map(1, 0x10000, 0x1ffff, 0x80000)])
@@ -295,7 +265,7 @@ fn dev_cfg_4_dev_init_1_device_reset_drops_domains_and_keeps_bypass() {
 
 #[test]
 fn dev_cfg_5_disconnect_and_reconnect_gives_a_fresh_device() {
-    let d = daemon("cfg5", &[]);
+    let d = Daemon::start("cfg5", &[]);
     {
         let mut drv = driver(&d);
         let outs = drv
@@ -316,7 +286,7 @@ fn dev_cfg_5_disconnect_and_reconnect_gives_a_fresh_device() {
 
 #[test]
 fn dev_ops_1_4_dev_gen_2_exact_used_lengths_and_zero_tail_reserved() {
-    let d = daemon("ops1", &[]);
+    let d = Daemon::start("ops1", &[]);
     let mut drv = driver(&d);
     // Every writable byte is pre-filled with 0xaa by the driver.
     let outs = drv
@@ -361,7 +331,7 @@ fn dev_ops_1_4_dev_gen_2_exact_used_lengths_and_zero_tail_reserved() {
 
 #[test]
 fn dev_ops_2_unknown_request_types_are_returned_untouched() {
-    let d = daemon("ops2", &[]);
+    let d = Daemon::start("ops2", &[]);
     let mut drv = driver(&d);
     let specs: Vec<ChainSpec> = [0u8, 6, 7, 0x80, 0xff]
         .iter()
@@ -380,7 +350,7 @@ fn dev_ops_2_unknown_request_types_are_returned_untouched() {
 
 #[test]
 fn dev_ops_3_head_reserved_bytes_are_ignored() {
-    let d = daemon("ops3", &[]);
+    let d = Daemon::start("ops3", &[]);
     let mut drv = driver(&d);
     let specs: Vec<ChainSpec> = [attach(1, 8), map(1, 0x10000, 0x1ffff, 0x80000)]
         .iter()
@@ -418,7 +388,7 @@ fn layout_script() -> (Vec<Request>, Vec<Status>) {
 
 #[test]
 fn dev_gen_1_every_descriptor_layout_gives_the_same_results() {
-    let d = daemon("gen1", &[]);
+    let d = Daemon::start("gen1", &[]);
     let mut drv = driver(&d);
     let (reqs, want) = layout_script();
     let mut reference: Option<Vec<Outcome>> = None;
@@ -444,7 +414,7 @@ fn dev_gen_1_every_descriptor_layout_gives_the_same_results() {
 
 #[test]
 fn dev_ops_6_chains_without_a_writable_part_are_returned_untouched() {
-    let d = daemon("ops6a", &[]);
+    let d = Daemon::start("ops6a", &[]);
     let mut drv = driver(&d);
     let ram = drv.ram();
     let buf = ram.alloc(64, 8).unwrap();
@@ -482,7 +452,7 @@ fn dev_ops_6_chains_without_a_writable_part_are_returned_untouched() {
 
 #[test]
 fn dev_ops_6_writable_part_shorter_than_the_tail_is_returned_untouched() {
-    let d = daemon("ops6b", &[]);
+    let d = Daemon::start("ops6b", &[]);
     let mut drv = driver(&d);
     let ram = drv.ram();
     let req = ram.alloc(64, 8).unwrap();
@@ -517,7 +487,7 @@ fn dev_ops_6_writable_part_shorter_than_the_tail_is_returned_untouched() {
 
 #[test]
 fn amb_9_readable_part_too_short() {
-    let d = daemon("amb9", &[]);
+    let d = Daemon::start("amb9", &[]);
     let mut drv = driver(&d);
     let full = map(1, 0x10000, 0x1ffff, 0x80000).encode();
     let short = |n: usize| ChainSpec::with_layout(full[..n].to_vec(), 4, Layout::Two, &[], &[]);
@@ -545,7 +515,7 @@ fn amb_9_readable_part_too_short() {
 
 #[test]
 fn invariant_5_buffers_outside_guest_ram_are_refused() {
-    let d = daemon("outside", &[]);
+    let d = Daemon::start("outside", &[]);
     let mut drv = driver(&d);
     let end = drv.ram().size();
     let ram = drv.ram();
@@ -609,7 +579,7 @@ fn invariant_5_buffers_outside_guest_ram_are_refused() {
 
 #[test]
 fn dev_ops_6_a_request_whose_tail_is_outside_ram_has_no_effect() {
-    let d = daemon("tailout", &[]);
+    let d = Daemon::start("tailout", &[]);
     let mut drv = driver(&d);
     let end = drv.ram().size();
     let req = drv.ram().alloc(64, 8).unwrap();
@@ -643,7 +613,7 @@ fn dev_ops_6_a_request_whose_tail_is_outside_ram_has_no_effect() {
 
 #[test]
 fn invariant_5_hostile_descriptor_chains_and_indirect_tables() {
-    let d = daemon("hostile", &[]);
+    let d = Daemon::start("hostile", &[]);
     let mut drv = driver(&d);
     let ram = drv.ram();
     let req = ram.alloc(64, 8).unwrap();
@@ -792,7 +762,7 @@ fn invariant_5_hostile_descriptor_chains_and_indirect_tables() {
 
 #[test]
 fn dev_map_nomem_a_flood_of_maps_past_the_limit() {
-    let d = daemon("nomem", &["--max-mappings-per-domain", "64"]);
+    let d = Daemon::start("nomem", &["--max-mappings-per-domain", "64"]);
     let mut drv = driver(&d);
     assert_eq!(
         drv.send_one(&attach(1, 8)).unwrap().status(),
@@ -819,7 +789,7 @@ fn dev_map_nomem_a_flood_of_maps_past_the_limit() {
 fn dev_vq_1_event_buffers_are_used_only_for_fault_records() {
     // No request makes the device model report a fault (the daemon has no
     // fault source yet), so the event queue must stay untouched.
-    let d = daemon("eventq", &[]);
+    let d = Daemon::start("eventq", &[]);
     let mut drv = driver(&d);
     drv.post_event_buffers(8, 24).unwrap();
     let outs = drv
@@ -843,7 +813,7 @@ fn dev_vq_1_event_buffers_are_used_only_for_fault_records() {
 fn notification_schemes_and_ring_wraparound() {
     // With and without EVENT_IDX, more requests than the ring holds (the
     // driver drains and reuses descriptors, indices wrap past the size).
-    let d = daemon("notify", &[]);
+    let d = Daemon::start("notify", &[]);
     for event_idx in [false, true] {
         let mut drv = Driver::connect(
             &socket(&d),
@@ -873,7 +843,7 @@ fn dev_gen_3_nothing_is_used_before_the_ring_is_enabled() {
     use viommu_frontend::split_ring::SplitRing;
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-    let d = daemon("gen3", &[]);
+    let d = Daemon::start("gen3", &[]);
     let mut conn = Connection::connect(&socket(&d)).unwrap();
     let mut ram = GuestRam::new(16 << 20).unwrap();
     let mut ring = SplitRing::new(&mut ram, 16, false).unwrap();
@@ -921,7 +891,7 @@ fn both_kick_loops_serve_the_request_queue_and_uring_owns_the_kick() {
             &["--log-level", "debug", "--poll-us", "20", "--cpu", "0"][..],
         ),
     ] {
-        let d = daemon(&format!("kick-{name}"), extra);
+        let d = Daemon::start(&format!("kick-{name}"), extra);
         for _connection in 0..2 {
             let mut drv = driver(&d);
             for _ in 0..2 {
@@ -940,7 +910,7 @@ fn both_kick_loops_serve_the_request_queue_and_uring_owns_the_kick() {
                 assert_eq!(o.status(), Some(Status::Ok), "{name} request {i}");
             }
         }
-        let log = std::fs::read_to_string(socket(&d).with_file_name("daemon.log")).unwrap();
+        let log = d.log();
         let handed = log.matches("handed to the io_uring thread").count();
         if name == "epoll" {
             assert_eq!(handed, 0, "{log}");

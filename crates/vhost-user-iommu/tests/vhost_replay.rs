@@ -5,10 +5,8 @@
 
 mod common;
 
-use common::{Daemon, daemon_bin, scratch_dir};
+use common::Daemon;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 use viommu_frontend::replay::replay;
 use viommu_frontend::{Driver, DriverOptions, trace};
 
@@ -33,32 +31,6 @@ fn trace_path() -> PathBuf {
     ours
 }
 
-fn daemon(name: &str) -> Daemon {
-    let dir = scratch_dir(&format!("vhost-{name}"));
-    let socket = dir.join("viommu.sock");
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(daemon_bin())
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(["--log-level", "warn"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn daemon");
-    let mut d = Daemon { child, socket };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.socket.exists() {
-        assert!(d.running(), "daemon exited early");
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    d
-}
-
 fn replay_whole_trace(batch: usize) {
     let path = trace_path();
     assert!(
@@ -68,7 +40,7 @@ fn replay_whole_trace(batch: usize) {
     );
     let requests = trace::load(&path).unwrap();
     assert_eq!(requests.len(), TRACE_REQUESTS, "the whole trace");
-    let d = daemon(&format!("replay{batch}"));
+    let d = Daemon::start(&format!("replay{batch}"), &[]);
     // Default options: 1 GiB memfd (the trace's GPAs are inside it), EVENT_IDX.
     let mut drv = Driver::connect(&d.socket, DriverOptions::default()).unwrap();
     let report = replay(&mut drv, &requests, batch).unwrap();

@@ -26,16 +26,19 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts the daemon on `socket` with extra arguments and waits until
-    /// the socket exists.
+    /// the socket exists. Its log goes to `daemon.log` beside the socket (a
+    /// pipe nobody reads would block the daemon once full).
     pub fn spawn(socket: &Path, extra: &[&str]) -> Daemon {
+        let log =
+            std::fs::File::create(socket.with_file_name("daemon.log")).expect("create daemon.log");
         let child = Command::new(daemon_bin())
             .arg("--socket-path")
             .arg(socket)
+            .args(["--log-level", "warn"])
             .args(extra)
-            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("spawn daemon");
         let mut d = Daemon {
@@ -44,9 +47,7 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("daemon exited early: {status}");
-            }
+            assert!(d.running(), "daemon exited early: {}", d.log());
             assert!(
                 Instant::now() < deadline,
                 "daemon did not create its socket"
@@ -54,6 +55,16 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(5));
         }
         d
+    }
+
+    /// Starts the daemon in a fresh scratch directory named after `name`.
+    pub fn start(name: &str, extra: &[&str]) -> Daemon {
+        Daemon::spawn(&scratch_dir(name).join("viommu.sock"), extra)
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.socket.with_file_name("daemon.log")).unwrap_or_default()
     }
 
     /// Sends a signal to the daemon.
