@@ -4,5 +4,8 @@
 //! criterion groups give the detailed numbers, and [`ratio::SideBySide`]
 //! prints the ratios the performance targets are stated in.
 
+pub mod lookup_baselines;
 pub mod model_baselines;
 pub mod ratio;
+pub mod scaling;
+pub mod shm_rig;

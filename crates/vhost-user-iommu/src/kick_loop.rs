@@ -55,24 +55,37 @@ impl KickLoop {
     /// Starts the thread (pinned to `cpu` if given). Fails if io_uring is
     /// not available (old kernel, seccomp), so the caller can fall back.
     pub fn start(serve: Serve, cpu: Option<usize>) -> io::Result<Self> {
-        let ring = IoUring::new(8)?;
-        let control = Arc::new(Control {
-            wake: EventFd::new(EFD_CLOEXEC)?,
-            cmd: Mutex::new(Command::default()),
-        });
+        let control = Arc::new(Control { wake: EventFd::new(EFD_CLOEXEC)?, cmd: Mutex::new(Command::default()) });
         let c = Arc::clone(&control);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new().name("requestq".into()).spawn(move || {
             if let Some(cpu) = cpu {
                 pin_to(cpu);
             }
+            // Created here: a single-issuer ring belongs to the thread that
+            // creates it.
+            let ring = match new_ring() {
+                Ok(r) => {
+                    let _ = ready_tx.send(Ok(()));
+                    r
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
             if let Err(e) = run(ring, &c, &serve) {
                 warn!(error = %e, "request-queue io_uring loop failed; the queue is no longer served");
             }
         })?;
-        Ok(Self {
-            control,
-            thread: Some(thread),
-        })
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self { control, thread: Some(thread) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(io::Error::other("the request-queue thread died at start")),
+        }
     }
 
     fn send(&self, f: impl FnOnce(&mut Command)) {
@@ -117,6 +130,17 @@ impl Drop for KickLoop {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A small ring: one submitter (this thread), completions run only when it
+/// enters the kernel to wait (no interrupting task work). Kernels before 6.1
+/// lack those flags; a plain ring is used then.
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8)
+        .or_else(|_| IoUring::new(8))
 }
 
 fn pin_to(cpu: usize) {
