@@ -55,7 +55,10 @@ impl KickLoop {
     /// Starts the thread (pinned to `cpu` if given). Fails if io_uring is
     /// not available (old kernel, seccomp), so the caller can fall back.
     pub fn start(serve: Serve, cpu: Option<usize>) -> io::Result<Self> {
-        let control = Arc::new(Control { wake: EventFd::new(EFD_CLOEXEC)?, cmd: Mutex::new(Command::default()) });
+        let control = Arc::new(Control {
+            wake: EventFd::new(EFD_CLOEXEC)?,
+            cmd: Mutex::new(Command::default()),
+        });
         let c = Arc::clone(&control);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new().name("requestq".into()).spawn(move || {
@@ -79,7 +82,10 @@ impl KickLoop {
             }
         })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { control, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Self {
+                control,
+                thread: Some(thread),
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
