@@ -26,6 +26,7 @@ use crate::layout::slots::{ACTIVE, PIN_HELD, QUIESCENT};
 use crate::sync::{AtomicU64, Ordering, fence};
 
 /// Starts a session in `slot`; returns the epoch it was entered in.
+#[inline]
 pub fn enter(global_epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
     let epoch = global_epoch.load(Ordering::Acquire);
     // Release so that a writer which reads this newer state also sees the
@@ -36,6 +37,7 @@ pub fn enter(global_epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
 }
 
 /// Ends the session in `slot`.
+#[inline]
 pub fn exit(slot: &AtomicU64) {
     slot.store(QUIESCENT, Ordering::Release);
 }

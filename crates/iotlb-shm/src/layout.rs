@@ -113,6 +113,11 @@ pub mod slots {
     pub const SLOT_COUNT: usize = 16;
     /// Number of pin records.
     pub const PIN_COUNT: usize = 24;
+    /// High-water mark of slots ever claimed (written by the reader, never
+    /// decreases): the writer only scans slots below it.
+    pub const SLOTS_USED: usize = 32;
+    /// High-water mark of pin records ever claimed, likewise.
+    pub const PINS_USED: usize = 40;
     /// First slot; slot `i` is the first word of the 64-byte line at
     /// `FIRST_SLOT + 64 * i`.
     pub const FIRST_SLOT: usize = 64;

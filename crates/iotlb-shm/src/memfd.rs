@@ -160,6 +160,20 @@ impl SharedMapping {
         unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast::<u64>()) }
     }
 
+    /// The word at `offset`, without the bounds check of [`Self::word`],
+    /// for the reader's walk, which bounds every index once up front.
+    ///
+    /// # Safety
+    /// `offset` must be a multiple of 8 below [`Self::len`].
+    #[inline(always)]
+    pub unsafe fn word_unchecked(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset % 8 == 0 && offset < self.len);
+        // SAFETY: the caller guarantees an aligned offset inside the
+        // mapping, which lives as long as `&self` and is only ever accessed
+        // atomically.
+        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast::<u64>()) }
+    }
+
     /// Base address (for tests that probe page protections).
     pub fn as_ptr(&self) -> *const u8 {
         self.base.as_ptr()

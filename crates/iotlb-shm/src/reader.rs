@@ -149,70 +149,99 @@ impl TableReader {
         self.table.as_ptr()
     }
 
+    /// Walks the table for `iova`: the leaf entry and its level, or the
+    /// fault. Every index is bounded before it is used.
     #[inline]
-    fn translate_one(&self, endpoint: u32, iova: u64, access: Access) -> Result<Piece, Fault> {
-        let fault = |kind| Fault {
-            kind,
-            endpoint,
-            iova,
-            access,
-        };
-        let Some(i) = self.geometry.endpoint_index(endpoint) else {
-            return Err(fault(FaultKind::Domain));
-        };
+    fn walk(&self, endpoint: u32, iova: u64) -> Result<Walked, FaultKind> {
+        let i = self
+            .geometry
+            .endpoint_index(endpoint)
+            .ok_or(FaultKind::Domain)?;
         let word = self
             .table
             .word(layout::endpoint_offset(i))
             .load(Ordering::Acquire);
         match word & ep_word::KIND_MASK {
-            ep_word::KIND_BYPASS => {
-                return Ok(Piece {
-                    gpa: iova,
-                    len: (u64::MAX - iova).saturating_add(1),
-                    mmio: false,
-                });
-            }
+            ep_word::KIND_BYPASS => return Ok(Walked::Bypass),
             ep_word::KIND_DOMAIN => {}
-            _ => return Err(fault(FaultKind::Domain)),
+            _ => return Err(FaultKind::Domain),
         }
         if !self.geometry.in_input_range(iova) {
-            return Err(fault(FaultKind::Mapping));
+            return Err(FaultKind::Mapping);
         }
         let mut node = word >> ep_word::ROOT_SHIFT;
         let mut level = self.levels - 1;
         loop {
             if node >= self.max_nodes {
-                return Err(fault(FaultKind::Mapping));
+                return Err(FaultKind::Mapping);
             }
             let offset =
                 (node * layout::NODE_BYTES) as usize + layout::entry_index(iova, level) * 8;
-            let e = self.arena.word(offset).load(Ordering::Acquire);
+            // SAFETY: node < max_nodes and the entry index < 512, so the
+            // offset is 8-aligned and inside the arena mapping, which is
+            // max_nodes × 4096 bytes long.
+            let e = unsafe { self.arena.word_unchecked(offset) }.load(Ordering::Acquire);
             if e & pte::PRESENT == 0 {
-                return Err(fault(FaultKind::Mapping));
+                return Err(FaultKind::Mapping);
             }
             if e & pte::LEAF != 0 {
                 if level > layout::MAX_LEAF_LEVEL {
-                    return Err(fault(FaultKind::Mapping));
+                    return Err(FaultKind::Mapping);
                 }
-                let need = access.pte_bits();
-                if e & need != need {
-                    return Err(fault(FaultKind::Permission));
-                }
-                let span = layout::entry_span(level);
-                let within = iova & (span - 1);
-                let base = e & pte::ADDR_MASK & !(span - 1);
-                return Ok(Piece {
-                    gpa: base | within,
-                    len: span - within,
-                    mmio: e & pte::MMIO != 0,
+                return Ok(Walked::Leaf {
+                    entry: e,
+                    span: layout::entry_span(level),
                 });
             }
             if level == 0 {
-                return Err(fault(FaultKind::Mapping));
+                return Err(FaultKind::Mapping);
             }
             node = e >> pte::CHILD_SHIFT;
             level -= 1;
         }
+    }
+}
+
+/// What a walk found.
+#[derive(Debug, Clone, Copy)]
+enum Walked {
+    /// The endpoint bypasses translation.
+    Bypass,
+    /// A leaf entry covering `span` bytes.
+    Leaf { entry: u64, span: u64 },
+}
+
+/// The last leaf a session used: valid for the rest of that session (the
+/// writer completes no revocation while the session is open), so repeated
+/// lookups in the same page skip the walk.
+#[derive(Debug, Clone, Copy)]
+struct CachedLeaf {
+    endpoint: u32,
+    /// First IOVA of the leaf.
+    base: u64,
+    /// The leaf's size minus one.
+    mask: u64,
+    entry: u64,
+}
+
+impl CachedLeaf {
+    #[inline]
+    fn piece(&self, iova: u64, access: Access, endpoint: u32) -> Result<Piece, Fault> {
+        let need = access.pte_bits();
+        if self.entry & need != need {
+            return Err(Fault {
+                kind: FaultKind::Permission,
+                endpoint,
+                iova,
+                access,
+            });
+        }
+        let within = iova & self.mask;
+        Ok(Piece {
+            gpa: (self.entry & pte::ADDR_MASK & !self.mask) | within,
+            len: self.mask - within + 1,
+            mmio: self.entry & pte::MMIO != 0,
+        })
     }
 }
 
@@ -251,6 +280,7 @@ impl ReaderSlot {
             table,
             slot: self,
             epoch,
+            last: std::cell::Cell::new(None),
         }
     }
 }
@@ -269,6 +299,7 @@ pub struct Session<'a> {
     table: &'a TableReader,
     slot: &'a ReaderSlot,
     epoch: u64,
+    last: std::cell::Cell<Option<CachedLeaf>>,
 }
 
 /// Failure to pin a range.
@@ -292,7 +323,34 @@ impl Session<'_> {
     /// address and how many bytes follow it in the same leaf.
     #[inline]
     pub fn translate_one(&self, endpoint: u32, iova: u64, access: Access) -> Result<Piece, Fault> {
-        self.table.translate_one(endpoint, iova, access)
+        if let Some(c) = self.last.get() {
+            if c.endpoint == endpoint && iova & !c.mask == c.base {
+                return c.piece(iova, access, endpoint);
+            }
+        }
+        match self.table.walk(endpoint, iova) {
+            Ok(Walked::Bypass) => Ok(Piece {
+                gpa: iova,
+                len: (u64::MAX - iova).saturating_add(1),
+                mmio: false,
+            }),
+            Ok(Walked::Leaf { entry, span }) => {
+                let c = CachedLeaf {
+                    endpoint,
+                    base: iova & !(span - 1),
+                    mask: span - 1,
+                    entry,
+                };
+                self.last.set(Some(c));
+                c.piece(iova, access, endpoint)
+            }
+            Err(kind) => Err(Fault {
+                kind,
+                endpoint,
+                iova,
+                access,
+            }),
+        }
     }
 
     /// Translates `[iova, iova + len)` into guest-physical pieces, merging
@@ -300,7 +358,7 @@ impl Session<'_> {
     /// does not translate (and nothing after it).
     pub fn translate(&self, endpoint: u32, iova: u64, len: u64, access: Access) -> Pieces<'_> {
         Pieces {
-            table: self.table,
+            session: self,
             endpoint,
             next: iova,
             left: len,
@@ -339,7 +397,7 @@ impl Drop for Session<'_> {
 /// The pieces of a translated range; see [`Session::translate`].
 #[derive(Debug)]
 pub struct Pieces<'a> {
-    table: &'a TableReader,
+    session: &'a Session<'a>,
     endpoint: u32,
     next: u64,
     left: u64,
@@ -357,7 +415,7 @@ impl Iterator for Pieces<'_> {
         let mut out: Option<Piece> = None;
         while self.left > 0 {
             let p = match self
-                .table
+                .session
                 .translate_one(self.endpoint, self.next, self.access)
             {
                 Ok(p) => p,

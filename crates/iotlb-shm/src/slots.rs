@@ -160,7 +160,27 @@ impl SlotMap {
         self.pin_count
     }
 
+    /// Slots the writer must scan: the reader's high-water mark, clamped to
+    /// the count read at open (a reader cannot make the writer read past it).
+    pub fn slots_in_use(&self) -> usize {
+        (self
+            .map
+            .word(off::SLOTS_USED)
+            .load(crate::sync::Ordering::Acquire) as usize)
+            .min(self.slot_count)
+    }
+
+    /// Pin records the writer must scan, likewise.
+    pub fn pins_in_use(&self) -> usize {
+        (self
+            .map
+            .word(off::PINS_USED)
+            .load(crate::sync::Ordering::Acquire) as usize)
+            .min(self.pin_count)
+    }
+
     /// Session slot `i` (< `slot_count`).
+    #[inline]
     pub fn slot(&self, i: usize) -> &AtomicU64 {
         self.map.word(off::slot_offset(i))
     }
@@ -181,6 +201,16 @@ impl SlotMap {
     /// Base address of the mapping.
     pub fn as_ptr(&self) -> *const u8 {
         self.map.as_ptr()
+    }
+}
+
+/// Raises a high-water mark to cover `index` (called under the claim lock,
+/// before the claimed record is used: the Release orders it before the
+/// record's own stores, which the writer reads after it).
+fn raise(mark: &AtomicU64, index: usize) {
+    let need = index as u64 + 1;
+    if mark.load(crate::sync::Ordering::Relaxed) < need {
+        mark.store(need, crate::sync::Ordering::Release);
     }
 }
 
@@ -212,12 +242,14 @@ impl SlotFile {
 
     /// Claims a session slot for the calling thread.
     pub fn claim_slot(self: &Arc<Self>) -> Result<crate::reader::ReaderSlot, SlotError> {
-        let index = self
+        let mut free = self
             .free_slots
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        let index = free
             .pop()
             .ok_or(SlotError::NoFreeSlot(self.map.slot_count))?;
+        raise(self.map.map.word(off::SLOTS_USED), index);
         Ok(crate::reader::ReaderSlot::new(Arc::clone(self), index))
     }
 
@@ -229,11 +261,13 @@ impl SlotFile {
     }
 
     pub(crate) fn claim_pin(&self) -> Result<usize, SlotError> {
-        self.free_pins
+        let mut free = self
+            .free_pins
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .ok_or(SlotError::NoFreePin(self.map.pin_count))
+            .unwrap_or_else(PoisonError::into_inner);
+        let index = free.pop().ok_or(SlotError::NoFreePin(self.map.pin_count))?;
+        raise(self.map.map.word(off::PINS_USED), index);
+        Ok(index)
     }
 
     pub(crate) fn release_pin(&self, index: usize) {

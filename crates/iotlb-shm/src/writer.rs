@@ -759,7 +759,7 @@ impl TableWriter {
         while r < self.readers.len() {
             let mut end = WaitEnd::Done;
             if let Some(reader) = self.readers.get(r) {
-                for s in 0..reader.slots.slot_count() {
+                for s in 0..reader.slots.slots_in_use() {
                     let slot = reader.slots.slot(s);
                     if !grace::quiescent_since(slot, epoch) {
                         report.waited = true;
@@ -810,7 +810,7 @@ impl TableWriter {
         while r < self.readers.len() {
             let mut end = WaitEnd::Done;
             if let Some(reader) = self.readers.get(r) {
-                for j in 0..reader.slots.pin_count() {
+                for j in 0..reader.slots.pins_in_use() {
                     let (state, fields) = reader.slots.pin(j);
                     let Some(snap) = grace::read_pin(state, fields) else {
                         continue;

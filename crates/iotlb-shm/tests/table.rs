@@ -610,3 +610,64 @@ fn a_map_that_cannot_fit_fails_at_once_and_roots_stay_reserved() {
     w.create_domain(2).unwrap();
     w.create_domain(3).unwrap();
 }
+
+#[test]
+fn a_session_reuses_its_last_leaf_but_a_new_session_sees_the_revocation() {
+    let mut t = rig();
+    t.w.create_domain(1).unwrap();
+    t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
+    t.w.map(1, 0x20_0000, 0x3f_ffff, 0x40_0000, RO).unwrap(); // one 2 MiB leaf
+    let mut slot = t.slots.claim_slot().unwrap();
+    {
+        let s = slot.enter(&t.r);
+        assert_eq!(
+            s.translate_one(1, 0x20_1000, Access::READ).unwrap().gpa,
+            0x40_1000
+        );
+        // Revoked meanwhile (no grace period yet): this session may keep
+        // using what it already holds, from the same leaf.
+        t.w.unmap(1, 0x20_0000, 0x3f_ffff).unwrap();
+        let p = s.translate_one(1, 0x3f_fff0, Access::READ).unwrap();
+        assert_eq!((p.gpa, p.len), (0x5f_fff0, 0x10));
+        assert_eq!(
+            s.translate_one(1, 0x3f_fff0, Access::WRITE)
+                .map_err(|f| f.kind),
+            Err(FaultKind::Permission)
+        );
+        assert_eq!(
+            s.translate_one(2, 0x20_1000, Access::READ)
+                .map_err(|f| f.kind),
+            Err(FaultKind::Domain)
+        );
+    }
+    t.w.synchronize();
+    let s = slot.enter(&t.r);
+    assert_eq!(
+        s.translate_one(1, 0x20_1000, Access::READ)
+            .map_err(|f| f.kind),
+        Err(FaultKind::Mapping)
+    );
+}
+
+#[test]
+fn the_writer_scans_only_claimed_slots_and_a_reader_cannot_push_it_past_the_file() {
+    let t = rig();
+    let writer_view = iotlb_shm::slots::SlotMap::open(t._slot_fd.as_fd(), false).unwrap();
+    assert_eq!(
+        (writer_view.slots_in_use(), writer_view.pins_in_use()),
+        (0, 0)
+    );
+    let a = t.slots.claim_slot().unwrap();
+    let b = t.slots.claim_slot().unwrap();
+    assert_eq!(writer_view.slots_in_use(), 2);
+    drop((a, b));
+    assert_eq!(
+        writer_view.slots_in_use(),
+        2,
+        "a high-water mark never goes down"
+    );
+    // A hostile reader writes a huge mark: the writer clamps it.
+    // SAFETY: writes one aligned word of the reader's own writable mapping.
+    unsafe { (t.slots.map().as_ptr().cast_mut().add(32) as *mut u64).write_volatile(u64::MAX) };
+    assert_eq!(writer_view.slots_in_use(), 8);
+}
