@@ -64,9 +64,22 @@ impl BackendClient {
     pub fn connect(path: &Path, slots: u32, pins: u32) -> Result<Self, ClientError> {
         let io = |step| move |source| ClientError::Io { step, source };
         let sock = UnixStream::connect(path).map_err(io("connect"))?;
-        backend_proto::send_with_fds(sock.as_fd(), &Message::Hello { slots, pins }.encode(), &[])
-            .map_err(io("send hello"))?;
+        let sent = backend_proto::send_with_fds(
+            sock.as_fd(),
+            &Message::Hello { slots, pins }.encode(),
+            &[],
+        );
         let mut buf = [0u8; MAX_LEN];
+        if let Err(e) = sent {
+            // The daemon may have refused and closed before reading HELLO:
+            // its reason is then still waiting in the socket.
+            if let Ok(Some((Message::Refused { code, reason }, _))) =
+                backend_proto::recv_message(sock.as_fd(), &mut buf)
+            {
+                return Err(ClientError::Refused { code, reason });
+            }
+            return Err(io("send hello")(e));
+        }
         let (msg, fds) = backend_proto::recv_message(sock.as_fd(), &mut buf)
             .map_err(io("receive welcome"))?
             .ok_or_else(|| ClientError::Protocol("the daemon closed the connection".into()))?;

@@ -202,13 +202,6 @@ impl BackendSocket {
             Ok(c) => c,
             Err(e) => return warn!(error = %e, "cannot identify a backend (SO_PEERCRED)"),
         };
-        if !self.allowed(cred.uid) {
-            return Self::refuse(
-                &stream,
-                libc::EACCES,
-                format!("uid {} is not allowed (see --backend-uid)", cred.uid),
-            );
-        }
         let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
         let mut buf = [0u8; MAX_LEN];
         let (slots, pins) = match backend_proto::recv_message(stream.as_fd(), &mut buf) {
@@ -223,6 +216,15 @@ impl BackendSocket {
             Ok(None) => return debug!(pid = cred.pid, "backend left before HELLO"),
             Err(e) => return Self::refuse(&stream, libc::EPROTO, format!("bad HELLO: {e}")),
         };
+        // Refused only once HELLO is read, so that the backend is not cut
+        // off mid-send and always receives the reason.
+        if !self.allowed(cred.uid) {
+            return Self::refuse(
+                &stream,
+                libc::EACCES,
+                format!("uid {} is not allowed (see --backend-uid)", cred.uid),
+            );
+        }
         let slots = if slots == 0 { DEFAULT_SLOTS } else { slots };
         let pins = if pins == 0 { DEFAULT_PINS } else { pins };
         let slot_fd = match iotlb_shm::slots::create(slots as usize, pins as usize) {
