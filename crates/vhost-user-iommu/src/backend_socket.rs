@@ -77,7 +77,12 @@ pub struct BackendSocket {
     allowed_uids: Vec<u32>,
     writer: SharedWriter,
     route: FaultRoute,
+    connected: std::sync::atomic::AtomicUsize,
 }
+
+/// Most backend connections served at once; more are refused (`EBUSY`), so
+/// a runaway client cannot exhaust the daemon's threads.
+pub const MAX_BACKENDS: usize = 256;
 
 /// The peer of a Unix socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +160,7 @@ impl BackendSocket {
             allowed_uids,
             writer,
             route,
+            connected: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -167,11 +173,25 @@ impl BackendSocket {
                 for conn in me.listener.incoming() {
                     match conn {
                         Ok(stream) => {
-                            let me = Arc::clone(&me);
-                            let spawned = std::thread::Builder::new()
-                                .name("backend".into())
-                                .spawn(move || me.serve(stream));
+                            use std::sync::atomic::Ordering::Relaxed;
+                            if me.connected.fetch_add(1, Relaxed) >= MAX_BACKENDS {
+                                me.connected.fetch_sub(1, Relaxed);
+                                Self::refuse(
+                                    &stream,
+                                    libc::EBUSY,
+                                    format!("{MAX_BACKENDS} backends already connected"),
+                                );
+                                continue;
+                            }
+                            let me2 = Arc::clone(&me);
+                            let spawned = std::thread::Builder::new().name("backend".into()).spawn(
+                                move || {
+                                    me2.serve(stream);
+                                    me2.connected.fetch_sub(1, Relaxed);
+                                },
+                            );
                             if let Err(e) = spawned {
+                                me.connected.fetch_sub(1, Relaxed);
                                 warn!(error = %e, "cannot start a thread for a backend");
                             }
                         }

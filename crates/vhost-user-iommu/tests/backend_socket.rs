@@ -510,6 +510,35 @@ fn a_full_table_answers_nomem_and_stays_consistent() {
     assert_eq!(b.ask(&format!("translate {EP:x} {iova:x}")), "gpa 0x1000");
 }
 
+/// A runaway client cannot exhaust the daemon's threads: past 256
+/// connections backends are refused with EBUSY, and room comes back as
+/// connections close.
+fn backend_connections_are_bounded() {
+    let d = Daemon::start("bound", &[]);
+    let held: Vec<_> = (0..256)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.backends).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    match BackendClient::connect(&d.backends, 1, 1) {
+        Err(iotlb_shm::ClientError::Refused { code, reason }) => {
+            assert_eq!(code, libc::EBUSY as u32, "{reason}");
+        }
+        other => panic!("connection 257 was not refused: {other:?}"),
+    }
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match BackendClient::connect(&d.backends, 1, 1) {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no room after the connections closed: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn main() {
     if let Ok(socket) = std::env::var("VIOMMU_TEST_BACKEND") {
         backend_main(&socket);
@@ -559,6 +588,10 @@ fn main() {
         ),
         ("a_full_table_answers_nomem_and_stays_consistent", || {
             a_full_table_answers_nomem_and_stays_consistent();
+            Ok(())
+        }),
+        ("backend_connections_are_bounded", || {
+            backend_connections_are_bounded();
             Ok(())
         }),
     ];
