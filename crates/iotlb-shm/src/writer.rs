@@ -358,23 +358,21 @@ impl TableWriter {
     /// An upper bound of the nodes that mapping `[first, last]` → `gpa`
     /// can need, computed without touching the table, so that an
     /// impossible MAP fails at once instead of after writing entries.
+    ///
+    /// Below the root, level `l` needs one node per `entry_span(l + 1)`
+    /// stretch the range touches — unless IOVA and GPA agree modulo that
+    /// stretch and it may be a leaf, in which case only the unaligned head
+    /// and tail need level-`l` nodes.
     fn nodes_needed_bound(&self, first: u64, last: u64, gpa: u64) -> u64 {
-        let pages = ((last - first) >> layout::PAGE_SHIFT) + 1;
-        // If IOVA and GPA agree modulo 2 MiB, at most two partial 2 MiB
-        // stretches need 4 KiB leaves; otherwise every page may.
-        let congruent = (first ^ gpa) & (layout::entry_span(1) - 1) == 0;
-        let leaf_pages = if congruent {
-            pages.min(2 * layout::ENTRIES_PER_NODE)
-        } else {
-            pages
-        };
-        let mut bound = 0;
-        let mut below = leaf_pages.max(pages >> layout::BITS_PER_LEVEL);
-        for _ in 1..self.levels {
-            below = below.div_ceil(layout::ENTRIES_PER_NODE) + 1;
-            bound += below;
-        }
-        bound
+        (0..self.levels - 1)
+            .map(|l| {
+                let shift = layout::PAGE_SHIFT + layout::BITS_PER_LEVEL * (l + 1);
+                let touched = (last >> shift) - (first >> shift) + 1;
+                let huge_above = l < layout::MAX_LEAF_LEVEL
+                    && (first ^ gpa) & (layout::entry_span(l + 1) - 1) == 0;
+                if huge_above { touched.min(2) } else { touched }
+            })
+            .sum()
     }
 
     fn alloc_node(&mut self) -> Result<u32, WriterError> {
@@ -385,17 +383,23 @@ impl TableWriter {
     }
 
     fn alloc_any_node(&mut self) -> Result<u32, WriterError> {
+        if self.free.is_empty()
+            && self.fresh == self.segments * u64::from(self.geometry.segment_nodes)
+        {
+            // Adds a segment, or (at the maximum size) runs a grace period
+            // that makes the retired nodes free, or fails.
+            self.grow()?;
+        }
         let node = if let Some(n) = self.free.pop() {
             for i in 0..layout::ENTRIES_PER_NODE as usize {
                 self.entry(n, i).store(0, Ordering::Relaxed);
             }
             n
-        } else {
-            if self.fresh == self.segments * u64::from(self.geometry.segment_nodes) {
-                self.grow()?;
-            }
+        } else if self.fresh < self.segments * u64::from(self.geometry.segment_nodes) {
             self.fresh += 1;
             (self.fresh - 1) as u32
+        } else {
+            return Err(WriterError::ArenaFull(self.geometry.max_nodes()));
         };
         self.live[node as usize] = 0;
         Ok(node)

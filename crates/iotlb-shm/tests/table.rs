@@ -671,3 +671,31 @@ fn the_writer_scans_only_claimed_slots_and_a_reader_cannot_push_it_past_the_file
     unsafe { (t.slots.map().as_ptr().cast_mut().add(32) as *mut u64).write_volatile(u64::MAX) };
     assert_eq!(writer_view.slots_in_use(), 8);
 }
+
+#[test]
+fn a_full_arena_recycles_retired_nodes_through_a_grace_period() {
+    // 8 nodes: root + 7. Each scattered page needs a level-2..0 chain.
+    let mut t = rig_with(Geometry {
+        segment_nodes: 4,
+        max_segments: 2,
+        ..Geometry::default()
+    });
+    t.w.create_domain(1).unwrap();
+    t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
+    let far = |i: u64| i << 39; // a different level-3 entry each: 3 new nodes per page
+    t.w.map(1, far(0), far(0) + 0xfff, 0x1000, RW).unwrap();
+    t.w.map(1, far(1), far(1) + 0xfff, 0x2000, RW).unwrap();
+    assert!(matches!(
+        t.w.map(1, far(2), far(2) + 0xfff, 0x3000, RW),
+        Err(WriterError::ArenaFull(8))
+    ));
+    // Unmapping retires 3 nodes (not yet reusable: no grace period ran).
+    t.w.unmap(1, far(0), far(0) + 0xfff).unwrap();
+    assert_eq!(t.w.stats().segments, 2);
+    // The next map needs them: the writer runs the grace period itself.
+    t.w.map(1, far(2), far(2) + 0xfff, 0x3000, RW).unwrap();
+    assert_eq!(t.one(1, far(2) + 5, Access::READ).unwrap().gpa, 0x3005);
+    assert_eq!(t.one(1, far(1) + 5, Access::READ).unwrap().gpa, 0x2005);
+    assert_eq!(t.one(1, far(0), Access::READ), Err(FaultKind::Mapping));
+    assert!(t.w.stats().grace_periods >= 1);
+}
