@@ -608,6 +608,15 @@ impl TableWriter {
         last: u64,
         check: bool,
     ) -> Result<(), WriterError> {
+        // Entry indices wrap above the input range: never walk past it.
+        let top_iova = match self.geometry.input_bits {
+            64.. => u64::MAX,
+            bits => (1u64 << bits) - 1,
+        };
+        if first > top_iova {
+            return Ok(());
+        }
+        let last = last.min(top_iova);
         if check {
             if self
                 .leaf_bounds(root, first)

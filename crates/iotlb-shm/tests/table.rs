@@ -699,3 +699,17 @@ fn a_full_arena_recycles_retired_nodes_through_a_grace_period() {
     assert_eq!(t.one(1, far(0), Access::READ), Err(FaultKind::Mapping));
     assert!(t.w.stats().grace_periods >= 1);
 }
+
+#[test]
+fn unmapping_above_the_input_range_never_aliases_lower_addresses() {
+    let mut t = rig();
+    t.w.create_domain(1).unwrap();
+    t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
+    t.w.map(1, 0, 0xfff, 0x5000, RW).unwrap();
+    // 2^48 has the same radix indices as 0 in a 48-bit table.
+    t.w.unmap(1, 1 << 48, (1 << 48) + 0xfff).unwrap();
+    t.w.unmap(1, 1 << 60, u64::MAX).unwrap();
+    assert_eq!(t.one(1, 0x10, Access::READ).unwrap().gpa, 0x5010);
+    t.w.unmap(1, 0, u64::MAX).unwrap();
+    assert_eq!(t.one(1, 0x10, Access::READ), Err(FaultKind::Mapping));
+}
