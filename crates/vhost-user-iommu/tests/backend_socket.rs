@@ -383,8 +383,17 @@ fn dev_fault_7_faults_never_block_the_request_queue() {
     for i in 0..100u64 {
         ok(&mut drv, map(1, i * 0x1000, 0x8000));
     }
-    // Let the daemon take in every fault message, then offer buffers.
-    std::thread::sleep(Duration::from_millis(300));
+    // The daemon reads a backend's messages in order: once it has seen the
+    // backend leave, every fault is queued. Then offer buffers.
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("backend disconnected") {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never saw the backend leave"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     drv.post_event_buffers(256, 24).unwrap();
     let mut records = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
