@@ -124,11 +124,14 @@ impl IommuBackend {
     ) -> io::Result<()> {
         let weak = Arc::downgrade(&self.inner);
         let serve = Box::new(move |vring: &VringRwLock| {
-            let Some(inner) = weak.upgrade() else { return };
+            let Some(inner) = weak.upgrade() else {
+                return 0;
+            };
             let backend = IommuBackend { inner };
-            if let Err(e) = backend.process_request_queue(vring) {
+            backend.process_request_queue(vring).unwrap_or_else(|e| {
                 warn!(error = %e, "request queue processing failed");
-            }
+                0
+            })
         });
         let kick_loop = KickLoop::start(serve, cpu)?;
         *self.inner.kick_loop.lock().map_err(lock_error)? = Some(kick_loop);
@@ -247,14 +250,16 @@ impl IommuBackend {
 
     /// Serves every available request, completing in order; requests that
     /// narrowed access complete after one grace period for the batch.
-    fn process_request_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_request_queue(&self, vring: &VringRwLock) -> io::Result<usize> {
         let mem = self.memory()?;
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let mut total = 0;
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let served = self.serve_available(vring, &mem)?;
+            total += served;
             if served > 0 && vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
             }
@@ -262,7 +267,7 @@ impl IommuBackend {
                 continue; // More arrived while notifications were off.
             }
             if served == 0 && !self.poll_for_more(vring, &mem)? {
-                return Ok(());
+                return Ok(total);
             }
         }
     }
@@ -455,7 +460,7 @@ impl VhostUserBackend for IommuBackend {
                 if self.hand_over_kick(vring)? {
                     return Ok(());
                 }
-                self.process_request_queue(vring)
+                self.process_request_queue(vring).map(drop)
             }
             // Buffers stay in the ring until a fault needs one.
             EVENT_QUEUE | FAULT_WAKE_EVENT => {

@@ -25,8 +25,9 @@ use tracing::{debug, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
 
-/// What the thread runs on a kick.
-pub type Serve = Box<dyn Fn(&VringRwLock) + Send>;
+/// What the thread runs on a kick: serves the queue, returns how many
+/// requests it completed.
+pub type Serve = Box<dyn Fn(&VringRwLock) -> usize + Send>;
 
 #[derive(Default)]
 struct Command {
@@ -47,6 +48,9 @@ pub struct KickLoop {
 }
 
 const WAKE: u64 = 1;
+/// How long the thread sleeps without any completion before it checks the
+/// avail ring itself (a safety net against a lost kick, which it logs).
+const WATCHDOG_NS: u32 = 100_000_000;
 const CANCEL: u64 = 2;
 /// Kick reads carry `KICK | generation`.
 const KICK: u64 = 1 << 32;
@@ -226,12 +230,30 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
     let mut generation = 0u64;
     l.read(control.wake.as_raw_fd(), WAKE)?;
     debug!("request-queue io_uring loop running");
+    // Kernels before 5.11 cannot time out a wait: no watchdog there.
+    let ext_arg = l.ring.params().is_feature_ext_arg();
+    let watchdog = types::Timespec::new().nsec(WATCHDOG_NS);
+    let args = types::SubmitArgs::new().timespec(&watchdog);
     let result = loop {
-        if let Err(e) = l.ring.submit_and_wait(1) {
-            if e.kind() == io::ErrorKind::Interrupted {
+        let waited = if ext_arg {
+            l.ring.submitter().submit_with_args(1, &args)
+        } else {
+            l.ring.submit_and_wait(1)
+        };
+        match waited {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                // Nothing completed for a while: if requests are waiting
+                // anyway, a kick went missing; serve them and say so.
+                if let Some((_, vring)) = &kick {
+                    if vring.get_ref().is_enabled() && serve(vring) > 0 {
+                        warn!("request queue had requests but no kick; served by the watchdog");
+                    }
+                }
                 continue;
             }
-            break Err(e);
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e),
         }
         let done: Vec<(u64, i32)> = l
             .ring
@@ -280,7 +302,7 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
         if pass {
             if let Some((_, vring)) = &kick {
                 if vring.get_ref().is_enabled() {
-                    serve(vring);
+                    let _ = serve(vring);
                 }
             }
         }
