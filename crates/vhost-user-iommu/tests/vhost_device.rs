@@ -912,7 +912,10 @@ fn both_kick_loops_serve_the_request_queue_and_uring_owns_the_kick() {
         }
         let log = d.log();
         let handed = log.matches("handed to the io_uring thread").count();
-        assert!(!log.contains("served by the watchdog"), "a kick was lost:\n{log}");
+        assert!(
+            !log.contains("served by the watchdog"),
+            "a kick was lost:\n{log}"
+        );
         if name == "epoll" {
             assert_eq!(handed, 0, "{log}");
         } else {
