@@ -319,7 +319,7 @@ fn shm_processes(s: &mut Setup, n: usize, run_for: Duration) -> f64 {
         },
     )
     .expect("processes");
-    writer.reap_dead_readers();
+    writer.release_finished_readers();
     rate
 }
 

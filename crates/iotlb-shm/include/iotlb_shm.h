@@ -26,7 +26,10 @@
  *
  * Translations from a session are valid until iotlb_session_exit (the
  * daemon completes no UNMAP affecting them before); pinned ranges until
- * iotlb_unpin. A slot and its session belong to one thread at a time;
+ * iotlb_unpin. Once the daemon is gone, sessions fault IOTLB_FAULT_DETACHED.
+ * The mappings are MADV_DONTFORK: a forked child has no table (it connects
+ * on its own). Open the slot file once: closing its last handle (slots and
+ * pins included) tells the daemon this process is done with it. A slot and its session belong to one thread at a time;
  * table and slots handles may be shared by threads; pins may be released
  * from any thread. Handles keep what they need alive: closing the table
  * or slots handle while slots or pins are out is safe.
@@ -45,6 +48,7 @@ extern "C" {
 #define IOTLB_FAULT_DOMAIN 1     /* endpoint blocked or unknown */
 #define IOTLB_FAULT_MAPPING 2    /* no mapping covers the address */
 #define IOTLB_FAULT_PERMISSION 3 /* mapped without the needed permission */
+#define IOTLB_FAULT_DETACHED 4   /* the daemon is gone: reconnect */
 
 /* Access argument. */
 #define IOTLB_ACCESS_READ 1       /* the device reads memory */

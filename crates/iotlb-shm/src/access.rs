@@ -56,6 +56,11 @@ pub enum FaultKind {
     /// A mapping covers it without the needed permission (reason MAPPING,
     /// with the access flags set).
     Permission,
+    /// The daemon that wrote the table is gone (it exited, crashed or was
+    /// killed): nothing translates through its frozen table. Not a guest
+    /// error: connect to the (restarted) daemon again
+    /// ([`crate::BackendClient::connect`]) to get the current table.
+    Detached,
 }
 
 /// A failed translation: enough to report a fault record to the guest.

@@ -2,8 +2,16 @@
 //! co-located backend obtains the table from the daemon and reports faults.
 //!
 //! Every message is a 16-byte header (`magic`, `version`, `type`, total
-//! length, all little-endian u32) and a fixed body. Descriptors travel as
-//! `SCM_RIGHTS` ancillary data attached to the WELCOME message.
+//! length, all little-endian u32) and a body. Descriptors travel as
+//! `SCM_RIGHTS` ancillary data attached to WELCOME (daemon → backend) and
+//! to REGISTER_RING / REGISTER_SOCKET (backend → daemon).
+//!
+//! Framing is kept whenever it can be: a message whose header has the right
+//! magic and version and a length within bounds is read whole, whatever its
+//! type, so that a message of an unknown type or with a bad field is
+//! answered with ERROR and the connection goes on ([`recv_frame`] and
+//! [`Message::decode`] are separate steps). Only a header that cannot be
+//! trusted loses the framing ([`FrameError::Framing`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -18,9 +26,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VIOB");
 pub const VERSION: u32 = 1;
 /// Header bytes.
 pub const HEADER_LEN: usize = 16;
-/// Longest message (a REFUSED with its reason).
-pub const MAX_LEN: usize = HEADER_LEN + 8 + MAX_REASON;
-/// Longest REFUSED reason, in bytes.
+/// Longest message (an ERROR with its reason).
+pub const MAX_LEN: usize = HEADER_LEN + 16 + MAX_REASON;
+/// Longest REFUSED or ERROR reason, in bytes.
 pub const MAX_REASON: usize = 240;
 /// Descriptors sent with WELCOME: table, arena, slots.
 pub const WELCOME_FDS: usize = 3;
@@ -29,6 +37,10 @@ const HELLO: u32 = 1;
 const WELCOME: u32 = 2;
 const REFUSED: u32 = 3;
 const FAULT: u32 = 4;
+const REGISTER_RING: u32 = 5;
+const REGISTER_SOCKET: u32 = 6;
+const ACK: u32 = 7;
+const ERROR: u32 = 8;
 
 /// A protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +69,35 @@ pub enum Message {
     /// Backend → daemon: a DMA that did not translate, for the guest's
     /// event queue.
     Fault(Fault),
+    /// Backend → daemon: track this io_uring (one descriptor attached: the
+    /// read end of the ring's sentinel pipe, see [`crate::drain`]). Answered
+    /// with ACK or ERROR carrying the same cookie.
+    RegisterRing {
+        /// Chosen by the backend, echoed in the answer.
+        cookie: u64,
+    },
+    /// Backend → daemon: track this TCP socket's zero-copy sends (one
+    /// descriptor attached: the socket). Answered with ACK or ERROR.
+    RegisterSocket {
+        /// Chosen by the backend, echoed in the answer.
+        cookie: u64,
+    },
+    /// Daemon → backend: the registration with this cookie is done.
+    Ack {
+        /// The registration's cookie.
+        cookie: u64,
+    },
+    /// Daemon → backend: a message was refused; the connection and the
+    /// backend's registration go on.
+    Error {
+        /// The cookie of the refused registration, 0 for other messages.
+        cookie: u64,
+        /// errno-style code (`EPROTO` malformed or unexpected message,
+        /// `EINVAL` unsuitable descriptor, `ENOSPC` too many tracked).
+        code: u32,
+        /// Human-readable reason.
+        reason: String,
+    },
 }
 
 /// A message that does not parse.
@@ -73,9 +114,25 @@ pub enum DecodeError {
         /// Version found.
         version: u32,
     },
+    /// The length does not fit the type (or is out of bounds).
+    #[error("message of type {kind} with length {len}")]
+    Length {
+        /// Type found.
+        kind: u32,
+        /// Length found.
+        len: usize,
+    },
     /// Unknown type, or a field out of range.
     #[error("bad message type {0} or field")]
     Bad(u32),
+}
+
+fn reason_bytes(reason: &str) -> &[u8] {
+    let mut cut = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &reason.as_bytes()[..cut]
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -87,14 +144,26 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
 }
 
 impl Message {
-    /// Total length of a message of this type, or `None` for REFUSED
-    /// (variable) and unknown types.
-    fn fixed_len(kind: u32) -> Option<usize> {
-        match kind {
-            HELLO => Some(HEADER_LEN + 8),
-            WELCOME => Some(HEADER_LEN + 8),
-            FAULT => Some(HEADER_LEN + 24),
-            _ => None,
+    /// Whether `len` is a valid total length for a message of type `kind`
+    /// (unknown types: `None`).
+    fn len_fits(kind: u32, len: usize) -> Option<bool> {
+        Some(match kind {
+            HELLO | WELCOME | REGISTER_RING | REGISTER_SOCKET | ACK => len == HEADER_LEN + 8,
+            FAULT => len == HEADER_LEN + 24,
+            REFUSED => (HEADER_LEN + 8..=HEADER_LEN + 8 + MAX_REASON).contains(&len),
+            ERROR => (HEADER_LEN + 16..=MAX_LEN).contains(&len),
+            _ => return None,
+        })
+    }
+
+    /// The cookie of a registration or its answer (0 for other messages).
+    pub fn cookie(&self) -> u64 {
+        match self {
+            Message::RegisterRing { cookie }
+            | Message::RegisterSocket { cookie }
+            | Message::Ack { cookie }
+            | Message::Error { cookie, .. } => *cookie,
+            _ => 0,
         }
     }
 
@@ -112,22 +181,41 @@ impl Message {
                 WELCOME
             }
             Message::Refused { code, reason } => {
-                let mut r = reason.as_bytes();
-                if r.len() > MAX_REASON {
-                    let mut cut = MAX_REASON;
-                    while !reason.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    r = &r[..cut];
-                }
+                let r = reason_bytes(reason);
                 body.extend_from_slice(&code.to_le_bytes());
                 body.extend_from_slice(&(r.len() as u32).to_le_bytes());
                 body.extend_from_slice(r);
                 REFUSED
             }
+            Message::RegisterRing { cookie } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                REGISTER_RING
+            }
+            Message::RegisterSocket { cookie } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                REGISTER_SOCKET
+            }
+            Message::Ack { cookie } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                ACK
+            }
+            Message::Error {
+                cookie,
+                code,
+                reason,
+            } => {
+                let r = reason_bytes(reason);
+                body.extend_from_slice(&cookie.to_le_bytes());
+                body.extend_from_slice(&code.to_le_bytes());
+                body.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                body.extend_from_slice(r);
+                ERROR
+            }
             Message::Fault(f) => {
+                // A fault from a dead daemon's table is never the guest's
+                // business; should one be sent, it reads as DOMAIN.
                 let kind = match f.kind {
-                    FaultKind::Domain => 1u32,
+                    FaultKind::Domain | FaultKind::Detached => 1u32,
                     FaultKind::Mapping => 2,
                     FaultKind::Permission => 3,
                 };
@@ -148,21 +236,19 @@ impl Message {
         out
     }
 
-    /// Length of the whole message whose header is `header`.
+    /// Length of the whole message whose header is `header`: any length
+    /// from a header to [`MAX_LEN`] keeps the framing, whatever the type
+    /// (whether it fits the type is [`Self::decode`]'s business).
     pub fn total_len(header: &[u8; HEADER_LEN]) -> Result<usize, DecodeError> {
         let (magic, version) = (u32_at(header, 0), u32_at(header, 4));
         if magic != MAGIC || version != VERSION {
             return Err(DecodeError::Foreign { magic, version });
         }
         let (kind, len) = (u32_at(header, 8), u32_at(header, 12) as usize);
-        let ok = match Self::fixed_len(kind) {
-            Some(n) => len == n,
-            None => kind == REFUSED && (HEADER_LEN + 8..=MAX_LEN).contains(&len),
-        };
-        if ok {
+        if (HEADER_LEN..=MAX_LEN).contains(&len) {
             Ok(len)
         } else {
-            Err(DecodeError::Bad(kind))
+            Err(DecodeError::Length { kind, len })
         }
     }
 
@@ -178,6 +264,11 @@ impl Message {
         }
         let body = &b[HEADER_LEN..len];
         let kind = u32_at(b, 8);
+        match Self::len_fits(kind, len) {
+            None => return Err(DecodeError::Bad(kind)),
+            Some(false) => return Err(DecodeError::Length { kind, len }),
+            Some(true) => {}
+        }
         match kind {
             HELLO => Ok(Message::Hello {
                 slots: u32_at(body, 0),
@@ -205,6 +296,9 @@ impl Message {
                     3 => FaultKind::Permission,
                     _ => return Err(DecodeError::Bad(kind)),
                 };
+                if u32_at(body, 12) != 0 {
+                    return Err(DecodeError::Bad(FAULT));
+                }
                 Ok(Message::Fault(Fault {
                     kind,
                     endpoint: u32_at(body, 0),
@@ -212,13 +306,41 @@ impl Message {
                     access,
                 }))
             }
+            REGISTER_RING => Ok(Message::RegisterRing {
+                cookie: u64_at(body, 0),
+            }),
+            REGISTER_SOCKET => Ok(Message::RegisterSocket {
+                cookie: u64_at(body, 0),
+            }),
+            ACK => Ok(Message::Ack {
+                cookie: u64_at(body, 0),
+            }),
+            ERROR => {
+                let n = u32_at(body, 12) as usize;
+                let text = body.get(16..16 + n).ok_or(DecodeError::Bad(kind))?;
+                Ok(Message::Error {
+                    cookie: u64_at(body, 0),
+                    code: u32_at(body, 8),
+                    reason: String::from_utf8_lossy(text).into_owned(),
+                })
+            }
             other => Err(DecodeError::Bad(other)),
         }
     }
 }
 
-/// Sends `bytes` with `fds` attached (SCM_RIGHTS).
+/// Sends `bytes` with `fds` attached (SCM_RIGHTS), waiting for room.
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    send(sock, bytes, fds, 0)
+}
+
+/// Sends `bytes` without waiting for room in the socket: a peer that does
+/// not read its replies gets `WouldBlock` instead of stalling the sender.
+pub fn try_send(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    send(sock, bytes, &[], libc::MSG_DONTWAIT)
+}
+
+fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>], flags: i32) -> io::Result<()> {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let fd_bytes = std::mem::size_of_val(raw.as_slice());
     // SAFETY: CMSG_SPACE is a pure computation on a length.
@@ -245,6 +367,7 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>])
         }
     }
     let mut sent = 0;
+    let mut flags = flags;
     while sent < bytes.len() {
         let mut iov = libc::iovec {
             iov_base: bytes[sent..].as_ptr() as *mut _,
@@ -252,7 +375,7 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>])
         };
         msg.msg_iov = &mut iov;
         // SAFETY: msg describes live buffers; MSG_NOSIGNAL avoids SIGPIPE.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags | libc::MSG_NOSIGNAL) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -261,47 +384,113 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>])
             return Err(e);
         }
         sent += n as usize;
-        // The descriptors went with the first chunk.
+        // The descriptors went with the first chunk; the rest of a message
+        // that was begun is finished whatever it takes.
         msg.msg_control = std::ptr::null_mut();
         msg.msg_controllen = 0;
+        flags = 0;
     }
     Ok(())
 }
 
-/// Receives exactly one message into `buf`, with any descriptors attached
-/// to it. Returns `Ok(None)` on an orderly end of stream before a message.
-pub fn recv_message(
+/// A whole message read off the socket, not decoded yet.
+#[derive(Debug)]
+pub struct Frame {
+    /// Its length: the message is `buf[..len]`.
+    pub len: usize,
+    /// The descriptors that came with it.
+    pub fds: Vec<OwnedFd>,
+    /// More descriptors were attached than fit; the kernel closed the
+    /// excess (the message itself is intact).
+    pub fds_truncated: bool,
+}
+
+/// Why no frame could be read.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The socket failed, or closed in the middle of a message.
+    #[error("backend socket")]
+    Io(#[from] io::Error),
+    /// The header cannot be trusted (wrong magic or version, impossible
+    /// length): where the next message starts is unknown.
+    #[error("framing lost")]
+    Framing(#[source] DecodeError),
+}
+
+/// Reads exactly one message into `buf`, with the descriptors attached to
+/// it. `Ok(None)` on an orderly end of stream before a message.
+pub fn recv_frame(
     sock: BorrowedFd<'_>,
     buf: &mut [u8; MAX_LEN],
-) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
+) -> Result<Option<Frame>, FrameError> {
     let mut fds = Vec::new();
+    let mut fds_truncated = false;
     let mut got = 0;
     let mut want = HEADER_LEN;
     while got < want {
-        let n = recv_some(sock, &mut buf[got..want], &mut fds)?;
+        let n = recv_some(sock, &mut buf[got..want], &mut fds, &mut fds_truncated)?;
         if n == 0 {
             if got == 0 {
                 return Ok(None);
             }
-            return Err(io::Error::new(
+            return Err(FrameError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "backend socket closed mid-message",
-            ));
+            )));
         }
         got += n;
         if got == HEADER_LEN && want == HEADER_LEN {
-            let header: [u8; HEADER_LEN] =
-                buf[..HEADER_LEN].try_into().map_err(io::Error::other)?;
-            want = Message::total_len(&header)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let mut header = [0u8; HEADER_LEN];
+            header.copy_from_slice(&buf[..HEADER_LEN]);
+            want = Message::total_len(&header).map_err(FrameError::Framing)?;
         }
     }
-    let msg =
-        Message::decode(&buf[..want]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok(Some((msg, fds)))
+    Ok(Some(Frame {
+        len: want,
+        fds,
+        fds_truncated,
+    }))
 }
 
-fn recv_some(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+/// Receives and decodes exactly one message, with any descriptors attached
+/// to it. Returns `Ok(None)` on an orderly end of stream before a message;
+/// every malformed message is an `InvalidData` error.
+pub fn recv_message(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8; MAX_LEN],
+) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
+    let invalid = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
+    let frame = match recv_frame(sock, buf) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(None),
+        Err(FrameError::Io(e)) => return Err(e),
+        Err(FrameError::Framing(e)) => return Err(invalid(e)),
+    };
+    if frame.fds_truncated {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many descriptors attached",
+        ));
+    }
+    let msg = Message::decode(&buf[..frame.len]).map_err(invalid)?;
+    Ok(Some((msg, frame.fds)))
+}
+
+/// Reads whatever bytes are waiting (at most `buf.len()`), closing any
+/// descriptors that came with them: for a connection whose framing is lost,
+/// until its end of stream (`Ok(0)`).
+pub fn recv_discard(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let mut fds = Vec::new();
+    let mut truncated = false;
+    recv_some(sock, buf, &mut fds, &mut truncated)
+}
+
+fn recv_some(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    truncated: &mut bool,
+) -> io::Result<usize> {
     let mut control = [0u64; 16];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -340,10 +529,7 @@ fn recv_some(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io
             }
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "too many descriptors attached",
-            ));
+            *truncated = true;
         }
         return Ok(n as usize);
     }
@@ -370,6 +556,14 @@ mod tests {
                 iova: 0xdead_beef_f000,
                 access: Access::WRITE,
             }),
+            Message::RegisterRing { cookie: 1 },
+            Message::RegisterSocket { cookie: u64::MAX },
+            Message::Ack { cookie: 9 },
+            Message::Error {
+                cookie: 0,
+                code: 71,
+                reason: "unexpected HELLO".into(),
+            },
         ];
         for m in msgs {
             let b = m.encode();
@@ -390,8 +584,22 @@ mod tests {
             Err(DecodeError::Foreign { .. })
         ));
         let mut b = Message::Hello { slots: 1, pins: 1 }.encode();
-        b[12] = 99; // wrong length for HELLO
-        assert_eq!(Message::decode(&b), Err(DecodeError::Bad(HELLO)));
+        b[12] = 99; // wrong length for HELLO (the framing itself is fine)
+        assert!(Message::total_len(&b[..HEADER_LEN].try_into().unwrap()).is_ok());
+        b.resize(99, 0);
+        assert_eq!(
+            Message::decode(&b),
+            Err(DecodeError::Length {
+                kind: HELLO,
+                len: 99
+            })
+        );
+        let mut b = Message::Hello { slots: 1, pins: 1 }.encode();
+        b[12..16].copy_from_slice(&100_000u32.to_le_bytes()); // no framing
+        assert!(matches!(
+            Message::total_len(&b[..HEADER_LEN].try_into().unwrap()),
+            Err(DecodeError::Length { .. })
+        ));
         let mut b = Message::Hello { slots: 1, pins: 1 }.encode();
         b[8] = 77;
         assert_eq!(Message::decode(&b), Err(DecodeError::Bad(77)));
@@ -402,8 +610,11 @@ mod tests {
             access: Access::READ,
         })
         .encode();
+        let mut g = f.clone();
         f[HEADER_LEN + 4] = 9; // access 9
         assert_eq!(Message::decode(&f), Err(DecodeError::Bad(FAULT)));
+        g[HEADER_LEN + 12] = 1; // reserved field set
+        assert_eq!(Message::decode(&g), Err(DecodeError::Bad(FAULT)));
         let long = Message::Refused {
             code: 1,
             reason: "é".repeat(200),
@@ -434,5 +645,38 @@ mod tests {
             recv_message(b.as_fd(), &mut buf).unwrap().is_none(),
             "clean EOF"
         );
+    }
+
+    #[test]
+    fn a_message_of_an_unknown_type_or_with_too_many_fds_keeps_the_framing() {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut odd = Message::Ack { cookie: 5 }.encode();
+        odd[8] = 200; // unknown type, valid length
+        send_with_fds(a.as_fd(), &odd, &[]).unwrap();
+        let file = crate::memfd::create(c"t", 4096).unwrap();
+        let many: Vec<_> = (0..64).map(|_| file.as_fd()).collect();
+        let hello = Message::Hello { slots: 1, pins: 1 }.encode();
+        send_with_fds(a.as_fd(), &hello, &many).unwrap();
+        send_with_fds(a.as_fd(), &Message::Ack { cookie: 6 }.encode(), &[]).unwrap();
+        let mut buf = [0u8; MAX_LEN];
+        let f = recv_frame(b.as_fd(), &mut buf).unwrap().unwrap();
+        assert_eq!(Message::decode(&buf[..f.len]), Err(DecodeError::Bad(200)));
+        let f = recv_frame(b.as_fd(), &mut buf).unwrap().unwrap();
+        assert!(f.fds_truncated && f.fds.len() < 64, "{f:?}");
+        assert_eq!(
+            Message::decode(&buf[..f.len]),
+            Ok(Message::Hello { slots: 1, pins: 1 })
+        );
+        let (m, _) = recv_message(b.as_fd(), &mut buf).unwrap().unwrap();
+        assert_eq!(m, Message::Ack { cookie: 6 }, "the stream is still in step");
+        let mut junk = Message::Ack { cookie: 7 }.encode();
+        junk[0] = b'X';
+        send_with_fds(a.as_fd(), &junk, &[]).unwrap();
+        assert!(matches!(
+            recv_frame(b.as_fd(), &mut buf),
+            Err(FrameError::Framing(DecodeError::Foreign { .. }))
+        ));
     }
 }

@@ -43,6 +43,9 @@ pub const IOTLB_FAULT_DOMAIN: c_int = 1;
 pub const IOTLB_FAULT_MAPPING: c_int = 2;
 /// `iotlb_translate` result: a mapping covers it without the permission.
 pub const IOTLB_FAULT_PERMISSION: c_int = 3;
+/// `iotlb_translate` result: the daemon that wrote the table is gone;
+/// nothing translates until the backend connects to a live daemon again.
+pub const IOTLB_FAULT_DETACHED: c_int = 4;
 
 /// Access bit: the device reads memory.
 pub const IOTLB_ACCESS_READ: u8 = 1;
@@ -130,6 +133,7 @@ fn fault_code(f: &Fault) -> c_int {
         FaultKind::Domain => IOTLB_FAULT_DOMAIN,
         FaultKind::Mapping => IOTLB_FAULT_MAPPING,
         FaultKind::Permission => IOTLB_FAULT_PERMISSION,
+        FaultKind::Detached => IOTLB_FAULT_DETACHED,
     }
 }
 
@@ -150,6 +154,7 @@ fn slot_error(e: &SlotError) -> c_int {
         SlotError::Io { source, .. } => os_error(source),
         SlotError::Counts { .. } | SlotError::Format { .. } => -libc::EPROTO,
         SlotError::NotSealed(_) => -libc::EACCES,
+        SlotError::Closed => -libc::EBADF,
         SlotError::NoFreeSlot(_) | SlotError::NoFreePin(_) => -libc::ENOSPC,
     }
 }
@@ -168,7 +173,7 @@ unsafe fn put<T>(out: *mut *mut T, value: T) {
 /// may be closed once this returns.
 ///
 /// Returns 0 and stores a handle in `*out`, or a negative errno value:
-/// `-EINVAL` (null `out`), `-EBADF` (negative fd), `-EPROTO` (not a v1
+/// `-EINVAL` (null `out`), `-EBADF` (negative fd), `-EPROTO` (not a v2
 /// table), `-EACCES` (not sealed read-only), or the OS error.
 ///
 /// # Safety
@@ -245,7 +250,8 @@ pub unsafe extern "C" fn iotlb_table_epoch(table: *const IotlbTable) -> u64 {
 /// descriptor stays owned by the caller.
 ///
 /// Returns 0 and stores a handle in `*out`, or `-EINVAL`, `-EBADF`,
-/// `-EPROTO` (not a v1 slot file), `-EACCES` (not sealed), or the OS error.
+/// `-EPROTO` (not a v2 slot file), `-EACCES` (not sealed), `-EBADF` (already
+/// closed by this process), or the OS error.
 ///
 /// # Safety
 /// `out` is null or valid for a pointer write; the fd is open or negative.

@@ -1,16 +1,19 @@
 //! The backend's side of the backend socket: connect to the daemon, get
-//! the table and a slot file, report faults.
+//! the table and a slot file, register the rings and sockets that do I/O
+//! into guest memory, report faults.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
 
 use crate::access::Fault;
 use crate::backend_proto::{self, MAX_LEN, Message, WELCOME_FDS};
+use crate::drain::{self, SentinelSlot};
 use crate::reader::{OpenError, TableReader};
 use crate::slots::{SlotError, SlotFile};
 
@@ -37,6 +40,14 @@ pub enum ClientError {
     /// The daemon answered something unexpected.
     #[error("unexpected answer from the daemon: {0}")]
     Protocol(String),
+    /// The daemon refused a registration; the connection goes on.
+    #[error("the daemon refused the registration: {reason} (code {code})")]
+    NotRegistered {
+        /// errno-style code.
+        code: u32,
+        /// The daemon's reason.
+        reason: String,
+    },
     /// The table it sent does not open.
     #[error("opening the daemon's table")]
     Table(#[from] OpenError),
@@ -46,10 +57,23 @@ pub enum ClientError {
 }
 
 /// A backend connected to the daemon: its view of the table and its slots.
-/// Dropping it disconnects; the daemon then forgets the slots.
+///
+/// Dropping it closes the connection. The daemon forgets the process once
+/// its slot file is closed too (when the last [`crate::ReaderSlot`] and
+/// [`crate::Pin`] are dropped), or once the process has exited and the I/O
+/// it registered has drained. A child forked after `connect` does not
+/// inherit the table (the mappings are `MADV_DONTFORK`); it connects on its
+/// own.
+///
+/// When the daemon dies, every session faults with
+/// [`crate::FaultKind::Detached`] (see [`Self::daemon_alive`]): connect
+/// again once it is back.
 #[derive(Debug)]
 pub struct BackendClient {
     sock: UnixStream,
+    /// Serialises registrations (each waits for its answer).
+    answers: Mutex<()>,
+    next_cookie: AtomicU64,
     /// The table, read-only.
     pub table: TableReader,
     /// This process's slot file.
@@ -98,10 +122,97 @@ impl BackendClient {
         let slots = SlotFile::open(fds[2].as_fd())?;
         Ok(Self {
             sock,
+            answers: Mutex::new(()),
+            next_cookie: AtomicU64::new(1),
             table,
             slots,
             reader_id,
         })
+    }
+
+    /// Whether the daemon that serves the table is alive. Once it is not,
+    /// nothing translates ([`crate::FaultKind::Detached`]); drop this
+    /// client and connect again.
+    pub fn daemon_alive(&self) -> bool {
+        self.table.writer_alive()
+    }
+
+    /// The connection to the daemon (to poll it for the daemon's end of
+    /// stream, or for diagnostics). Do not close it or write to it.
+    pub fn connection(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Registers an io_uring that will do I/O into guest memory: the
+    /// daemon then waits for the ring's in-flight requests to finish before
+    /// it forgets this process's pins, should the process die with I/O in
+    /// flight. Installs the ring's sentinel in its fixed-file table at
+    /// `slot` (see [`drain::arm_ring_sentinel`]): call it before the ring's
+    /// first I/O into guest memory, from the thread that submits on it.
+    pub fn register_ring(
+        &self,
+        ring: BorrowedFd<'_>,
+        slot: SentinelSlot,
+    ) -> Result<(), ClientError> {
+        let sentinel = drain::arm_ring_sentinel(ring, slot).map_err(|source| ClientError::Io {
+            step: "install the ring's sentinel",
+            source,
+        })?;
+        self.register(|cookie| Message::RegisterRing { cookie }, sentinel.as_fd())
+    }
+
+    /// Registers a connected TCP socket used for `MSG_ZEROCOPY` sends from
+    /// guest memory: should the process die with such sends queued, the
+    /// daemon waits until the kernel has sent them (and the socket's queue
+    /// is empty) before it forgets this process's pins. Register it before
+    /// its first zero-copy send.
+    pub fn register_zerocopy_socket(&self, socket: BorrowedFd<'_>) -> Result<(), ClientError> {
+        self.register(|cookie| Message::RegisterSocket { cookie }, socket)
+    }
+
+    fn register(
+        &self,
+        msg: impl Fn(u64) -> Message,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), ClientError> {
+        let _one_at_a_time = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+        let cookie = self
+            .next_cookie
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        backend_proto::send_with_fds(self.sock.as_fd(), &msg(cookie).encode(), &[fd]).map_err(
+            |source| ClientError::Io {
+                step: "send a registration",
+                source,
+            },
+        )?;
+        let mut buf = [0u8; MAX_LEN];
+        loop {
+            let answer = backend_proto::recv_message(self.sock.as_fd(), &mut buf)
+                .map_err(|source| ClientError::Io {
+                    step: "receive the daemon's answer",
+                    source,
+                })?
+                .ok_or_else(|| ClientError::Protocol("the daemon closed the connection".into()))?;
+            match answer {
+                (Message::Ack { cookie: c }, _) if c == cookie => return Ok(()),
+                (
+                    Message::Error {
+                        cookie: c,
+                        code,
+                        reason,
+                    },
+                    _,
+                ) if c == cookie => {
+                    return Err(ClientError::NotRegistered { code, reason });
+                }
+                (Message::Error { code, reason, .. }, _) => {
+                    tracing::warn!(code, %reason, "the daemon refused a message of this backend");
+                }
+                (other, _) => {
+                    return Err(ClientError::Protocol(format!("{other:?}")));
+                }
+            }
+        }
     }
 
     /// Hands a fault to the daemon for the guest's event queue.

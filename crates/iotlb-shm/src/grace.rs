@@ -22,7 +22,8 @@
 //! the new one, and waits for the Release store of `exit`, which orders every
 //! load of the walk before the writer's reuse.
 
-use crate::layout::slots::{ACTIVE, PIN_HELD, QUIESCENT};
+use crate::layout::liveness::{OWNER_DIED, TID_MASK};
+use crate::layout::slots::{ACTIVE, CLOSED_VALUE, PIN_HELD, QUIESCENT};
 use crate::sync::{AtomicU64, Ordering, fence};
 
 /// Starts a session in `slot`; returns the epoch it was entered in.
@@ -34,6 +35,29 @@ pub fn enter(global_epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
     slot.store((epoch << 1) | ACTIVE, Ordering::Release);
     fence(Ordering::SeqCst);
     epoch
+}
+
+/// Whether the writer of the table is alive, from its liveness word
+/// (`layout::liveness`). A session reads it after [`enter`]'s fence: a
+/// session entered once the writer's death is visible faults every
+/// translation.
+#[inline]
+pub fn writer_alive(liveness: &AtomicU64) -> bool {
+    let word = liveness.load(Ordering::Acquire);
+    word & TID_MASK != 0 && word & OWNER_DIED == 0
+}
+
+/// Marks a reader's slot file closed. The reader calls it once, after its
+/// last session ended and its last pin was released, just before it unmaps
+/// the file: the Release orders every earlier store to the file before it.
+pub fn close_slots(closed: &AtomicU64) {
+    closed.store(CLOSED_VALUE, Ordering::Release);
+}
+
+/// Whether the reader closed its slot file ([`close_slots`]); if so, the
+/// writer may stop waiting for any of its slots and pins.
+pub fn slots_closed(closed: &AtomicU64) -> bool {
+    closed.load(Ordering::Acquire) == CLOSED_VALUE
 }
 
 /// Ends the session in `slot`.

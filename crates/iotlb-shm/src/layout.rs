@@ -1,16 +1,19 @@
-//! Layout v1 of the shared memory files: every offset and constant a reader
+//! Layout v2 of the shared memory files: every offset and constant a reader
 //! in any language needs. `docs/shm-layout.md` is the prose version of this
 //! module; both must change together (bump [`VERSION`]).
 //!
 //! All multi-byte fields are little-endian `u64` words at 8-byte aligned
 //! offsets, read and written only with single-word atomic operations.
 
-/// First word of the table file: the bytes `VIOTLBv1`.
+/// First word of the table file: the bytes `VIOTLBv1` (the format's name,
+/// unchanged across layout versions; see [`VERSION`]).
 pub const TABLE_MAGIC: u64 = u64::from_le_bytes(*b"VIOTLBv1");
 /// First word of a reader-slot file: the bytes `VIOSLOT1`.
 pub const SLOTS_MAGIC: u64 = u64::from_le_bytes(*b"VIOSLOT1");
-/// Layout version; readers refuse any other value.
-pub const VERSION: u64 = 1;
+/// Layout version; readers refuse any other value. Version 2 added the
+/// writer's liveness word ([`header::LIVENESS`]), which readers must check,
+/// and the slot file's `closed` word ([`slots::CLOSED`]).
+pub const VERSION: u64 = 2;
 
 /// Page size of every file and of the smallest leaf.
 pub const PAGE_SIZE: u64 = 4096;
@@ -45,8 +48,12 @@ pub mod header {
     pub const SEGMENT_NODES: usize = 48;
     /// Most segments the arena may grow to.
     pub const MAX_SEGMENTS: usize = 56;
-    /// The global epoch, alone on its cache line (64..128).
+    /// The global epoch, on its own cache line (64..128) with
+    /// [`LIVENESS`].
     pub const EPOCH: usize = 64;
+    /// The writer's liveness word, on the epoch's cache line so that a
+    /// session reads it for free: see [`super::liveness`].
+    pub const LIVENESS: usize = 72;
     /// Segments currently in the arena file, alone on its cache line.
     pub const SEGMENTS: usize = 128;
     /// Process ID of the writer (informational).
@@ -84,6 +91,22 @@ pub mod endpoint {
     pub const ROOT_SHIFT: u32 = 32;
 }
 
+/// The liveness word ([`header::LIVENESS`]) is a robust futex of the
+/// writer process: while the writer lives, its low 32 bits hold the thread
+/// ID of a writer thread that registered the word in its robust-futex list
+/// (`set_robust_list(2)`); when that thread exits — the writer process
+/// exiting, crashing or being killed, however it ends — the kernel clears
+/// the thread ID and sets [`OWNER_DIED`](liveness::OWNER_DIED) before the
+/// process's descriptors close. The writer also sets `OWNER_DIED` itself when
+/// it drops the table. Readers treat the table as **detached** (every
+/// translation faults) once the thread ID is 0 or `OWNER_DIED` is set.
+pub mod liveness {
+    /// Set by the kernel (or the writer) when the writer is gone.
+    pub const OWNER_DIED: u64 = 0x4000_0000;
+    /// The thread-ID bits.
+    pub const TID_MASK: u64 = 0x3fff_ffff;
+}
+
 /// Page-table entry bits.
 pub mod pte {
     /// The entry is valid.
@@ -118,6 +141,12 @@ pub mod slots {
     pub const SLOTS_USED: usize = 32;
     /// High-water mark of pin records ever claimed, likewise.
     pub const PINS_USED: usize = 40;
+    /// Set to [`CLOSED_VALUE`] by the reader process once it has released
+    /// every slot and pin of the file and unmaps it: from then on nothing of
+    /// that process can use the file, and the writer may forget it at once.
+    pub const CLOSED: usize = 48;
+    /// The value of [`CLOSED`] once closed (0 while open).
+    pub const CLOSED_VALUE: u64 = 1;
     /// First slot; slot `i` is the first word of the 64-byte line at
     /// `FIRST_SLOT + 64 * i`.
     pub const FIRST_SLOT: usize = 64;
@@ -195,6 +224,8 @@ mod tests {
         assert_eq!(table_file_bytes(513), 12288);
         assert_eq!(header::EPOCH % 64, 0);
         assert_eq!(header::SEGMENTS - header::EPOCH, 64);
+        assert_eq!(header::LIVENESS / 64, header::EPOCH / 64);
+        const { assert!(slots::CLOSED < slots::FIRST_SLOT) };
         assert_eq!(slots::file_bytes(64, 256), 4096 * 4);
         assert_eq!(&TABLE_MAGIC.to_le_bytes(), b"VIOTLBv1");
     }

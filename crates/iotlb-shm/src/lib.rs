@@ -40,7 +40,11 @@ pub mod backend_proto;
 #[cfg(not(loom))]
 pub mod client;
 #[cfg(not(loom))]
+pub mod drain;
+#[cfg(not(loom))]
 pub mod geometry;
+#[cfg(not(loom))]
+mod liveness;
 #[cfg(not(loom))]
 pub mod memfd;
 #[cfg(not(loom))]
@@ -49,6 +53,10 @@ pub mod reader;
 pub mod registry;
 #[cfg(not(loom))]
 pub mod slots;
+#[cfg(not(loom))]
+pub mod sock_diag;
+#[cfg(not(loom))]
+pub mod sockopt;
 #[cfg(not(loom))]
 pub mod writer;
 
@@ -62,11 +70,13 @@ pub use access::{Access, Fault, FaultKind, Piece};
 #[cfg(not(loom))]
 pub use client::{BackendClient, ClientError};
 #[cfg(not(loom))]
+pub use drain::{SentinelSlot, TrackError, TrackedIo};
+#[cfg(not(loom))]
 pub use geometry::{Geometry, GeometryError};
 #[cfg(not(loom))]
 pub use reader::{OpenError, Pieces, Pin, PinError, ReaderSlot, Session, TableReader};
 #[cfg(not(loom))]
-pub use registry::ReaderId;
+pub use registry::{ReaderId, ReaderProcess, ReaderState, ReleaseReason};
 #[cfg(not(loom))]
 pub use slots::{SlotError, SlotFile};
 #[cfg(not(loom))]

@@ -89,6 +89,12 @@ impl AsFdBorrowed for OwnedFd {
 /// file's end (the arena is mapped at its maximum size once); touching such
 /// pages before the file grows raises SIGBUS, so callers only follow indices
 /// the writer has published.
+///
+/// Every mapping is marked `MADV_DONTFORK`: a child forked by a process
+/// that holds the table (a backend daemonizing, a prefork pool) does not
+/// inherit it, so it can never translate through a slot file whose owner
+/// the writer no longer watches. A child that needs the table connects on
+/// its own.
 #[derive(Debug)]
 pub struct SharedMapping {
     base: NonNull<u8>,
@@ -130,7 +136,13 @@ impl SharedMapping {
         }
         let base =
             NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
-        Ok(Self { base, len })
+        let mapping = Self { base, len };
+        // SAFETY: advice on a range this value just mapped and owns; it
+        // changes what fork() copies, nothing about the pages themselves.
+        if unsafe { libc::madvise(p, len, libc::MADV_DONTFORK) } != 0 {
+            return Err(io::Error::last_os_error()); // `mapping` unmaps it
+        }
+        Ok(mapping)
     }
 
     /// Mapped length in bytes.
@@ -202,16 +214,28 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Whether the process behind `pidfd` has exited (the pidfd is readable).
-pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+/// The events pending on `fd` among `events` (plus POLLHUP/POLLERR), without
+/// waiting.
+pub fn poll_now(fd: BorrowedFd<'_>, events: i16) -> i16 {
     let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
+        fd: fd.as_raw_fd(),
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0 && p.revents & (libc::POLLIN | libc::POLLHUP) != 0
+    if n > 0 { p.revents } else { 0 }
+}
+
+/// Whether the process behind `pidfd` has exited (the pidfd is readable).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    poll_now(pidfd, libc::POLLIN) & (libc::POLLIN | libc::POLLHUP) != 0
+}
+
+/// Whether every holder of the other end of a stream socket has closed it
+/// (or shut it down both ways): the peer can no longer send on it.
+pub fn peer_hung_up(sock: BorrowedFd<'_>) -> bool {
+    poll_now(sock, libc::POLLIN) & libc::POLLHUP != 0
 }
 
 /// Sends SIGKILL through a pidfd (no PID-reuse race).

@@ -33,7 +33,7 @@ pub enum OpenError {
         source: std::io::Error,
     },
     /// Not a table file of this layout version.
-    #[error("not a v1 translation table (magic {magic:#x}, version {version})")]
+    #[error("not a layout-v2 translation table (magic {magic:#x}, version {version})")]
     Format {
         /// Magic found.
         magic: u64,
@@ -136,6 +136,12 @@ impl TableReader {
     /// The current global epoch (diagnostics).
     pub fn epoch(&self) -> u64 {
         self.table.word(header::EPOCH).load(Ordering::Acquire)
+    }
+
+    /// Whether the daemon that writes this table is still alive. Once it is
+    /// not, every session faults ([`FaultKind::Detached`]).
+    pub fn writer_alive(&self) -> bool {
+        grace::writer_alive(self.table.word(header::LIVENESS))
     }
 
     /// Segments currently in the arena (diagnostics).
@@ -276,10 +282,12 @@ impl ReaderSlot {
             table.table.word(header::EPOCH),
             self.file.map().slot(self.index),
         );
+        let live = grace::writer_alive(table.table.word(header::LIVENESS));
         Session {
             table,
             slot: self,
             epoch,
+            live,
             last: std::cell::Cell::new(None),
         }
     }
@@ -299,6 +307,9 @@ pub struct Session<'a> {
     table: &'a TableReader,
     slot: &'a ReaderSlot,
     epoch: u64,
+    /// The writer was alive when the session began (checked after the
+    /// fence); if not, every translation of the session faults.
+    live: bool,
     last: std::cell::Cell<Option<CachedLeaf>>,
 }
 
@@ -319,6 +330,12 @@ impl Session<'_> {
         self.epoch
     }
 
+    /// Whether the daemon was alive when the session began. If not, every
+    /// translation faults with [`FaultKind::Detached`].
+    pub fn writer_alive(&self) -> bool {
+        self.live
+    }
+
     /// Translates the page or leaf holding `iova`: the guest-physical
     /// address and how many bytes follow it in the same leaf.
     #[inline]
@@ -327,6 +344,14 @@ impl Session<'_> {
             if c.endpoint == endpoint && iova & !c.mask == c.base {
                 return c.piece(iova, access, endpoint);
             }
+        }
+        if !self.live {
+            return Err(Fault {
+                kind: FaultKind::Detached,
+                endpoint,
+                iova,
+                access,
+            });
         }
         match self.table.walk(endpoint, iova) {
             Ok(Walked::Bypass) => Ok(Piece {

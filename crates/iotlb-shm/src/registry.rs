@@ -1,10 +1,26 @@
 //! The writer's list of reader processes: each one's slot file (mapped
-//! read-only) and a pidfd that says when the process is gone.
+//! read-only), a pidfd that says when the process is gone, its connection
+//! to the daemon, and the I/O it registered.
+//!
+//! A reader is **released** — its slots and pins stop counting — only when
+//! nothing it started can still touch guest memory:
+//!
+//! - it closed its slot file (the reader library does so when its last
+//!   slot and pin handle is dropped, then unmaps the file), or
+//! - its process has exited, **and** its connection is closed everywhere
+//!   (a child that inherited the socket keeps it open), **and** every
+//!   io_uring and zero-copy socket it registered has drained
+//!   ([`crate::drain`]).
+//!
+//! Nothing else releases a reader: not a timeout, not a kill that was only
+//! attempted, not a malformed message.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use thiserror::Error;
 
+use crate::drain::{MAX_TRACKED, TrackError, TrackedIo};
 use crate::memfd;
 use crate::slots::{SlotError, SlotMap};
 
@@ -25,7 +41,7 @@ pub enum RegisterError {
         source: SlotError,
     },
     /// The process cannot be watched (already gone, or no pidfd support).
-    #[error("reader {pid}: pidfd_open")]
+    #[error("reader {pid}: pidfd")]
     Pidfd {
         /// The reader's PID.
         pid: i32,
@@ -33,6 +49,131 @@ pub enum RegisterError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// How the writer watches a reader process.
+#[derive(Debug)]
+pub struct ReaderProcess {
+    /// Its PID (for logs).
+    pub pid: i32,
+    /// A pidfd of the process.
+    pub pidfd: OwnedFd,
+    /// The daemon's end of the process's connection, if it has one: the
+    /// reader is not released while the other end is open anywhere.
+    pub connection: Option<OwnedFd>,
+}
+
+impl ReaderProcess {
+    /// Watches process `pid`, which has no connection (in-process readers,
+    /// tests, readers handed their files some other way).
+    pub fn watch(pid: i32) -> Result<Self, RegisterError> {
+        let pidfd =
+            memfd::pidfd_open(pid).map_err(|source| RegisterError::Pidfd { pid, source })?;
+        Ok(Self {
+            pid,
+            pidfd,
+            connection: None,
+        })
+    }
+
+    /// Watches the process at the other end of the Unix socket `sock`: its
+    /// pidfd comes from `SO_PEERPIDFD` (Linux ≥ 6.5), which names the very
+    /// process that connected; on older kernels from the `SO_PEERCRED` PID,
+    /// opened at once (a PID reused between the connection and this call
+    /// would be watched instead, so call this right after `accept`).
+    pub fn of_peer(sock: BorrowedFd<'_>) -> Result<Self, RegisterError> {
+        let pid = crate::sockopt::peer_credentials(sock)
+            .map_err(|source| RegisterError::Pidfd { pid: 0, source })?
+            .pid;
+        let pidfd = match peer_pidfd(sock) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                memfd::pidfd_open(pid).map_err(|source| RegisterError::Pidfd { pid, source })?
+            }
+            Err(source) => return Err(RegisterError::Pidfd { pid, source }),
+        };
+        let connection = sock
+            .try_clone_to_owned()
+            .map_err(|source| RegisterError::Pidfd { pid, source })?;
+        Ok(Self {
+            pid,
+            pidfd,
+            connection: Some(connection),
+        })
+    }
+}
+
+fn peer_pidfd(sock: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let fd = crate::sockopt::get(sock, libc::SO_PEERPIDFD, -1i32)?;
+    // SAFETY: the kernel installed a fresh descriptor for us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_SETFD with FD_CLOEXEC on our own descriptor.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(fd)
+}
+
+/// Why a reader could be released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The process closed its slot file: it holds no session and no pin.
+    SlotsClosed,
+    /// The process exited, its connection is closed, its I/O drained.
+    ExitedAndDrained,
+}
+
+/// Where a reader stands, as far as the writer can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderState {
+    /// The process lives (and its connection, if any, is open).
+    Active,
+    /// Its connection is closed but the process lives and has not closed
+    /// its slot file: its sessions and pins keep counting until it exits.
+    Lingering,
+    /// The process exited but its connection is still open in another
+    /// process (a child it forked): that process may hold translations.
+    ConnectionHeld,
+    /// The process exited and its connection is closed; `pending` of the
+    /// rings and sockets it registered still have I/O in flight.
+    Draining {
+        /// Rings and sockets not drained yet.
+        pending: usize,
+    },
+    /// Nothing it started can touch guest memory any more.
+    Released(ReleaseReason),
+}
+
+impl ReaderState {
+    /// A phrase for logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ReaderState::Active => "alive",
+            ReaderState::Lingering => {
+                "closed its connection but still maps its slot file; counted until it exits"
+            }
+            ReaderState::ConnectionHeld => {
+                "exited, but another process (a forked child?) still holds its connection"
+            }
+            ReaderState::Draining { .. } => "exited; waiting for the I/O it registered to drain",
+            ReaderState::Released(ReleaseReason::SlotsClosed) => "closed its slot file",
+            ReaderState::Released(ReleaseReason::ExitedAndDrained) => {
+                "exited with its connection closed and its I/O drained"
+            }
+        }
+    }
+}
+
+/// What the stall policy did to a reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum KillState {
+    /// Nothing.
+    #[default]
+    None = 0,
+    /// SIGKILL was delivered; the reader is released once it is gone and
+    /// its I/O drained, like any other.
+    Sent = 1,
+    /// The kill was refused (no permission); the reader is waited for.
+    Failed = 2,
 }
 
 /// One registered reader process.
@@ -43,8 +184,12 @@ pub struct Reader {
     /// Its PID.
     pub pid: i32,
     pidfd: OwnedFd,
+    connection: Option<OwnedFd>,
     /// Its slot file, read-only.
     pub slots: SlotMap,
+    io: Vec<TrackedIo>,
+    /// A [`KillState`], as its discriminant (a `&Reader` records the kill).
+    kill: AtomicU8,
 }
 
 impl Reader {
@@ -53,19 +198,66 @@ impl Reader {
         memfd::pidfd_exited(self.pidfd.as_fd())
     }
 
-    /// Kills the process (used by the stall policy) and waits up to one
-    /// second for it to be gone.
-    pub fn kill(&self) -> std::io::Result<()> {
-        memfd::pidfd_kill(self.pidfd.as_fd())?;
-        let mut p = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&self.pidfd),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; the timeout bounds the wait.
-        unsafe { libc::poll(&mut p, 1, 1000) };
-        Ok(())
+    /// Where the reader stands (a few non-blocking system calls; one kernel
+    /// query per registered socket once the process is gone).
+    pub fn state(&self) -> ReaderState {
+        if self.slots.closed() {
+            return ReaderState::Released(ReleaseReason::SlotsClosed);
+        }
+        let exited = self.exited();
+        let connection_closed = self
+            .connection
+            .as_ref()
+            .is_none_or(|c| memfd::peer_hung_up(c.as_fd()));
+        match (exited, connection_closed) {
+            (false, false) => ReaderState::Active,
+            (false, true) if self.connection.is_some() => ReaderState::Lingering,
+            (false, true) => ReaderState::Active,
+            (true, false) => ReaderState::ConnectionHeld,
+            (true, true) => match self.io.iter().filter(|io| !io.drained()).count() {
+                0 => ReaderState::Released(ReleaseReason::ExitedAndDrained),
+                pending => ReaderState::Draining { pending },
+            },
+        }
     }
+
+    /// Rings and sockets it registered.
+    pub fn tracked(&self) -> &[TrackedIo] {
+        &self.io
+    }
+
+    /// What the stall policy did to it.
+    pub fn kill_state(&self) -> KillState {
+        match self.kill.load(Ordering::Relaxed) {
+            1 => KillState::Sent,
+            2 => KillState::Failed,
+            _ => KillState::None,
+        }
+    }
+
+    /// Sends the process SIGKILL through its pidfd (no PID-reuse race).
+    /// Only a delivered signal counts; the process is still waited for.
+    pub fn kill(&self) -> std::io::Result<()> {
+        let result = memfd::pidfd_kill(self.pidfd.as_fd());
+        let state = if result.is_ok() {
+            KillState::Sent
+        } else {
+            KillState::Failed
+        };
+        self.kill.store(state as u8, Ordering::Relaxed);
+        result
+    }
+}
+
+/// A reader that was just released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// Its ID.
+    pub id: ReaderId,
+    /// Its PID.
+    pub pid: i32,
+    /// Why.
+    pub reason: ReleaseReason,
 }
 
 /// All registered readers.
@@ -76,46 +268,83 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers the process `pid` with the slot file `slots_fd`.
+    /// Registers `process` with the slot file `slots_fd`.
     pub fn register(
         &mut self,
         slots_fd: BorrowedFd<'_>,
-        pid: i32,
+        process: ReaderProcess,
     ) -> Result<ReaderId, RegisterError> {
+        let pid = process.pid;
         let slots = SlotMap::open(slots_fd, false)
             .map_err(|source| RegisterError::Slots { pid, source })?;
-        let pidfd =
-            memfd::pidfd_open(pid).map_err(|source| RegisterError::Pidfd { pid, source })?;
         let id = ReaderId(self.next_id);
         self.next_id += 1;
         self.readers.push(Reader {
             id,
             pid,
-            pidfd,
+            pidfd: process.pidfd,
+            connection: process.connection,
             slots,
+            io: Vec::new(),
+            kill: AtomicU8::new(KillState::None as u8),
         });
         Ok(id)
     }
 
-    /// Forgets a reader; its slots and pins stop counting. Returns whether
-    /// it was registered.
+    /// Tracks a ring or socket of reader `id` (see [`crate::drain`]).
+    /// Rings and sockets already drained are forgotten first.
+    pub fn track(&mut self, id: ReaderId, io: TrackedIo) -> Result<(), TrackError> {
+        let reader = self
+            .readers
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| TrackError::Unsuitable("the reader is not registered".into()))?;
+        if reader.io.len() >= MAX_TRACKED {
+            reader.io.retain(|io| !io.drained());
+        }
+        if reader.io.len() >= MAX_TRACKED {
+            return Err(TrackError::Full);
+        }
+        reader.io.push(io);
+        Ok(())
+    }
+
+    /// Forgets a reader unconditionally. Only for a reader that never
+    /// received its slot file (registration failed half-way): any other is
+    /// released by [`Self::release_finished`] or [`Self::try_release`].
     pub fn remove(&mut self, id: ReaderId) -> bool {
         let before = self.readers.len();
         self.readers.retain(|r| r.id != id);
         before != self.readers.len()
     }
 
-    /// Removes every reader whose process has exited; returns their IDs.
-    pub fn reap(&mut self) -> Vec<ReaderId> {
+    /// Releases every reader that nothing can hold any more.
+    pub fn release_finished(&mut self) -> Vec<Released> {
         let mut gone = Vec::new();
-        self.readers.retain(|r| {
-            let dead = r.exited();
-            if dead {
-                gone.push(r.id);
+        self.readers.retain(|r| match r.state() {
+            ReaderState::Released(reason) => {
+                gone.push(Released {
+                    id: r.id,
+                    pid: r.pid,
+                    reason,
+                });
+                false
             }
-            !dead
+            _ => true,
         });
         gone
+    }
+
+    /// Releases reader `id` if nothing can hold it any more. `None` if it
+    /// is not registered (already released); otherwise its state, which is
+    /// `Released` when it was removed by this call.
+    pub fn try_release(&mut self, id: ReaderId) -> Option<ReaderState> {
+        let i = self.readers.iter().position(|r| r.id == id)?;
+        let state = self.readers[i].state();
+        if matches!(state, ReaderState::Released(_)) {
+            self.readers.remove(i);
+        }
+        Some(state)
     }
 
     /// The registered readers.
@@ -126,6 +355,11 @@ impl Registry {
     /// Reader at position `i`.
     pub fn get(&self, i: usize) -> Option<&Reader> {
         self.readers.get(i)
+    }
+
+    /// Position of reader `id`.
+    pub fn position(&self, id: ReaderId) -> Option<usize> {
+        self.readers.iter().position(|r| r.id == id)
     }
 
     /// Number of registered readers.

@@ -3,6 +3,11 @@
 //! writable (it is the only shared memory a reader writes); the writer maps
 //! it read-only. The file is sealed against resizing so neither side can
 //! make the other's mapping fault.
+//!
+//! A process opens its slot file once. When the last handle on it goes
+//! (every [`crate::ReaderSlot`] and [`crate::Pin`] dropped too), the file is
+//! marked closed and unmapped: the writer then forgets the process at once,
+//! whatever its connection or liveness says.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -40,8 +45,8 @@ pub enum SlotError {
         /// Pins asked for.
         pins: u64,
     },
-    /// The file is not a v1 slot file of a size that fits its counts.
-    #[error("not a v1 slot file (magic {magic:#x}, version {version}, {size} bytes)")]
+    /// The file is not a layout-v2 slot file of a size that fits its counts.
+    #[error("not a layout-v2 slot file (magic {magic:#x}, version {version}, {size} bytes)")]
     Format {
         /// Magic found.
         magic: u64,
@@ -60,6 +65,10 @@ pub enum SlotError {
     /// Every pin record is in use.
     #[error("all {0} pin records of this process are in use")]
     NoFreePin(usize),
+    /// The file was closed by this process already (the writer may have
+    /// forgotten it); ask the daemon for a new one.
+    #[error("slot file already closed; connect again for a new one")]
+    Closed,
 }
 
 fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> SlotError {
@@ -170,6 +179,12 @@ impl SlotMap {
             .min(self.slot_count)
     }
 
+    /// Whether the reader process closed the file: none of its slots or pins
+    /// can hold anything any more.
+    pub fn closed(&self) -> bool {
+        crate::grace::slots_closed(self.map.word(off::CLOSED))
+    }
+
     /// Pin records the writer must scan, likewise.
     pub fn pins_in_use(&self) -> usize {
         (self
@@ -223,9 +238,13 @@ pub struct SlotFile {
 }
 
 impl SlotFile {
-    /// Opens the slot file the writer gave this process, writable.
+    /// Opens the slot file the writer gave this process, writable. Open it
+    /// once per process: dropping the last handle closes it for good.
     pub fn open(fd: BorrowedFd<'_>) -> Result<Arc<Self>, SlotError> {
         let map = SlotMap::open(fd, true)?;
+        if map.closed() {
+            return Err(SlotError::Closed);
+        }
         let free_slots = Mutex::new((0..map.slot_count).rev().collect());
         let free_pins = Mutex::new((0..map.pin_count).rev().collect());
         Ok(Arc::new(Self {
@@ -278,6 +297,14 @@ impl SlotFile {
     }
 }
 
+impl Drop for SlotFile {
+    /// Every slot and pin handle holds the file, so none is left: nothing of
+    /// this process can use the file again. Tell the writer before unmapping.
+    fn drop(&mut self) {
+        crate::grace::close_slots(self.map.map.word(off::CLOSED));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +338,19 @@ mod tests {
             SlotMap::open(plain.as_fd(), false),
             Err(SlotError::Format { magic: 0, .. })
         ));
+    }
+
+    #[test]
+    fn dropping_the_last_handle_closes_the_file_for_the_writer_and_for_good() {
+        let fd = create(2, 2).unwrap();
+        let writer_view = SlotMap::open(fd.as_fd(), false).unwrap();
+        let file = SlotFile::open(fd.as_fd()).unwrap();
+        let slot = file.claim_slot().unwrap();
+        drop(file);
+        assert!(!writer_view.closed(), "a claimed slot keeps the file open");
+        drop(slot);
+        assert!(writer_view.closed());
+        assert!(matches!(SlotFile::open(fd.as_fd()), Err(SlotError::Closed)));
     }
 
     #[test]

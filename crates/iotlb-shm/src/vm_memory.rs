@@ -244,10 +244,14 @@ fn permissions(access: Access) -> Permissions {
 }
 
 /// Prefix of the `reason` of a fault error, per kind (see [`fault_kind`]).
-const REASONS: [(FaultKind, &str); 3] = [
+const REASONS: [(FaultKind, &str); 4] = [
     (FaultKind::Domain, "iotlb-shm DOMAIN fault"),
     (FaultKind::Mapping, "iotlb-shm MAPPING fault"),
     (FaultKind::Permission, "iotlb-shm PERMISSION fault"),
+    (
+        FaultKind::Detached,
+        "iotlb-shm: the daemon is gone (detached table)",
+    ),
 ];
 
 fn fault_error(f: &Fault, iova: u64, length: u64) -> Error {

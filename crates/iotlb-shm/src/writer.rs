@@ -15,11 +15,15 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::drain::{TrackError, TrackedIo};
 use crate::geometry::{Geometry, GeometryError};
 use crate::grace;
 use crate::layout::{self, endpoint as ep_word, header, pte};
+use crate::liveness::LivenessOwner;
 use crate::memfd::{self, SharedMapping};
-use crate::registry::{ReaderId, RegisterError, Registry};
+use crate::registry::{
+    KillState, Reader, ReaderId, ReaderProcess, ReaderState, RegisterError, Registry, Released,
+};
 use crate::sync::{AtomicU64, Ordering};
 
 /// Where an endpoint's DMA goes.
@@ -58,9 +62,12 @@ impl Perms {
 pub struct StallPolicy {
     /// Log a warning and count a stall after this long (default 100 ms).
     pub warn_after: Duration,
-    /// Kill the reader process (SIGKILL through its pidfd) and reclaim its
-    /// slots after this long; `None` (the default) waits for as long as the
-    /// process lives, because killing a backend is the operator's call.
+    /// Send the reader process SIGKILL (through its pidfd) after this long;
+    /// `None` (the default) never kills, because killing a backend is the
+    /// operator's call. A kill only ends the wait once it worked: the
+    /// process is gone and the I/O it registered has drained. A kill the
+    /// kernel refuses (the writer lacks the permission) is logged and
+    /// counted, and the writer keeps waiting.
     pub kill_after: Option<Duration>,
 }
 
@@ -148,9 +155,13 @@ pub struct WriterStats {
     pub grace_waits: u64,
     /// Stalls past the warning bound.
     pub stalls: u64,
-    /// Readers killed by the stall policy.
+    /// Readers the stall policy sent SIGKILL.
     pub kills: u64,
-    /// Readers found dead and reclaimed.
+    /// Kills the kernel refused (the reader was waited for instead).
+    pub kill_failures: u64,
+    /// Readers released after their process exited (or closed its slot
+    /// file) while a grace period waited for them, or found so by
+    /// [`TableWriter::release_finished_readers`].
     pub reaped: u64,
     /// Nodes in use (reachable or waiting for a grace period).
     pub nodes_in_use: u64,
@@ -165,7 +176,7 @@ pub struct GraceReport {
     pub epoch: u64,
     /// Whether any reader or pin had to be waited for.
     pub waited: bool,
-    /// Readers found dead (or killed) and reclaimed meanwhile.
+    /// Readers released meanwhile (gone and drained, or closed).
     pub reaped: usize,
 }
 
@@ -198,6 +209,8 @@ pub struct TableWriter {
     stats: WriterStats,
     stall_counted: bool,
     reserved_roots: u64,
+    /// Keeps the header's liveness word alive; dropped first.
+    liveness: Option<LivenessOwner>,
 }
 
 impl TableWriter {
@@ -233,6 +246,10 @@ impl TableWriter {
             .store(layout::TABLE_MAGIC, Ordering::Release);
         memfd::seal(table_fd.as_fd(), memfd::SEALS_FROZEN_READ_ONLY).map_err(io("seal table"))?;
         memfd::seal(arena_fd.as_fd(), memfd::SEALS_GROWABLE_READ_ONLY).map_err(io("seal arena"))?;
+        // SAFETY: the word is 8-aligned in our writable table mapping, which
+        // lives in `Self` until after the owner is dropped (see `Drop`).
+        let liveness = unsafe { LivenessOwner::start(table.word(header::LIVENESS)) }
+            .map_err(io("start the liveness thread"))?;
         Ok(Self {
             geometry: g,
             levels: g.levels(),
@@ -256,6 +273,7 @@ impl TableWriter {
             },
             stall_counted: false,
             reserved_roots: u64::from(config.reserved_roots),
+            liveness: Some(liveness),
         })
     }
 
@@ -299,33 +317,65 @@ impl TableWriter {
         &self.readers
     }
 
-    /// Registers a reader process and its slot file (see
-    /// [`crate::slots::create`]).
+    /// Registers process `pid`, which has no connection to watch, and its
+    /// slot file (see [`crate::slots::create`]).
     pub fn register_reader(
         &mut self,
         slots_fd: BorrowedFd<'_>,
         pid: i32,
     ) -> Result<ReaderId, WriterError> {
-        Ok(self.readers.register(slots_fd, pid)?)
+        let process = ReaderProcess::watch(pid)?;
+        Ok(self.readers.register(slots_fd, process)?)
     }
 
-    /// Forgets a reader (it disconnected). Its sessions and pins stop
-    /// holding grace periods back.
+    /// Registers a reader process, watched as `process` says, and its slot
+    /// file.
+    pub fn register_process(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        process: ReaderProcess,
+    ) -> Result<ReaderId, WriterError> {
+        Ok(self.readers.register(slots_fd, process)?)
+    }
+
+    /// Tracks an io_uring or zero-copy socket of reader `id`: once the
+    /// reader's process is gone, its slots and pins keep counting until it
+    /// has drained (see [`crate::drain`]).
+    pub fn track_io(&mut self, id: ReaderId, io: TrackedIo) -> Result<(), TrackError> {
+        self.readers.track(id, io)
+    }
+
+    /// Forgets a reader unconditionally. Only for a reader that never
+    /// received its slot file; every other one is released by the rules of
+    /// [`crate::registry`] ([`Self::release_finished_readers`],
+    /// [`Self::try_release_reader`], or a grace period that waits for it).
     pub fn unregister_reader(&mut self, id: ReaderId) -> bool {
         self.readers.remove(id)
     }
 
-    /// Reclaims every reader whose process has exited.
-    pub fn reap_dead_readers(&mut self) -> Vec<ReaderId> {
-        let gone = self.readers.reap();
-        for id in &gone {
+    /// Releases every reader that nothing can hold any more.
+    pub fn release_finished_readers(&mut self) -> Vec<Released> {
+        let gone = self.readers.release_finished();
+        for r in &gone {
             tracing::info!(
-                reader = id.0,
-                "reader process exited; its slots and pins are released"
+                reader = r.id.0,
+                pid = r.pid,
+                reason = ?r.reason,
+                "backend released: its slots and pins no longer count"
             );
         }
         self.stats.reaped += gone.len() as u64;
         gone
+    }
+
+    /// Releases reader `id` if nothing can hold it any more; see
+    /// [`Registry::try_release`].
+    pub fn try_release_reader(&mut self, id: ReaderId) -> Option<ReaderState> {
+        let state = self.readers.try_release(id);
+        if let Some(ReaderState::Released(_)) = state {
+            self.stats.reaped += 1;
+        }
+        state
     }
 
     fn entry(&self, node: u32, index: usize) -> &AtomicU64 {
@@ -771,17 +821,14 @@ impl TableWriter {
         let mut r = 0;
         while r < self.readers.len() {
             let mut end = WaitEnd::Done;
-            if let Some(reader) = self.readers.get(r) {
-                for s in 0..reader.slots.slots_in_use() {
-                    let slot = reader.slots.slot(s);
-                    if !grace::quiescent_since(slot, epoch) {
-                        report.waited = true;
-                        end = self.wait_for(r, started, &mut warned, || {
-                            grace::quiescent_since(slot, epoch)
-                        });
-                        if end != WaitEnd::Done {
-                            break;
-                        }
+            let slots = self.readers.get(r).map_or(0, |x| x.slots.slots_in_use());
+            for s in 0..slots {
+                let quiet = |reader: &Reader| grace::quiescent_since(reader.slots.slot(s), epoch);
+                if self.readers.get(r).is_some_and(|x| !quiet(x)) {
+                    report.waited = true;
+                    end = self.wait_for(r, started, &mut warned, "in a session", quiet);
+                    if end != WaitEnd::Done {
+                        break;
                     }
                 }
             }
@@ -822,21 +869,25 @@ impl TableWriter {
         let mut r = 0;
         while r < self.readers.len() {
             let mut end = WaitEnd::Done;
-            if let Some(reader) = self.readers.get(r) {
-                for j in 0..reader.slots.pins_in_use() {
-                    let (state, fields) = reader.slots.pin(j);
-                    let Some(snap) = grace::read_pin(state, fields) else {
-                        continue;
-                    };
-                    if !self.pin_matters(snap.endpoint, snap.first, snap.last) {
-                        continue;
-                    }
-                    *waited = true;
-                    end =
-                        self.wait_for(r, started, warned, || !grace::pin_still_held(state, &snap));
-                    if end != WaitEnd::Done {
-                        break;
-                    }
+            let pins = self.readers.get(r).map_or(0, |x| x.slots.pins_in_use());
+            for j in 0..pins {
+                let Some(snap) = self.readers.get(r).and_then(|x| {
+                    let (state, fields) = x.slots.pin(j);
+                    grace::read_pin(state, fields)
+                }) else {
+                    continue;
+                };
+                if !self.pin_matters(snap.endpoint, snap.first, snap.last) {
+                    continue;
+                }
+                *waited = true;
+                let released = |reader: &Reader| {
+                    let (state, _) = reader.slots.pin(j);
+                    !grace::pin_still_held(state, &snap)
+                };
+                end = self.wait_for(r, started, warned, "holding a pin", released);
+                if end != WaitEnd::Done {
+                    break;
                 }
             }
             if self.settle(r, end, *warned) {
@@ -860,34 +911,38 @@ impl TableWriter {
         let (id, pid) = (reader.id, reader.pid);
         match end {
             WaitEnd::Done => false,
-            WaitEnd::Exited => {
+            WaitEnd::Released(state) => {
                 tracing::warn!(
                     pid,
-                    "reader process died inside a session or holding pins; reclaimed"
+                    reader = id.0,
+                    "backend {}: released while a grace period waited for it",
+                    state.describe()
                 );
-                self.stats.reaped += 1;
-                self.readers.remove(id)
-            }
-            WaitEnd::Killed => {
-                self.stats.kills += 1;
                 self.stats.reaped += 1;
                 self.readers.remove(id)
             }
         }
     }
 
-    /// Spins, then yields, then sleeps until `done`; applies the stall
-    /// policy to reader `r`.
+    /// Spins, then yields, then sleeps until `done(reader r)`, or until the
+    /// reader can be released ([`crate::registry`]); applies the stall
+    /// policy to it meanwhile.
     fn wait_for(
-        &self,
+        &mut self,
         r: usize,
         started: Instant,
         warned: &mut bool,
-        done: impl Fn() -> bool,
+        what: &str,
+        done: impl Fn(&Reader) -> bool,
     ) -> WaitEnd {
         let mut spins = 0u32;
+        let mut next_check = Instant::now();
+        let mut next_reminder = None;
         loop {
-            if done() {
+            let Some(reader) = self.readers.get(r) else {
+                return WaitEnd::Done;
+            };
+            if done(reader) {
                 return WaitEnd::Done;
             }
             spins = spins.saturating_add(1);
@@ -895,37 +950,74 @@ impl TableWriter {
                 crate::sync::relax();
                 continue;
             }
-            let Some(reader) = self.readers.get(r) else {
-                return WaitEnd::Done;
-            };
-            if reader.exited() {
-                return WaitEnd::Exited;
+            let now = Instant::now();
+            if now < next_check {
+                backoff(spins);
+                continue;
+            }
+            // The release check makes system calls: at most once a ms.
+            next_check = now + Duration::from_millis(1);
+            let state = reader.state();
+            if let ReaderState::Released(_) = state {
+                return WaitEnd::Released(state);
             }
             let elapsed = started.elapsed();
-            if !*warned && elapsed >= self.stall.warn_after {
+            let (pid, kill) = (reader.pid, reader.kill_state());
+            if (!*warned && elapsed >= self.stall.warn_after)
+                || next_reminder.is_some_and(|t| now >= t)
+            {
                 *warned = true;
+                next_reminder = Some(now + STALL_REMINDER);
                 tracing::warn!(
-                    pid = reader.pid,
+                    pid,
                     waited_ms = elapsed.as_millis() as u64,
-                    "reader process is holding a grace period back (session or pin not released)"
+                    backend = state.describe(),
+                    "a backend {what} is holding a grace period back (UNMAP/DETACH waits for it)"
                 );
             }
-            if self.stall.kill_after.is_some_and(|k| elapsed >= k) {
-                tracing::error!(
-                    pid = reader.pid,
-                    "killing reader process stuck past the stall bound"
-                );
-                if let Err(e) = reader.kill() {
-                    tracing::error!(pid = reader.pid, error = %e, "could not kill stuck reader");
+            if kill == KillState::None
+                && matches!(state, ReaderState::Active | ReaderState::Lingering)
+                && self.stall.kill_after.is_some_and(|k| elapsed >= k)
+            {
+                match reader.kill() {
+                    Ok(()) => {
+                        self.stats.kills += 1;
+                        tracing::error!(
+                            pid,
+                            "killed a backend stuck past --stall-kill-ms; waiting for it to exit and for its I/O to drain"
+                        );
+                    }
+                    Err(e) => {
+                        self.stats.kill_failures += 1;
+                        tracing::error!(
+                            pid,
+                            error = %e,
+                            "could not kill a stuck backend (the daemon needs CAP_KILL or the backend's uid); waiting for it instead"
+                        );
+                    }
                 }
-                return WaitEnd::Killed;
             }
-            if spins < 4096 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+            backoff(spins);
         }
+    }
+}
+
+/// How long a grace period waits before it repeats its stall warning.
+const STALL_REMINDER: Duration = Duration::from_secs(10);
+
+fn backoff(spins: u32) {
+    if spins < 4096 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+impl Drop for TableWriter {
+    /// Marks the table detached before its files can go away: readers'
+    /// sessions fault from now on.
+    fn drop(&mut self) {
+        drop(self.liveness.take());
     }
 }
 
@@ -934,8 +1026,7 @@ impl TableWriter {
 enum WaitEnd {
     /// The slot or pin was released.
     Done,
-    /// The process was found dead.
-    Exited,
-    /// The stall policy killed it.
-    Killed,
+    /// The reader may be released ([`crate::registry`]): gone and drained,
+    /// or closed.
+    Released(ReaderState),
 }

@@ -615,6 +615,6 @@ fn a_c_reader_process_translates_checks_and_pins() {
 
     // The process is gone: the writer reaps it and grace periods stop
     // looking at its slots.
-    assert_eq!(w.reap_dead_readers().len(), 1);
+    assert_eq!(w.release_finished_readers().len(), 1);
     std::fs::remove_dir_all(exe.parent().unwrap()).unwrap();
 }

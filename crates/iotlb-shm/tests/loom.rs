@@ -185,3 +185,67 @@ fn a_pin_outlives_its_session_and_holds_the_revocation() {
         reader.join().unwrap();
     });
 }
+
+/// A reader that closes its slot file after its last session (what the
+/// library does when its last handle goes) may be skipped by a writer that
+/// sees the file closed: everything the reader did happened before.
+#[test]
+fn a_closed_slot_file_is_skipped_only_after_its_last_session() {
+    model(|| {
+        let t = Table::mapped();
+        let closed = Arc::new(AtomicU64::new(0));
+        let (t2, closed2) = (t.clone(), closed.clone());
+        let reader = thread::spawn(move || {
+            grace::enter(&t2.epoch, &t2.slots[0]);
+            if let Some(v) = t2.walk() {
+                assert_eq!(v, LIVE, "node recycled inside the last session");
+            }
+            grace::exit(&t2.slots[0]);
+            grace::close_slots(&closed2);
+        });
+        t.entry.store(0, Ordering::Release);
+        let epoch = grace::advance(&t.epoch);
+        while !grace::slots_closed(&closed) && !grace::quiescent_since(&t.slots[0], epoch) {
+            thread::yield_now();
+        }
+        t.node.store(RECYCLED, Ordering::Relaxed);
+        reader.join().unwrap();
+    });
+}
+
+/// The writer's death, once anyone has seen it, is seen by every session
+/// that begins afterwards: such a session faults instead of translating.
+#[test]
+fn a_session_that_begins_after_the_writer_died_sees_it_dead() {
+    use iotlb_shm::layout::liveness::OWNER_DIED;
+    model(|| {
+        let liveness = Arc::new(AtomicU64::new(1234)); // a writer thread's TID
+        let seen_dead = Arc::new(AtomicU64::new(0));
+        let t = Table::mapped();
+        let (l1, s1) = (liveness.clone(), seen_dead.clone());
+        // Someone (the restarted daemon, the operator) sees the death and
+        // only then lets the backend begin a session.
+        let witness = thread::spawn(move || {
+            while grace::writer_alive(&l1) {
+                thread::yield_now();
+            }
+            s1.store(1, Ordering::Release);
+        });
+        let (l2, s2, t2) = (liveness.clone(), seen_dead.clone(), t.clone());
+        let reader = thread::spawn(move || {
+            while s2.load(Ordering::Acquire) == 0 {
+                thread::yield_now();
+            }
+            grace::enter(&t2.epoch, &t2.slots[0]);
+            assert!(
+                !grace::writer_alive(&l2),
+                "a session begun after the death was seen took the writer for alive"
+            );
+            grace::exit(&t2.slots[0]);
+        });
+        // The kernel, as the writer's liveness thread exits.
+        liveness.store(OWNER_DIED, Ordering::Release);
+        witness.join().unwrap();
+        reader.join().unwrap();
+    });
+}

@@ -126,6 +126,22 @@ fn a_reader_process_translates_what_the_writer_publishes_and_cannot_write_it() {
     );
 }
 
+/// A child forked by a reader process does not inherit the table: the
+/// mappings are MADV_DONTFORK, so it can never translate through a slot
+/// file whose owner the writer watches.
+#[test]
+fn a_forked_child_of_a_reader_has_no_table() {
+    let mut w = writer(StallPolicy::default(), Geometry::default());
+    let mut r = Reader::spawn(&mut w, None, &args(&["fork-touch", "1", "0x1abc"]));
+    assert_eq!(r.line(), "parent gpa=0x8abc");
+    assert_eq!(
+        r.line(),
+        format!("child signal={}", libc::SIGSEGV),
+        "a forked child could read the table"
+    );
+    assert!(r.child.wait().unwrap().success());
+}
+
 #[test]
 fn a_reader_killed_inside_a_session_does_not_block_the_unmap() {
     let mut w = writer(StallPolicy::default(), Geometry::default());

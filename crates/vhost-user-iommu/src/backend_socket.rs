@@ -1,17 +1,26 @@
 //! The backend socket: co-located backends connect, are checked, receive
-//! the shared table and their own slot file, and report faults
-//! (`docs/backend-protocol.md`). One thread per connected backend; a
-//! backend that disconnects or dies is forgotten by the table at once.
+//! the shared table and their own slot file, register the rings and
+//! sockets that do I/O into guest memory, and report faults
+//! (`docs/backend-protocol.md`). One thread per connected backend.
+//!
+//! A backend is forgotten by the table only when nothing it started can
+//! still touch guest memory (`iotlb_shm::registry`): it closed its slot
+//! file, or its process exited, its connection is closed everywhere and
+//! its registered I/O drained. A malformed message is answered with ERROR
+//! and never ends the backend's registration; its thread stays until the
+//! backend is released, so [`MAX_BACKENDS`] also bounds backends that are
+//! gone but not yet released.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use iotlb_shm::backend_proto::{self, MAX_LEN, Message};
-use iotlb_shm::{Access, Fault, FaultKind};
+use iotlb_shm::backend_proto::{self, FrameError, MAX_LEN, Message};
+use iotlb_shm::drain::{self, RingSentinel, TrackError};
+use iotlb_shm::{Access, Fault, FaultKind, ReaderId, ReaderProcess, ReaderState, TrackedIo};
 use tracing::{debug, info, warn};
 use virtio_iommu_proto::{FaultFlags, FaultReason, FaultRecord};
 
@@ -24,6 +33,12 @@ pub const DEFAULT_SLOTS: u32 = 64;
 pub const DEFAULT_PINS: u32 = 1024;
 /// How long a backend may take to say HELLO.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a gone backend is checked for release.
+const RELEASE_POLL: Duration = Duration::from_millis(20);
+/// How long a backend's state must last before it is logged.
+const STATE_LOG_AFTER: Duration = Duration::from_millis(200);
+/// Protocol errors logged per backend connection; later ones are counted.
+const LOGGED_ERRORS: u32 = 8;
 
 /// Where backend-reported faults go: the device of the current VMM
 /// connection, if any.
@@ -40,7 +55,7 @@ impl FaultRoute {
     pub fn report(&self, fault: &Fault) {
         let record = FaultRecord {
             reason: match fault.kind {
-                FaultKind::Domain => FaultReason::Domain,
+                FaultKind::Domain | FaultKind::Detached => FaultReason::Domain,
                 FaultKind::Mapping | FaultKind::Permission => FaultReason::Mapping,
             },
             access: FaultFlags(
@@ -57,6 +72,12 @@ impl FaultRoute {
             endpoint: fault.endpoint,
             address: Some(fault.iova),
         };
+        if fault.kind == FaultKind::Detached {
+            return debug!(
+                ?fault,
+                "a backend reported a fault of a dead daemon's table; dropped"
+            );
+        }
         let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         match guard.as_ref() {
             Some(device) => {
@@ -95,25 +116,7 @@ pub struct PeerCred {
 
 /// Reads SO_PEERCRED.
 pub fn peer_cred(sock: &UnixStream) -> io::Result<PeerCred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live ucred.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let cred = iotlb_shm::sockopt::peer_credentials(sock.as_fd())?;
     Ok(PeerCred {
         pid: cred.pid,
         uid: cred.uid,
@@ -222,6 +225,18 @@ impl BackendSocket {
             Ok(c) => c,
             Err(e) => return warn!(error = %e, "cannot identify a backend (SO_PEERCRED)"),
         };
+        // The pidfd is taken now, before anything waits: it names the very
+        // process that connected (SO_PEERPIDFD), never a reused PID.
+        let process = match ReaderProcess::of_peer(stream.as_fd()) {
+            Ok(p) => p,
+            Err(e) => {
+                return Self::refuse(
+                    &stream,
+                    libc::ESRCH,
+                    format!("cannot watch process {}: {e}", cred.pid),
+                );
+            }
+        };
         let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
         let mut buf = [0u8; MAX_LEN];
         let (slots, pins) = match backend_proto::recv_message(stream.as_fd(), &mut buf) {
@@ -251,7 +266,7 @@ impl BackendSocket {
             Ok(fd) => fd,
             Err(e) => return Self::refuse(&stream, libc::EINVAL, e.to_string()),
         };
-        let id = match lock(&self.writer).register_reader(slot_fd.as_fd(), cred.pid) {
+        let id = match lock(&self.writer).register_process(slot_fd.as_fd(), process) {
             Ok(id) => id,
             Err(e) => return Self::refuse(&stream, libc::ESRCH, format!("{e}")),
         };
@@ -262,9 +277,9 @@ impl BackendSocket {
             slot_fd.as_fd(),
         ];
         if let Err(e) = backend_proto::send_with_fds(stream.as_fd(), &welcome, &fds) {
+            // The backend may still have the files (a partial send): its
+            // registration ends by the usual rules, not here.
             warn!(error = %e, pid = cred.pid, "cannot send the table to a backend");
-            lock(&self.writer).unregister_reader(id);
-            return;
         }
         drop(slot_fd);
         info!(
@@ -276,29 +291,231 @@ impl BackendSocket {
             "backend connected; table sent"
         );
         let _ = stream.set_read_timeout(None);
-        loop {
-            match backend_proto::recv_message(stream.as_fd(), &mut buf) {
-                Ok(Some((Message::Fault(f), _))) => self.route.report(&f),
-                Ok(Some((other, _))) => {
-                    warn!(
-                        pid = cred.pid,
-                        ?other,
-                        "unexpected message from a backend; disconnecting it"
-                    );
-                    break;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(pid = cred.pid, error = %e, "backend connection failed; disconnecting it");
-                    break;
-                }
-            }
-        }
-        lock(&self.writer).unregister_reader(id);
+        let mut conn = Connection {
+            stream: &stream,
+            pid: cred.pid,
+            id,
+            errors: 0,
+        };
+        self.read_messages(&mut conn, &mut buf);
         info!(
             pid = cred.pid,
             reader = id.0,
-            "backend disconnected; its slots and pins are released"
+            "backend disconnected; its slots and pins count until it has closed them or exited with its I/O drained"
         );
+        self.wait_for_release(id, cred.pid);
+    }
+
+    /// Reads the backend's messages until its end of stream. Nothing here
+    /// ends the backend's registration.
+    fn read_messages(&self, conn: &mut Connection<'_>, buf: &mut [u8; MAX_LEN]) {
+        loop {
+            let frame = match backend_proto::recv_frame(conn.stream.as_fd(), buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(FrameError::Framing(e)) => {
+                    conn.error(
+                        0,
+                        libc::EPROTO,
+                        format!("{e}; framing lost, no further message of this connection is read"),
+                    );
+                    return conn.discard_until_end();
+                }
+                Err(FrameError::Io(e)) => {
+                    return warn!(pid = conn.pid, error = %e, "backend connection failed");
+                }
+            };
+            let msg = match backend_proto::Message::decode(&buf[..frame.len]) {
+                Ok(m) => m,
+                Err(e) => {
+                    conn.error(0, libc::EPROTO, format!("malformed message: {e}"));
+                    continue;
+                }
+            };
+            let cookie = msg.cookie();
+            if frame.fds_truncated {
+                conn.error(
+                    cookie,
+                    libc::EPROTO,
+                    "more descriptors attached than a message may carry; they were discarded"
+                        .into(),
+                );
+                continue;
+            }
+            match msg {
+                Message::Fault(f) if frame.fds.is_empty() => self.route.report(&f),
+                Message::RegisterRing { cookie } | Message::RegisterSocket { cookie }
+                    if frame.fds.len() != 1 =>
+                {
+                    conn.error(
+                        cookie,
+                        libc::EPROTO,
+                        format!(
+                            "a registration carries 1 descriptor, not {}",
+                            frame.fds.len()
+                        ),
+                    );
+                }
+                Message::RegisterRing { cookie } => {
+                    let io = frame
+                        .fds
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| TrackError::Unsuitable("no descriptor".into()))
+                        .and_then(RingSentinel::new)
+                        .map(TrackedIo::Ring);
+                    self.track(conn, cookie, io);
+                }
+                Message::RegisterSocket { cookie } => {
+                    let io = match frame.fds.first() {
+                        Some(fd) => drain::tcp_endpoints(fd.as_fd()).map(TrackedIo::Socket),
+                        None => Err(TrackError::Unsuitable("no descriptor".into())),
+                    };
+                    self.track(conn, cookie, io);
+                }
+                other => conn.error(
+                    cookie,
+                    libc::EPROTO,
+                    format!(
+                        "unexpected {} after WELCOME",
+                        message_name(&other, !frame.fds.is_empty())
+                    ),
+                ),
+            }
+        }
+    }
+
+    fn track(&self, conn: &mut Connection<'_>, cookie: u64, io: Result<TrackedIo, TrackError>) {
+        let result = io.and_then(|io| {
+            let what = io.describe();
+            lock(&self.writer).track_io(conn.id, io).map(|()| what)
+        });
+        match result {
+            Ok(what) => {
+                info!(pid = conn.pid, reader = conn.id.0, %what, "backend registered I/O to wait for should it die");
+                conn.reply(&Message::Ack { cookie });
+            }
+            Err(e) => conn.error(cookie, e.code(), format!("cannot track it: {e}")),
+        }
+    }
+
+    /// After the backend's end of stream: waits until the table may forget
+    /// it, logging each change of its state. Its thread (and its place in
+    /// the [`MAX_BACKENDS`] bound) is kept until then.
+    fn wait_for_release(&self, id: ReaderId, pid: i32) {
+        // A process that exits closes its descriptors a moment before it
+        // is reaped: a state is only logged once it has lasted a while.
+        let mut logged = None;
+        let mut since = (None, std::time::Instant::now());
+        loop {
+            let state = lock(&self.writer).try_release_reader(id);
+            let state = match state {
+                None => return,
+                Some(ReaderState::Released(reason)) => {
+                    return info!(
+                        pid,
+                        reader = id.0,
+                        ?reason,
+                        "backend released: its slots and pins no longer count"
+                    );
+                }
+                Some(s) => s,
+            };
+            if since.0 != Some(state) {
+                since = (Some(state), std::time::Instant::now());
+            }
+            if logged != Some(state) && since.1.elapsed() >= STATE_LOG_AFTER {
+                logged = Some(state);
+                match state {
+                    ReaderState::Draining { pending } => info!(
+                        pid,
+                        reader = id.0,
+                        pending,
+                        "backend exited; waiting for its registered I/O to drain"
+                    ),
+                    ReaderState::ConnectionHeld | ReaderState::Lingering => {
+                        warn!(pid, reader = id.0, "backend {}", state.describe())
+                    }
+                    _ => {}
+                }
+            }
+            std::thread::sleep(RELEASE_POLL);
+        }
+    }
+}
+
+/// A message's name for an error reply (never its contents: a HELLO is
+/// named, a FAULT is named).
+fn message_name(msg: &Message, with_fds: bool) -> String {
+    let name = match msg {
+        Message::Hello { .. } => "HELLO",
+        Message::Welcome { .. } => "WELCOME",
+        Message::Refused { .. } => "REFUSED",
+        Message::Fault(_) => "FAULT",
+        Message::RegisterRing { .. } => "REGISTER_RING",
+        Message::RegisterSocket { .. } => "REGISTER_SOCKET",
+        Message::Ack { .. } => "ACK",
+        Message::Error { .. } => "ERROR",
+    };
+    if with_fds {
+        format!("{name} with descriptors")
+    } else {
+        name.to_string()
+    }
+}
+
+/// One backend's connection after WELCOME.
+struct Connection<'a> {
+    stream: &'a UnixStream,
+    pid: i32,
+    id: ReaderId,
+    errors: u32,
+}
+
+impl Connection<'_> {
+    /// Answers without waiting: a backend that does not read its answers
+    /// loses them, it never stalls this thread.
+    fn reply(&self, msg: &Message) {
+        if let Err(e) = backend_proto::try_send(self.stream.as_fd(), &msg.encode()) {
+            debug!(pid = self.pid, error = %e, "cannot answer a backend; answer dropped");
+        }
+    }
+
+    /// Refuses one message with ERROR; the connection and the backend's
+    /// registration go on.
+    fn error(&mut self, cookie: u64, code: i32, reason: String) {
+        self.errors = self.errors.saturating_add(1);
+        if self.errors <= LOGGED_ERRORS {
+            warn!(
+                pid = self.pid,
+                reader = self.id.0,
+                %reason,
+                "refused a message from a backend; it stays connected and its sessions and pins keep counting"
+            );
+            if self.errors == LOGGED_ERRORS {
+                warn!(
+                    pid = self.pid,
+                    "further protocol errors of this backend are not logged"
+                );
+            }
+        }
+        self.reply(&Message::Error {
+            cookie,
+            code: code as u32,
+            reason,
+        });
+    }
+
+    /// Reads and drops everything (descriptors included) until the end of
+    /// stream, once the framing is lost.
+    fn discard_until_end(&self) {
+        let mut buf = [0u8; MAX_LEN];
+        loop {
+            match backend_proto::recv_discard(self.stream.as_fd(), &mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => return debug!(pid = self.pid, error = %e, "backend connection failed"),
+            }
+        }
     }
 }

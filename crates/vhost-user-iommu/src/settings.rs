@@ -153,7 +153,11 @@ pub struct Cli {
     pub stall_warn_ms: Option<u64>,
 
     /// Kill (SIGKILL) a backend that holds an UNMAP back this long; 0 never
-    /// kills and waits for as long as the backend lives. Default: 0.
+    /// kills and waits for as long as the backend lives. Default: 0. The
+    /// UNMAP still completes only once the backend is gone and the I/O it
+    /// registered has drained; a kill the kernel refuses (the daemon needs
+    /// CAP_KILL or the backend's uid) is logged and the daemon keeps
+    /// waiting.
     #[arg(long, value_name = "MS")]
     pub stall_kill_ms: Option<u64>,
 }

@@ -126,8 +126,8 @@ impl TablePublisher for ShmPublisher {
         let report = lock(&self.writer).synchronize();
         if report.reaped > 0 {
             tracing::warn!(
-                reaped = report.reaped,
-                "grace period reclaimed dead or stuck backends"
+                released = report.reaped,
+                "a grace period released backends that were gone (exited with their I/O drained)"
             );
         }
     }

@@ -7,234 +7,15 @@
 //! then obeys one command per stdin line and answers on stdout.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+mod common;
+
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use iotlb_shm::{Access, BackendClient, Fault, FaultKind};
+use common::backends::{Backend, Daemon, EP, attach, map, ok, run_cases, unmap};
+use iotlb_shm::BackendClient;
 use viommu_frontend::driver::{Driver, DriverOptions};
-use virtio_iommu_proto::{Attach, Map, MapFlags, Request, Status, Unmap};
-
-const EP: u32 = 8;
-
-// ---------------------------------------------------------------- backend role
-
-fn backend_main(socket: &str) -> ! {
-    let client = match BackendClient::connect(Path::new(socket), 2, 4) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("refused {e}");
-            std::process::exit(3);
-        }
-    };
-    println!("connected {}", client.reader_id);
-    let mut slot = client.slots.claim_slot().unwrap();
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    let translate = |s: &iotlb_shm::Session<'_>, ep: u32, iova: u64| match s.translate_one(
-        ep,
-        iova,
-        Access::READ,
-    ) {
-        Ok(p) => format!("gpa {:#x}", p.gpa),
-        Err(f) => format!("fault {:?}", f.kind),
-    };
-    while let Some(Ok(line)) = lines.next() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let num = |i: usize| u64::from_str_radix(w[i].trim_start_matches("0x"), 16).unwrap();
-        match w[0] {
-            "translate" => {
-                let s = slot.enter(&client.table);
-                println!("{}", translate(&s, num(1) as u32, num(2)));
-            }
-            "enter" => {
-                let s = slot.enter(&client.table);
-                println!("{}", translate(&s, num(1) as u32, num(2)));
-                // Stay in the session until "exit".
-                for l in lines.by_ref() {
-                    if l.unwrap().trim() == "exit" {
-                        break;
-                    }
-                }
-                drop(s);
-                println!("left");
-            }
-            "fault" => {
-                let f = Fault {
-                    kind: FaultKind::Mapping,
-                    endpoint: num(1) as u32,
-                    iova: num(2),
-                    access: Access::WRITE,
-                };
-                client.report_fault(&f).unwrap();
-                println!("sent");
-            }
-            "faults" => {
-                // faults COUNT EP FIRST_IOVA: COUNT faults, IOVAs one page apart.
-                for i in 0..num(1) {
-                    let f = Fault {
-                        kind: FaultKind::Domain,
-                        endpoint: num(2) as u32,
-                        iova: num(3) + i * 0x1000,
-                        access: Access::READ,
-                    };
-                    client.report_fault(&f).unwrap();
-                }
-                println!("sent");
-            }
-            _ => println!("?"),
-        }
-    }
-    std::process::exit(0)
-}
-
-struct Backend {
-    child: Child,
-    input: ChildStdin,
-    output: BufReader<ChildStdout>,
-}
-
-impl Backend {
-    fn spawn(socket: &Path, uid: Option<u32>) -> Backend {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.env("VIOMMU_TEST_BACKEND", socket)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        if let Some(uid) = uid {
-            cmd.uid(uid);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let input = child.stdin.take().unwrap();
-        let output = BufReader::new(child.stdout.take().unwrap());
-        Backend {
-            child,
-            input,
-            output,
-        }
-    }
-
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        self.output.read_line(&mut s).unwrap();
-        s.trim().to_string()
-    }
-
-    fn ask(&mut self, cmd: &str) -> String {
-        writeln!(self.input, "{cmd}").unwrap();
-        self.input.flush().unwrap();
-        self.line()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------- harness
-
-struct Daemon {
-    child: Child,
-    vmm: PathBuf,
-    backends: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str, extra: &[&str]) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("viommu-bs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let (vmm, backends, log) = (
-            dir.join("vmm.sock"),
-            dir.join("backends.sock"),
-            dir.join("daemon.log"),
-        );
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-iommu"))
-            .arg("--socket-path")
-            .arg(&vmm)
-            .arg("--backend-socket")
-            .arg(&backends)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(vmm.exists() && backends.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create its sockets"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Daemon {
-            child,
-            vmm,
-            backends,
-            log,
-        }
-    }
-
-    fn driver(&self) -> Driver {
-        Driver::connect(
-            &self.vmm,
-            DriverOptions {
-                ram_size: 64 << 20,
-                ..DriverOptions::default()
-            },
-        )
-        .unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn attach(domain: u32) -> Request {
-    Request::Attach(Attach {
-        domain,
-        endpoint: EP,
-        flags: Default::default(),
-        reserved: Default::default(),
-    })
-}
-
-fn map(domain: u32, iova: u64, gpa: u64) -> Request {
-    Request::Map(Map {
-        domain,
-        virt_start: iova,
-        virt_end: iova + 0xfff,
-        phys_start: gpa,
-        flags: MapFlags::READ.union(MapFlags::WRITE),
-    })
-}
-
-fn unmap(domain: u32, iova: u64) -> Request {
-    Request::Unmap(Unmap {
-        domain,
-        virt_start: iova,
-        virt_end: iova + 0xfff,
-        reserved: [0; 4],
-    })
-}
-
-fn ok(d: &mut Driver, r: Request) {
-    assert_eq!(d.send_one(&r).unwrap().status(), Some(Status::Ok), "{r:?}");
-}
+use virtio_iommu_proto::Status;
 
 // ---------------------------------------------------------------- tests
 
@@ -292,8 +73,7 @@ fn an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies() {
             rx.recv_timeout(Duration::from_millis(300)).is_err(),
             "UNMAP completed inside a backend session"
         );
-        writeln!(b.input, "exit").unwrap();
-        b.input.flush().unwrap();
+        b.send("exit");
         assert_eq!(b.line(), "left");
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
@@ -549,81 +329,54 @@ fn backend_connections_are_bounded() {
 }
 
 fn main() {
-    if let Ok(socket) = std::env::var("VIOMMU_TEST_BACKEND") {
-        backend_main(&socket);
-    }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    type Case = (&'static str, fn() -> Result<(), String>);
-    let cases: Vec<Case> = vec![
-        ("a_map_is_in_the_table_before_it_completes", || {
-            a_map_is_in_the_table_before_it_completes();
-            Ok(())
-        }),
-        (
-            "an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies",
-            || {
-                an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies();
+    run_cases(
+        "backend-socket",
+        &[
+            ("a_map_is_in_the_table_before_it_completes", || {
+                a_map_is_in_the_table_before_it_completes();
                 Ok(())
-            },
-        ),
-        (
-            "dev_fault_5_a_buffer_too_small_gets_no_partial_record",
-            || {
-                dev_fault_5_a_buffer_too_small_gets_no_partial_record();
+            }),
+            (
+                "an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies",
+                || {
+                    an_unmap_waits_for_a_backend_session_then_for_nothing_once_it_dies();
+                    Ok(())
+                },
+            ),
+            (
+                "dev_fault_5_a_buffer_too_small_gets_no_partial_record",
+                || {
+                    dev_fault_5_a_buffer_too_small_gets_no_partial_record();
+                    Ok(())
+                },
+            ),
+            ("dev_fault_7_faults_never_block_the_request_queue", || {
+                dev_fault_7_faults_never_block_the_request_queue();
                 Ok(())
-            },
-        ),
-        ("dev_fault_7_faults_never_block_the_request_queue", || {
-            dev_fault_7_faults_never_block_the_request_queue();
-            Ok(())
-        }),
-        ("a_backend_fault_reaches_the_event_queue", || {
-            a_backend_fault_reaches_the_event_queue();
-            Ok(())
-        }),
-        (
-            "a_vmm_reconnect_resets_the_table_backends_keep_reading",
-            || {
-                a_vmm_reconnect_resets_the_table_backends_keep_reading();
+            }),
+            ("a_backend_fault_reaches_the_event_queue", || {
+                a_backend_fault_reaches_the_event_queue();
                 Ok(())
-            },
-        ),
-        (
-            "backends_of_other_users_are_refused_unless_allowed",
-            backends_of_other_users_are_refused_unless_allowed,
-        ),
-        ("a_full_table_answers_nomem_and_stays_consistent", || {
-            a_full_table_answers_nomem_and_stays_consistent();
-            Ok(())
-        }),
-        ("backend_connections_are_bounded", || {
-            backend_connections_are_bounded();
-            Ok(())
-        }),
-    ];
-    let mut failed = 0;
-    for (name, case) in cases {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let result = std::panic::catch_unwind(case);
-        match result {
-            Ok(Ok(())) => println!("test {name} ... ok"),
-            Ok(Err(why)) => {
-                failed += 1;
-                println!("test {name} ... FAILED: cannot run here: {why}");
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
-        }
-    }
-    if failed > 0 {
-        println!("{failed} backend-socket test(s) failed");
-        std::process::exit(1);
-    }
+            }),
+            (
+                "a_vmm_reconnect_resets_the_table_backends_keep_reading",
+                || {
+                    a_vmm_reconnect_resets_the_table_backends_keep_reading();
+                    Ok(())
+                },
+            ),
+            (
+                "backends_of_other_users_are_refused_unless_allowed",
+                backends_of_other_users_are_refused_unless_allowed,
+            ),
+            ("a_full_table_answers_nomem_and_stays_consistent", || {
+                a_full_table_answers_nomem_and_stays_consistent();
+                Ok(())
+            }),
+            ("backend_connections_are_bounded", || {
+                backend_connections_are_bounded();
+                Ok(())
+            }),
+        ],
+    );
 }

@@ -8,6 +8,7 @@
 //! iotlb-reader hold-session EP IOVA           translate, print "ready", stay in the session until killed
 //! iotlb-reader hold-pin     EP IOVA LEN       pin the range, print "ready", unpin when stdin gives a line or closes
 //! iotlb-reader write-table                    try to write the table (must die of SIGSEGV)
+//! iotlb-reader fork-touch   EP IOVA           translate, fork, let the child read the table (it must die of SIGSEGV)
 //! iotlb-reader stress EP PAGES MILLIS SEED    random lookups checked against the log (see tests/processes.rs)
 //! ```
 
@@ -143,9 +144,43 @@ mod app {
                 say("write went through");
                 Ok(ExitCode::from(1))
             }
+            "fork-touch" => {
+                let (table, slots) = open()?;
+                let ep = u32::try_from(num(args, 1)?).map_err(|e| e.to_string())?;
+                let mut slot = slots.claim_slot().map_err(|e| e.to_string())?;
+                let session = slot.enter(&table);
+                match session.translate_one(ep, num(args, 2)?, Access::READ) {
+                    Ok(p) => say(&format!("parent gpa={:#x}", p.gpa)),
+                    Err(f) => say(&format!("parent fault={:?}", f.kind)),
+                }
+                // SAFETY: the child only reads one word and exits; it runs no
+                // code that could deadlock on locks held by other threads
+                // (this process has none).
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: reads the table mapping, which a forked child
+                    // must not have (MADV_DONTFORK): this faults.
+                    let word = unsafe { std::ptr::read_volatile(table.table_ptr().cast::<u64>()) };
+                    // SAFETY: _exit is async-signal-safe and ends the child.
+                    unsafe { libc::_exit(if word != 0 { 10 } else { 11 }) };
+                }
+                let mut status = 0;
+                // SAFETY: waits for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                if libc::WIFSIGNALED(status) {
+                    say(&format!("child signal={}", libc::WTERMSIG(status)));
+                } else {
+                    say(&format!(
+                        "child read the table, exit={}",
+                        libc::WEXITSTATUS(status)
+                    ));
+                }
+                drop(session);
+                Ok(ExitCode::SUCCESS)
+            }
             "stress" => stress(args),
             _ => Err(format!(
-                "unknown mode {mode:?}; modes: translate, hold-session, hold-pin, write-table, stress"
+                "unknown mode {mode:?}; modes: translate, hold-session, hold-pin, write-table, fork-touch, stress"
             )),
         }
     }
