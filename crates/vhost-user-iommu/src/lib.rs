@@ -15,17 +15,17 @@
 //! - [`serve`]: the listening loop, one fresh device per connection.
 //! - [`shm_table`]: the shared translation table as the model's publisher.
 //! - [`backend_socket`]: where co-located backends get the table.
-//! - [`logging`], [`signals`]: process plumbing.
+//! - [`logging`], [`signals`]: process plumbing (from `vhost-user-process`).
 
 pub mod backend;
 pub mod backend_socket;
 pub mod chain;
 pub mod eventq;
 pub mod kick_loop;
-pub mod logging;
 pub mod publish;
 pub mod requestq;
 pub mod serve;
 pub mod settings;
 pub mod shm_table;
-pub mod signals;
+
+pub use vhost_user_process::{logging, signals};

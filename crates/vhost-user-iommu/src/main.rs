@@ -6,16 +6,7 @@ use tracing::{error, info};
 use vhost_user_iommu::settings::{Cli, Settings};
 use vhost_user_iommu::{logging, serve, signals};
 
-/// Prints an error and its causes, one per line.
-fn report(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        text.push_str(&format!("\n  caused by: {c}"));
-        cause = c.source();
-    }
-    text
-}
+use vhost_user_process::report;
 
 fn capabilities() -> String {
     serde_json::json!({ "type": "iommu" }).to_string()

@@ -6,10 +6,8 @@ use crate::backend_socket::{BackendSocket, FaultRoute};
 use crate::publish::{NoTable, TablePublisher};
 use crate::settings::{KickLoopKind, Listen, Settings};
 use crate::shm_table::{self, SharedWriter, ShmPublisher};
-use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn};
-use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -17,12 +15,9 @@ use vmm_sys_util::epoll::EventSet;
 /// Why the daemon stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The socket could not be created or bound.
-    #[error("cannot listen on {0}")]
-    Listen(String, #[source] vhost::vhost_user::Error),
-    /// The inherited descriptor is not a listening Unix socket.
-    #[error("--fd {0} is not a listening socket")]
-    NotListening(i32),
+    /// The VMM socket cannot be served.
+    #[error(transparent)]
+    Listen(#[from] vhost_user_process::listen::ListenError),
     /// The device could not be built.
     #[error("cannot create the device")]
     Device(#[from] viommu_core::ConfigError),
@@ -37,42 +32,9 @@ pub enum ServeError {
     BackendSocket(String, #[source] std::io::Error),
 }
 
-fn listener(listen: &Listen) -> Result<Listener, ServeError> {
-    match listen {
-        Listen::Path(p) => {
-            Listener::new(p, true).map_err(|e| ServeError::Listen(p.display().to_string(), e))
-        }
-        Listen::Fd(fd) => {
-            let mut accepting: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt writes at most `len` bytes into `accepting`,
-            // a live c_int; an invalid fd only makes it fail.
-            let rc = unsafe {
-                libc::getsockopt(
-                    *fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_ACCEPTCONN,
-                    (&mut accepting as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            if rc != 0 || accepting == 0 {
-                return Err(ServeError::NotListening(*fd));
-            }
-            // SAFETY: the descriptor was handed to this process for this use
-            // (it is a listening socket, checked above) and nothing else in
-            // the process owns it.
-            Ok(unsafe { Listener::from_raw_fd(*fd) })
-        }
-    }
-}
-
 /// Describes where the daemon listens, for logs.
 pub fn describe(listen: &Listen) -> String {
-    match listen {
-        Listen::Path(p) => p.display().to_string(),
-        Listen::Fd(fd) => format!("inherited fd {fd}"),
-    }
+    listen.describe()
 }
 
 /// Creates the shared table and starts the backend socket, if configured.
@@ -107,7 +69,7 @@ fn start_table(
 
 /// Serves connections until the process is told to stop.
 pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
-    let mut listener = listener(listen)?;
+    let mut listener = listen.listener()?;
     let where_ = describe(listen);
     let route = FaultRoute::default();
     let table = start_table(settings, &route)?;

@@ -5,6 +5,8 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
+pub use vhost_user_process::listen::Listen;
+pub use vhost_user_process::logging::{LogFormat, LogSettings};
 use viommu_core::config::X86_MSI_WINDOW;
 use viommu_core::{ConfigError, DeviceConfig, EndpointRange, Limits};
 use virtio_iommu_proto::config::{DomainRange, InputRange};
@@ -183,17 +185,6 @@ pub enum KickLoopKind {
     Epoll,
 }
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// The TOML file: every field optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,24 +225,6 @@ struct FileEndpointRange {
     ids: String,
     #[serde(default)]
     reserved_regions: Vec<String>,
-}
-
-/// Where the daemon listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listen {
-    /// Create and listen on this path.
-    Path(PathBuf),
-    /// Listen on this inherited descriptor.
-    Fd(i32),
-}
-
-/// Logging choices.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogSettings {
-    /// Filter directive, if given (else `RUST_LOG`, else `info`).
-    pub filter: Option<String>,
-    /// Line format.
-    pub format: LogFormat,
 }
 
 /// Everything the daemon needs, validated.

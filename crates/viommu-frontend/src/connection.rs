@@ -118,12 +118,17 @@ impl Connection {
     /// RESET_DEVICE, whichever are offered). With REPLY_ACK, every later
     /// message asks for an acknowledgement, so a refusal is an error here.
     pub fn connect(path: &Path) -> Result<Connection, ConnectionError> {
-        let frontend = Frontend::connect(path, NUM_QUEUES as u64).map_err(|source| {
-            ConnectionError::Connect {
+        Connection::connect_device(path, NUM_QUEUES as u64)
+    }
+
+    /// [`Connection::connect`] for a device of another type with at most
+    /// `queues` queues.
+    pub fn connect_device(path: &Path, queues: u64) -> Result<Connection, ConnectionError> {
+        let frontend =
+            Frontend::connect(path, queues).map_err(|source| ConnectionError::Connect {
                 path: path.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         frontend.set_owner().map_err(step("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(step("GET_FEATURES"))?;
         let mut conn = Connection {

@@ -11,6 +11,11 @@
 //! - [`driver`]: device bring-up, batched requests, event buffers.
 //! - [`trace`]: the guest request trace format.
 //! - [`replay`]: trace replay with throughput and latency figures.
+//! - [`guest_dma`]: the guest's DMA layer for a device behind the IOMMU
+//!   (IOVA allocation; off, passthrough, strict and lazy policies).
+//! - [`blk_queue`], [`blk`]: a virtio-blk device driven over vhost-user
+//!   the way QEMU plus Linux drive it, rings and buffers at IOVAs.
+//! - [`blk_load`]: a block workload with IOPS, latency and data checks.
 //!
 //! ```no_run
 //! use viommu_frontend::driver::{Driver, DriverOptions};
@@ -23,8 +28,12 @@
 //! # Ok::<(), viommu_frontend::driver::DriverError>(())
 //! ```
 
+pub mod blk;
+pub mod blk_load;
+pub mod blk_queue;
 pub mod connection;
 pub mod driver;
+pub mod guest_dma;
 pub mod memory;
 pub mod replay;
 pub mod split_ring;

@@ -1,9 +1,28 @@
 //! Logging through `tracing`; records of the rust-vmm crates (`log`) flow
 //! into it.
 
-use crate::settings::{LogFormat, LogSettings};
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
+
+/// Log output format (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging choices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Filter directive, if given (else `RUST_LOG`, else `info`).
+    pub filter: Option<String>,
+    /// Line format.
+    pub format: LogFormat,
+}
 
 /// Why logging could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,19 @@
+//! Process plumbing shared by the project's vhost-user binaries (the
+//! IOMMU daemon and the backends): where to listen for the VMM, logging to
+//! standard error through `tracing`, a prompt and clean exit on
+//! SIGTERM/SIGINT, and error chains printed whole.
+
+pub mod listen;
+pub mod logging;
+pub mod signals;
+
+/// An error and its causes, one per line, for logs and standard error.
+pub fn report(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text.push_str(&format!("\n  caused by: {c}"));
+        cause = c.source();
+    }
+    text
+}

@@ -1,0 +1,481 @@
+//! A device's DMA: device addresses (guest-physical, or IOVAs of its
+//! endpoint) to host addresses, in batches, with holds for I/O that
+//! outlives a batch.
+//!
+//! - [`Dma`]: one per device, shared by its queue threads: the mode, the
+//!   guest's memory table, the daemon connection.
+//! - [`QueueDma`]: one per queue thread (in table mode it owns a session
+//!   slot).
+//! - [`Batch`]: one per drained batch of requests. In table mode it is one
+//!   session of the shared table: translations are valid until it ends,
+//!   and cost a few loads each.
+//! - [`IoHold`]: what keeps the ranges of one in-flight I/O translatable
+//!   after its batch ended (pins of the shared table; the memory table).
+//!   Drop it once the kernel has finished the I/O.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use iotlb_shm::{Access, BackendClient, Fault, FaultKind, Pin, ReaderSlot, SentinelSlot, Session};
+
+use crate::error::DmaError;
+use crate::guest::{self, GuestRam};
+use crate::mode::IommuMode;
+
+/// How often a backend whose daemon died tries to connect again.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a device's DMA could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The daemon's backend socket refused or failed.
+    #[error("connecting to the vhost-user-iommu daemon")]
+    Connect(#[from] iotlb_shm::ClientError),
+    /// No session slot is left for another queue thread.
+    #[error("claiming a session slot")]
+    Slot(#[from] iotlb_shm::SlotError),
+}
+
+/// The shared table as one connection to the daemon sees it.
+#[derive(Debug)]
+struct TableConnection {
+    client: BackendClient,
+    generation: u64,
+}
+
+/// What a device needs in table mode.
+#[derive(Debug)]
+struct TableState {
+    socket: std::path::PathBuf,
+    slots: u32,
+    pins: u32,
+    current: RwLock<Arc<TableConnection>>,
+    /// Rings registered with the daemon, re-registered on reconnection.
+    rings: Mutex<Vec<OwnedFd>>,
+    last_attempt: Mutex<Option<Instant>>,
+}
+
+#[derive(Debug)]
+enum Translation {
+    None,
+    Table(TableState),
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoint: u32,
+    translation: Translation,
+    ram: RwLock<Option<Arc<GuestRam>>>,
+    ram_generation: AtomicU64,
+    faults_reported: AtomicU64,
+}
+
+/// One device's DMA; cheap to clone (clones share it).
+#[derive(Debug, Clone)]
+pub struct Dma {
+    inner: Arc<Inner>,
+}
+
+/// What [`Dma::connect`] needs.
+#[derive(Debug, Clone)]
+pub struct DmaOptions {
+    /// The mode (`--iommu`).
+    pub mode: IommuMode,
+    /// The device's endpoint ID (its requester ID in the guest).
+    pub endpoint: u32,
+    /// Session slots to ask the daemon for: one per queue thread, plus one.
+    pub slots: u32,
+    /// Pin records to ask for: at least the I/Os the device can have in
+    /// flight at once.
+    pub pins: u32,
+}
+
+impl Dma {
+    /// Sets up the device's DMA; in table mode, connects to the daemon.
+    pub fn connect(options: &DmaOptions) -> Result<Dma, SetupError> {
+        let translation = match &options.mode {
+            IommuMode::None => Translation::None,
+            IommuMode::Table(socket) => {
+                let client = BackendClient::connect(socket, options.slots, options.pins)?;
+                tracing::info!(
+                    socket = %socket.display(),
+                    reader = client.reader_id,
+                    endpoint = options.endpoint,
+                    "DMA through the vhost-user-iommu shared table"
+                );
+                Translation::Table(TableState {
+                    socket: socket.clone(),
+                    slots: options.slots,
+                    pins: options.pins,
+                    current: RwLock::new(Arc::new(TableConnection {
+                        client,
+                        generation: 0,
+                    })),
+                    rings: Mutex::new(Vec::new()),
+                    last_attempt: Mutex::new(None),
+                })
+            }
+            IommuMode::IotlbMsg(_) => {
+                return Err(SetupError::Connect(iotlb_shm::ClientError::Protocol(
+                    "iotlb-msg mode is not available in this build".into(),
+                )));
+            }
+        };
+        Ok(Dma {
+            inner: Arc::new(Inner {
+                endpoint: options.endpoint,
+                translation,
+                ram: RwLock::new(None),
+                ram_generation: AtomicU64::new(0),
+                faults_reported: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Whether device addresses are IOVAs (offer VIRTIO_F_ACCESS_PLATFORM).
+    pub fn translates(&self) -> bool {
+        !matches!(self.inner.translation, Translation::None)
+    }
+
+    /// The device's endpoint.
+    pub fn endpoint(&self) -> u32 {
+        self.inner.endpoint
+    }
+
+    /// Takes the VMM's (new) memory table.
+    pub fn set_memory(&self, ram: Arc<GuestRam>) {
+        *self
+            .inner
+            .ram
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(ram);
+        self.inner.ram_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Registers an io_uring that does I/O into guest memory with the
+    /// daemon (table mode; nothing to do otherwise), before its first I/O:
+    /// should this process die with I/O in flight, the guest's UNMAPs wait
+    /// until the ring has drained. The ring's fixed-file slot 0 holds the
+    /// sentinel (a one-slot table is registered when the ring has none).
+    pub fn register_ring(&self, ring: BorrowedFd<'_>) -> Result<(), iotlb_shm::ClientError> {
+        let Translation::Table(t) = &self.inner.translation else {
+            return Ok(());
+        };
+        let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+        conn.client
+            .register_ring(ring, SentinelSlot::NewTable { entries: 1 })?;
+        let dup = ring
+            .try_clone_to_owned()
+            .map_err(|source| iotlb_shm::ClientError::Io {
+                step: "keep the ring for re-registration",
+                source,
+            })?;
+        t.rings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(dup);
+        Ok(())
+    }
+
+    /// A queue thread's handle.
+    pub fn queue(&self) -> Result<QueueDma, SetupError> {
+        let mut q = QueueDma {
+            dma: self.clone(),
+            ram: None,
+            ram_generation: u64::MAX,
+            table: None,
+        };
+        q.refresh_table()?;
+        Ok(q)
+    }
+
+    /// Hands a fault to the daemon for the guest's event queue (table
+    /// mode). Never waits long: a daemon that is gone or slow loses it.
+    pub fn report_fault(&self, fault: &Fault) {
+        self.inner.faults_reported.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(?fault, "DMA fault");
+        if fault.kind == FaultKind::Detached {
+            return;
+        }
+        if let Translation::Table(t) = &self.inner.translation {
+            let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+            if let Err(e) = conn.client.report_fault(fault) {
+                tracing::debug!(error = %e, "cannot report a fault to the daemon");
+            }
+        }
+    }
+
+    /// Faults this device met.
+    pub fn faults(&self) -> u64 {
+        self.inner.faults_reported.load(Ordering::Relaxed)
+    }
+
+    /// Connects to the daemon again if the current table is detached (its
+    /// daemon died), at most once per [`RECONNECT_EVERY`]; re-registers
+    /// the rings. Returns whether a new table is in place.
+    fn reconnect_if_detached(&self) -> bool {
+        let Translation::Table(t) = &self.inner.translation else {
+            return false;
+        };
+        {
+            let mut last = t
+                .last_attempt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|l| l.elapsed() < RECONNECT_EVERY) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        let generation = {
+            let cur = t.current.read().unwrap_or_else(PoisonError::into_inner);
+            if cur.client.daemon_alive() {
+                return true; // another queue thread reconnected already
+            }
+            cur.generation
+        };
+        match BackendClient::connect(&t.socket, t.slots, t.pins) {
+            Ok(client) => {
+                for ring in t
+                    .rings
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                {
+                    // The ring's sentinel slot is replaced by a new sentinel
+                    // for the new daemon.
+                    if let Err(e) = client.register_ring(ring.as_fd(), SentinelSlot::Index(0)) {
+                        tracing::warn!(error = %e, "cannot register a ring with the restarted daemon");
+                    }
+                }
+                tracing::info!(
+                    reader = client.reader_id,
+                    "connected to the restarted vhost-user-iommu daemon"
+                );
+                *t.current.write().unwrap_or_else(PoisonError::into_inner) =
+                    Arc::new(TableConnection {
+                        client,
+                        generation: generation + 1,
+                    });
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the vhost-user-iommu daemon is gone; DMA fails until it is back");
+                false
+            }
+        }
+    }
+}
+
+/// A queue thread's translation handle.
+#[derive(Debug)]
+pub struct QueueDma {
+    dma: Dma,
+    ram: Option<Arc<GuestRam>>,
+    ram_generation: u64,
+    /// Table mode: the connection this thread uses and its slot in it.
+    table: Option<(Arc<TableConnection>, ReaderSlot)>,
+}
+
+impl QueueDma {
+    /// The device this handle belongs to.
+    pub fn dma(&self) -> &Dma {
+        &self.dma
+    }
+
+    fn refresh_table(&mut self) -> Result<(), SetupError> {
+        let Translation::Table(t) = &self.dma.inner.translation else {
+            return Ok(());
+        };
+        let current = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+        if self
+            .table
+            .as_ref()
+            .is_some_and(|(c, _)| c.generation == current.generation)
+        {
+            return Ok(());
+        }
+        // The old slot (if any) is released before the new one is claimed.
+        self.table = None;
+        let slot = current.client.slots.claim_slot()?;
+        self.table = Some((current, slot));
+        Ok(())
+    }
+
+    /// Starts a batch: picks up a new memory table, enters a session (table
+    /// mode). A table whose daemon died yields a batch whose translations
+    /// all fault; a new connection is tried for the next batch.
+    pub fn batch(&mut self) -> Result<Batch<'_>, DmaError> {
+        let generation = self.dma.inner.ram_generation.load(Ordering::Acquire);
+        if generation != self.ram_generation {
+            self.ram = self
+                .dma
+                .inner
+                .ram
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            self.ram_generation = generation;
+        }
+        if let Some((conn, _)) = &self.table {
+            if !conn.client.daemon_alive() && self.dma.reconnect_if_detached() {
+                let _ = self.refresh_table();
+            }
+        }
+        let ram = self.ram.as_ref().ok_or(DmaError::NoMemory)?;
+        let session = match &mut self.table {
+            Some((conn, slot)) => Some(slot.enter(&conn.client.table)),
+            None => None,
+        };
+        Ok(Batch {
+            ram,
+            session,
+            endpoint: self.dma.inner.endpoint,
+        })
+    }
+}
+
+/// The translations of one batch; see the [module documentation](self).
+#[derive(Debug)]
+pub struct Batch<'a> {
+    ram: &'a Arc<GuestRam>,
+    session: Option<Session<'a>>,
+    endpoint: u32,
+}
+
+impl Batch<'_> {
+    /// Calls `piece(gpa, len)` for the guest-physical pieces of the device
+    /// range, or fails (before any call) if any byte does not translate.
+    fn gpa_pieces(
+        &self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        mut piece: impl FnMut(u64, u64) -> Result<(), DmaError>,
+    ) -> Result<(), DmaError> {
+        let Some(session) = &self.session else {
+            addr.checked_add(len)
+                .ok_or(DmaError::OutsideRam { gpa: addr, len })?;
+            return piece(addr, len);
+        };
+        // Check the whole range before handing out any piece.
+        for p in session.translate(self.endpoint, addr, len, access) {
+            if p?.mmio {
+                return Err(DmaError::Mmio { addr });
+            }
+        }
+        for p in session.translate(self.endpoint, addr, len, access) {
+            let p = p?;
+            piece(p.gpa, p.len)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `piece(host, len)` for the host pieces of the device range
+    /// `[addr, addr + len)`; fails before any call if any byte does not
+    /// translate or lies outside guest RAM.
+    pub fn for_each_piece(
+        &self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        mut piece: impl FnMut(*mut u8, u64),
+    ) -> Result<(), DmaError> {
+        self.gpa_pieces(addr, len, access, |gpa, l| {
+            guest::for_each_host_piece(self.ram, gpa, l, |_, _| ())
+        })?;
+        self.gpa_pieces(addr, len, access, |gpa, l| {
+            guest::for_each_host_piece(self.ram, gpa, l, &mut piece)
+        })
+    }
+
+    /// The host address of a device range that must be contiguous in host
+    /// memory (a ring, an indirect table).
+    pub fn host_range(&self, addr: u64, len: u64, access: Access) -> Result<*mut u8, DmaError> {
+        let mut found = None;
+        let mut pieces = 0;
+        self.gpa_pieces(addr, len, access, |gpa, l| {
+            pieces += 1;
+            found = Some((gpa, l));
+            Ok(())
+        })?;
+        match found {
+            Some((gpa, l)) if pieces == 1 && l == len => guest::host_range(self.ram, gpa, len),
+            _ => Err(DmaError::NotContiguous { addr, len }),
+        }
+    }
+
+    /// Copies device memory into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let mut done = 0usize;
+        self.for_each_piece(addr, buf.len() as u64, Access::READ, |host, l| {
+            for i in 0..l as usize {
+                // SAFETY: `host` points at `l` bytes of guest RAM mapped for
+                // this batch; guest memory is read with volatile loads
+                // because the guest may write it concurrently.
+                buf[done + i] = unsafe { std::ptr::read_volatile(host.add(i)) };
+            }
+            done += l as usize;
+        })
+    }
+
+    /// Copies `data` into device memory.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+        let mut done = 0usize;
+        self.for_each_piece(addr, data.len() as u64, Access::WRITE, |host, l| {
+            for i in 0..l as usize {
+                // SAFETY: `host` points at `l` writable bytes of guest RAM
+                // mapped for this batch; volatile because the guest shares
+                // them.
+                unsafe { std::ptr::write_volatile(host.add(i), data[done + i]) };
+            }
+            done += l as usize;
+        })
+    }
+
+    /// Keeps the device ranges translatable, and guest RAM mapped, until the
+    /// returned hold is dropped (after the I/O that uses them completed):
+    /// in table mode, pins the ranges (contiguous ones as one pin); the
+    /// daemon completes no UNMAP overlapping them meanwhile.
+    pub fn hold(&self, ranges: &[(u64, u64)], access: Access) -> Result<IoHold, DmaError> {
+        let mut hold = IoHold {
+            _ram: Arc::clone(self.ram),
+            pins: Vec::new(),
+        };
+        if let Some(session) = &self.session {
+            let mut i = 0;
+            while i < ranges.len() {
+                let (start, mut len) = ranges[i];
+                i += 1;
+                while i < ranges.len() && start.checked_add(len) == Some(ranges[i].0) {
+                    len += ranges[i].1;
+                    i += 1;
+                }
+                let pin = session
+                    .pin(self.endpoint, start, len, access)
+                    .map_err(|e| match e {
+                        iotlb_shm::PinError::Fault(f) => DmaError::Fault(f),
+                        iotlb_shm::PinError::Slots(s) => DmaError::from(s),
+                    })?;
+                hold.pins.push(pin);
+            }
+        }
+        Ok(hold)
+    }
+}
+
+/// Keeps one in-flight I/O's ranges usable; see [`Batch::hold`].
+#[derive(Debug)]
+pub struct IoHold {
+    _ram: Arc<GuestRam>,
+    pins: Vec<Pin>,
+}
+
+impl IoHold {
+    /// Pins held.
+    pub fn pins(&self) -> usize {
+        self.pins.len()
+    }
+}
