@@ -41,6 +41,14 @@ const REGISTER_RING: u32 = 5;
 const REGISTER_SOCKET: u32 = 6;
 const ACK: u32 = 7;
 const ERROR: u32 = 8;
+const IOTLB_SUBSCRIBE: u32 = 9;
+const IOTLB_MISS: u32 = 10;
+const IOTLB_UPDATE: u32 = 11;
+const IOTLB_FAULT: u32 = 12;
+const IOTLB_INVALIDATE: u32 = 13;
+
+/// [`Message::IotlbInvalidate`]'s endpoint meaning "every endpoint".
+pub const ALL_ENDPOINTS: u32 = u32::MAX;
 
 /// A protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,10 +90,66 @@ pub enum Message {
         /// Chosen by the backend, echoed in the answer.
         cookie: u64,
     },
-    /// Daemon → backend: the registration with this cookie is done.
+    /// Daemon → backend: the registration (or subscription) with this
+    /// cookie is done. Backend → daemon: the invalidation with this cookie
+    /// is done (no cached translation of it is used any more).
     Ack {
-        /// The registration's cookie.
+        /// The cookie.
         cookie: u64,
+    },
+    /// Backend → daemon: this backend keeps a private IOTLB (message mode,
+    /// the baseline): send it an invalidation for every revocation and wait
+    /// for its ACK before completing the request. Answered with ACK.
+    IotlbSubscribe {
+        /// Echoed in the ACK.
+        cookie: u64,
+    },
+    /// Backend → daemon: translate `iova` of `endpoint` for `access`.
+    /// Answered with IOTLB_UPDATE or IOTLB_FAULT carrying the cookie.
+    IotlbMiss {
+        /// Echoed in the answer.
+        cookie: u64,
+        /// Endpoint ID.
+        endpoint: u32,
+        /// Access bits (1 read, 2 write).
+        access: u8,
+        /// The IOVA.
+        iova: u64,
+    },
+    /// Daemon → backend: `[iova, iova + size)` of `endpoint` translates to
+    /// `gpa` with `perm` (1 read, 2 write, 3 both).
+    IotlbUpdate {
+        /// The miss's cookie.
+        cookie: u64,
+        /// Endpoint ID.
+        endpoint: u32,
+        /// Permission bits.
+        perm: u8,
+        /// First IOVA of the translation.
+        iova: u64,
+        /// Bytes.
+        size: u64,
+        /// Guest-physical address of `iova`.
+        gpa: u64,
+    },
+    /// Daemon → backend: the missed IOVA does not translate.
+    IotlbFault {
+        /// The miss's cookie.
+        cookie: u64,
+        /// The fault.
+        fault: Fault,
+    },
+    /// Daemon → backend: forget every translation of `endpoint` (or of all
+    /// endpoints, [`ALL_ENDPOINTS`]) inside `[first, last]`, then ACK.
+    IotlbInvalidate {
+        /// Echoed in the ACK.
+        cookie: u64,
+        /// Endpoint ID or [`ALL_ENDPOINTS`].
+        endpoint: u32,
+        /// First IOVA.
+        first: u64,
+        /// Last IOVA (inclusive).
+        last: u64,
     },
     /// Daemon → backend: a message was refused; the connection and the
     /// backend's registration go on.
@@ -127,6 +191,38 @@ pub enum DecodeError {
     Bad(u32),
 }
 
+/// FAULT's body: endpoint, access, kind, reserved 0, iova. A fault from a
+/// dead daemon's table is never the guest's business; should one be sent,
+/// it reads as DOMAIN.
+fn encode_fault(body: &mut Vec<u8>, f: &Fault) {
+    let kind = match f.kind {
+        FaultKind::Domain | FaultKind::Detached => 1u32,
+        FaultKind::Mapping => 2,
+        FaultKind::Permission => 3,
+    };
+    body.extend_from_slice(&f.endpoint.to_le_bytes());
+    body.extend_from_slice(&u32::from(f.access.bits()).to_le_bytes());
+    body.extend_from_slice(&kind.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&f.iova.to_le_bytes());
+}
+
+fn decode_fault(endpoint: u32, access: u32, kind: u32, iova: u64) -> Option<Fault> {
+    let access = u8::try_from(access).ok().and_then(Access::from_bits)?;
+    let kind = match kind {
+        1 => FaultKind::Domain,
+        2 => FaultKind::Mapping,
+        3 => FaultKind::Permission,
+        _ => return None,
+    };
+    Some(Fault {
+        kind,
+        endpoint,
+        iova,
+        access,
+    })
+}
+
 fn reason_bytes(reason: &str) -> &[u8] {
     let mut cut = reason.len().min(MAX_REASON);
     while !reason.is_char_boundary(cut) {
@@ -148,7 +244,12 @@ impl Message {
     /// (unknown types: `None`).
     fn len_fits(kind: u32, len: usize) -> Option<bool> {
         Some(match kind {
-            HELLO | WELCOME | REGISTER_RING | REGISTER_SOCKET | ACK => len == HEADER_LEN + 8,
+            HELLO | WELCOME | REGISTER_RING | REGISTER_SOCKET | ACK | IOTLB_SUBSCRIBE => {
+                len == HEADER_LEN + 8
+            }
+            IOTLB_MISS => len == HEADER_LEN + 24,
+            IOTLB_UPDATE => len == HEADER_LEN + 40,
+            IOTLB_FAULT | IOTLB_INVALIDATE => len == HEADER_LEN + 32,
             FAULT => len == HEADER_LEN + 24,
             REFUSED => (HEADER_LEN + 8..=HEADER_LEN + 8 + MAX_REASON).contains(&len),
             ERROR => (HEADER_LEN + 16..=MAX_LEN).contains(&len),
@@ -162,7 +263,12 @@ impl Message {
             Message::RegisterRing { cookie }
             | Message::RegisterSocket { cookie }
             | Message::Ack { cookie }
-            | Message::Error { cookie, .. } => *cookie,
+            | Message::Error { cookie, .. }
+            | Message::IotlbSubscribe { cookie }
+            | Message::IotlbMiss { cookie, .. }
+            | Message::IotlbUpdate { cookie, .. }
+            | Message::IotlbFault { cookie, .. }
+            | Message::IotlbInvalidate { cookie, .. } => *cookie,
             _ => 0,
         }
     }
@@ -212,19 +318,58 @@ impl Message {
                 ERROR
             }
             Message::Fault(f) => {
-                // A fault from a dead daemon's table is never the guest's
-                // business; should one be sent, it reads as DOMAIN.
-                let kind = match f.kind {
-                    FaultKind::Domain | FaultKind::Detached => 1u32,
-                    FaultKind::Mapping => 2,
-                    FaultKind::Permission => 3,
-                };
-                body.extend_from_slice(&f.endpoint.to_le_bytes());
-                body.extend_from_slice(&u32::from(f.access.bits()).to_le_bytes());
-                body.extend_from_slice(&kind.to_le_bytes());
-                body.extend_from_slice(&0u32.to_le_bytes());
-                body.extend_from_slice(&f.iova.to_le_bytes());
+                encode_fault(&mut body, f);
                 FAULT
+            }
+            Message::IotlbSubscribe { cookie } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                IOTLB_SUBSCRIBE
+            }
+            Message::IotlbMiss {
+                cookie,
+                endpoint,
+                access,
+                iova,
+            } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                body.extend_from_slice(&endpoint.to_le_bytes());
+                body.extend_from_slice(&u32::from(*access).to_le_bytes());
+                body.extend_from_slice(&iova.to_le_bytes());
+                IOTLB_MISS
+            }
+            Message::IotlbUpdate {
+                cookie,
+                endpoint,
+                perm,
+                iova,
+                size,
+                gpa,
+            } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                body.extend_from_slice(&endpoint.to_le_bytes());
+                body.extend_from_slice(&u32::from(*perm).to_le_bytes());
+                body.extend_from_slice(&iova.to_le_bytes());
+                body.extend_from_slice(&size.to_le_bytes());
+                body.extend_from_slice(&gpa.to_le_bytes());
+                IOTLB_UPDATE
+            }
+            Message::IotlbFault { cookie, fault } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                encode_fault(&mut body, fault);
+                IOTLB_FAULT
+            }
+            Message::IotlbInvalidate {
+                cookie,
+                endpoint,
+                first,
+                last,
+            } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                body.extend_from_slice(&endpoint.to_le_bytes());
+                body.extend_from_slice(&0u32.to_le_bytes());
+                body.extend_from_slice(&first.to_le_bytes());
+                body.extend_from_slice(&last.to_le_bytes());
+                IOTLB_INVALIDATE
             }
         };
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
@@ -286,26 +431,57 @@ impl Message {
                 })
             }
             FAULT => {
-                let access = u8::try_from(u32_at(body, 4))
-                    .ok()
-                    .and_then(Access::from_bits)
-                    .ok_or(DecodeError::Bad(kind))?;
-                let kind = match u32_at(body, 8) {
-                    1 => FaultKind::Domain,
-                    2 => FaultKind::Mapping,
-                    3 => FaultKind::Permission,
-                    _ => return Err(DecodeError::Bad(kind)),
-                };
                 if u32_at(body, 12) != 0 {
                     return Err(DecodeError::Bad(FAULT));
                 }
-                Ok(Message::Fault(Fault {
-                    kind,
-                    endpoint: u32_at(body, 0),
-                    iova: u64_at(body, 16),
-                    access,
-                }))
+                let fault = decode_fault(
+                    u32_at(body, 0),
+                    u32_at(body, 4),
+                    u32_at(body, 8),
+                    u64_at(body, 16),
+                )
+                .ok_or(DecodeError::Bad(FAULT))?;
+                Ok(Message::Fault(fault))
             }
+            IOTLB_SUBSCRIBE => Ok(Message::IotlbSubscribe {
+                cookie: u64_at(body, 0),
+            }),
+            IOTLB_MISS => Ok(Message::IotlbMiss {
+                cookie: u64_at(body, 0),
+                endpoint: u32_at(body, 8),
+                access: u8::try_from(u32_at(body, 12))
+                    .ok()
+                    .filter(|a| (1..=3).contains(a))
+                    .ok_or(DecodeError::Bad(kind))?,
+                iova: u64_at(body, 16),
+            }),
+            IOTLB_UPDATE => Ok(Message::IotlbUpdate {
+                cookie: u64_at(body, 0),
+                endpoint: u32_at(body, 8),
+                perm: u8::try_from(u32_at(body, 12))
+                    .ok()
+                    .filter(|p| (1..=3).contains(p))
+                    .ok_or(DecodeError::Bad(kind))?,
+                iova: u64_at(body, 16),
+                size: u64_at(body, 24),
+                gpa: u64_at(body, 32),
+            }),
+            IOTLB_FAULT => Ok(Message::IotlbFault {
+                cookie: u64_at(body, 0),
+                fault: decode_fault(
+                    u32_at(body, 8),
+                    u32_at(body, 12),
+                    u32_at(body, 16),
+                    u64_at(body, 24),
+                )
+                .ok_or(DecodeError::Bad(kind))?,
+            }),
+            IOTLB_INVALIDATE => Ok(Message::IotlbInvalidate {
+                cookie: u64_at(body, 0),
+                endpoint: u32_at(body, 8),
+                first: u64_at(body, 16),
+                last: u64_at(body, 24),
+            }),
             REGISTER_RING => Ok(Message::RegisterRing {
                 cookie: u64_at(body, 0),
             }),
@@ -563,6 +739,36 @@ mod tests {
                 cookie: 0,
                 code: 71,
                 reason: "unexpected HELLO".into(),
+            },
+            Message::IotlbSubscribe { cookie: 4 },
+            Message::IotlbMiss {
+                cookie: 5,
+                endpoint: 8,
+                access: 2,
+                iova: 0x1234_5000,
+            },
+            Message::IotlbUpdate {
+                cookie: 5,
+                endpoint: 8,
+                perm: 3,
+                iova: 0x1234_5000,
+                size: 0x1000,
+                gpa: 0x8000_0000,
+            },
+            Message::IotlbFault {
+                cookie: 6,
+                fault: Fault {
+                    kind: FaultKind::Mapping,
+                    endpoint: 9,
+                    iova: 0xfff,
+                    access: Access::READ,
+                },
+            },
+            Message::IotlbInvalidate {
+                cookie: 7,
+                endpoint: ALL_ENDPOINTS,
+                first: 0,
+                last: u64::MAX,
             },
         ];
         for m in msgs {

@@ -142,6 +142,11 @@ impl BlkBackend {
         self.inner.dma.faults()
     }
 
+    /// Message mode: (IOTLB misses, invalidations) so far.
+    pub fn iotlb_counters(&self) -> (u64, u64) {
+        self.inner.dma.iotlb_counters()
+    }
+
     fn setup(&self, vring: &VringRwLock) -> QueueSetup {
         let state = vring.get_ref();
         let q = state.get_queue();

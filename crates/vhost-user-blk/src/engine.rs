@@ -505,6 +505,19 @@ struct Start<'a> {
 impl Start<'_> {
     /// Starts one chain; returns it if it is already done (no kernel I/O).
     fn start(&mut self, batch: &Batch<'_>, chain: &Chain) -> Option<Done> {
+        if let Some(e) = &chain.malformed {
+            if let viommu_backend::RingError::Memory(DmaError::Fault(f)) = e {
+                self.stats.faults += 1;
+                self.dma.report_fault(f);
+            }
+            debug!(queue = self.index, error = %e, "unusable descriptor chain; returned with used length 0");
+            return Some(Done {
+                head: chain.head,
+                status_at: None,
+                status: Status::IoErr,
+                used: 0,
+            });
+        }
         self.segs.clear();
         self.segs
             .extend(chain.segments.iter().map(|s| layout::Segment {

@@ -48,10 +48,13 @@ pub fn run(backend: &BlkBackend, listen: &Listen) -> Result<(), ServeError> {
         let ended = daemon.wait();
         backend.quiesce();
         let stats = backend.stats();
+        let (iotlb_misses, invalidations) = backend.iotlb_counters();
         info!(
             requests = stats.iter().map(|s| s.requests).sum::<u64>(),
             failed = stats.iter().map(|s| s.failed).sum::<u64>(),
             faults = backend.faults(),
+            iotlb_misses,
+            invalidations,
             "VMM connection over"
         );
         match ended {

@@ -191,6 +191,34 @@ impl IommuBackend {
         self.inner.fault_wake.write(1)
     }
 
+    /// Calls `answer` with what `endpoint` reaches at `iova` for `access`
+    /// now, under the device lock (so that nothing changes the model in
+    /// between). The fault reason when it reaches nothing.
+    pub fn with_translation(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        access: iotlb_shm::Access,
+        answer: impl FnOnce(Result<viommu_core::Translation, virtio_iommu_proto::FaultReason>),
+    ) {
+        let Ok(st) = self.state() else {
+            return answer(Err(virtio_iommu_proto::FaultReason::Domain));
+        };
+        let access = match (access.bits() & 1 != 0, access.bits() & 2 != 0) {
+            (true, true) => viommu_core::Access::ReadWrite,
+            (false, true) => viommu_core::Access::Write,
+            _ => viommu_core::Access::Read,
+        };
+        answer(
+            st.device
+                .translate(endpoint, iova, access)
+                .map_err(|e| match e {
+                    viommu_core::TranslateError::Fault(f) => f.reason,
+                    _ => virtio_iommu_proto::FaultReason::Domain,
+                }),
+        );
+    }
+
     /// The eventfd the worker must watch (as [`FAULT_WAKE_EVENT`]) for
     /// reported faults.
     pub fn fault_wake_fd(&self) -> RawFd {
@@ -335,13 +363,17 @@ impl IommuBackend {
         for &(head, s) in &st.completions[..split] {
             vring.add_used(head, s.used_len).map_err(io::Error::other)?;
         }
+        let served = st.completions.len();
         if first_grace.is_some() {
-            st.publisher.synchronize();
-            for &(head, s) in &st.completions[split..] {
+            let wait = st.publisher.synchronize();
+            let rest: Vec<(u16, Served)> = st.completions[split..].to_vec();
+            drop(guard);
+            wait.wait();
+            for (head, s) in rest {
                 vring.add_used(head, s.used_len).map_err(io::Error::other)?;
             }
         }
-        Ok(st.completions.len())
+        Ok(served)
     }
 }
 
@@ -378,7 +410,9 @@ impl VhostUserBackend for IommuBackend {
             Err(e) => warn!(error = %e, "feature negotiation refused"),
         }
         if sink.needs_grace {
-            st.publisher.synchronize();
+            let wait = st.publisher.synchronize();
+            drop(guard);
+            wait.wait();
         }
     }
 
@@ -394,7 +428,9 @@ impl VhostUserBackend for IommuBackend {
         let st = &mut *guard;
         let mut sink = Publishing::new(st.publisher.as_mut());
         st.device.reset(&mut sink);
-        st.publisher.synchronize();
+        let wait = st.publisher.synchronize();
+        drop(guard);
+        wait.wait();
         info!("device reset: all domains and mappings dropped, bypass kept");
     }
 
@@ -424,7 +460,9 @@ impl VhostUserBackend for IommuBackend {
         let result = st.device.write_config(offset as usize, buf, &mut sink);
         let needs_grace = sink.needs_grace;
         if needs_grace {
-            st.publisher.synchronize();
+            let wait = st.publisher.synchronize();
+            drop(guard);
+            wait.wait();
         }
         // A refused write is the guest's doing (a read-only field, a bad
         // value): it changes nothing and must not end the connection, which

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use virtio_iommu_proto::{FaultFlags, FaultReason, FaultRecord};
 
 use crate::backend::IommuBackend;
+use crate::iotlb_msg::Subscribers;
 use crate::shm_table::{SharedWriter, lock};
 
 /// Session slots a backend gets when it asks for 0.
@@ -88,6 +89,59 @@ impl FaultRoute {
             None => debug!(?fault, "backend fault with no VMM connected; dropped"),
         }
     }
+
+    /// Answers a message-mode backend's IOTLB miss on `stream`, under the
+    /// device lock: an answer is always on the wire before the invalidation
+    /// of what it answered.
+    pub fn answer_miss(
+        &self,
+        stream: &UnixStream,
+        cookie: u64,
+        endpoint: u32,
+        access: u8,
+        iova: u64,
+    ) {
+        let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let access_kind = Access::from_bits(access).unwrap_or(Access::READ);
+        let fault = |kind| Message::IotlbFault {
+            cookie,
+            fault: Fault {
+                kind,
+                endpoint,
+                iova,
+                access: access_kind,
+            },
+        };
+        let send = |msg: Message| {
+            if let Err(e) = backend_proto::send_with_fds(stream.as_fd(), &msg.encode(), &[]) {
+                debug!(error = %e, "cannot answer a backend's IOTLB miss");
+            }
+        };
+        let Some(device) = guard.as_ref() else {
+            return send(fault(FaultKind::Domain));
+        };
+        device.with_translation(endpoint, iova, access_kind, |t| match t {
+            Ok(t) if !t.mmio => {
+                // The whole mapping from the missed page on, capped at 1 GiB
+                // (a bypassed endpoint translates everything).
+                let first = iova & !0xfff;
+                let size = (t.iova_last - first).min((1 << 30) - 1) + 1;
+                send(Message::IotlbUpdate {
+                    cookie,
+                    endpoint,
+                    perm: access,
+                    iova: first,
+                    size,
+                    gpa: t.gpa - (iova - first),
+                })
+            }
+            Ok(_) => send(fault(FaultKind::Mapping)),
+            Err(reason) => send(fault(match reason {
+                FaultReason::Domain => FaultKind::Domain,
+                _ => FaultKind::Mapping,
+            })),
+        });
+    }
 }
 
 /// The listening backend socket.
@@ -98,6 +152,7 @@ pub struct BackendSocket {
     allowed_uids: Vec<u32>,
     writer: SharedWriter,
     route: FaultRoute,
+    subscribers: Subscribers,
     connected: std::sync::atomic::AtomicUsize,
 }
 
@@ -130,6 +185,7 @@ impl BackendSocket {
         allowed_uids: Vec<u32>,
         writer: SharedWriter,
         route: FaultRoute,
+        subscribers: Subscribers,
     ) -> io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = if allowed_uids.is_empty() {
@@ -163,6 +219,7 @@ impl BackendSocket {
             allowed_uids,
             writer,
             route,
+            subscribers,
             connected: std::sync::atomic::AtomicUsize::new(0),
         })
     }
@@ -298,6 +355,7 @@ impl BackendSocket {
             errors: 0,
         };
         self.read_messages(&mut conn, &mut buf);
+        self.subscribers.remove(id);
         info!(
             pid = cred.pid,
             reader = id.0,
@@ -372,6 +430,32 @@ impl BackendSocket {
                         None => Err(TrackError::Unsuitable("no descriptor".into())),
                     };
                     self.track(conn, cookie, io);
+                }
+                Message::IotlbSubscribe { cookie } if frame.fds.is_empty() => {
+                    match conn.stream.try_clone() {
+                        Ok(stream) => {
+                            let pidfd = iotlb_shm::ReaderProcess::of_peer(conn.stream.as_fd())
+                                .ok()
+                                .map(|p| p.pidfd);
+                            self.subscribers.add(conn.id, conn.pid, stream, pidfd);
+                            conn.reply(&Message::Ack { cookie });
+                        }
+                        Err(e) => {
+                            conn.error(cookie, libc::EMFILE, format!("cannot subscribe: {e}"))
+                        }
+                    }
+                }
+                Message::IotlbMiss {
+                    cookie,
+                    endpoint,
+                    access,
+                    iova,
+                } if frame.fds.is_empty() => {
+                    self.route
+                        .answer_miss(conn.stream, cookie, endpoint, access, iova);
+                }
+                Message::Ack { cookie } if frame.fds.is_empty() => {
+                    self.subscribers.ack(conn.id, cookie);
                 }
                 other => conn.error(
                     cookie,
@@ -456,6 +540,11 @@ fn message_name(msg: &Message, with_fds: bool) -> String {
         Message::RegisterSocket { .. } => "REGISTER_SOCKET",
         Message::Ack { .. } => "ACK",
         Message::Error { .. } => "ERROR",
+        Message::IotlbSubscribe { .. } => "IOTLB_SUBSCRIBE",
+        Message::IotlbMiss { .. } => "IOTLB_MISS",
+        Message::IotlbUpdate { .. } => "IOTLB_UPDATE",
+        Message::IotlbFault { .. } => "IOTLB_FAULT",
+        Message::IotlbInvalidate { .. } => "IOTLB_INVALIDATE",
     };
     if with_fds {
         format!("{name} with descriptors")

@@ -15,12 +15,15 @@
 //! - [`serve`]: the listening loop, one fresh device per connection.
 //! - [`shm_table`]: the shared translation table as the model's publisher.
 //! - [`backend_socket`]: where co-located backends get the table.
+//! - [`iotlb_msg`]: message mode (IOTLB misses and invalidations), the
+//!   baseline.
 //! - [`logging`], [`signals`]: process plumbing (from `vhost-user-process`).
 
 pub mod backend;
 pub mod backend_socket;
 pub mod chain;
 pub mod eventq;
+pub mod iotlb_msg;
 pub mod kick_loop;
 pub mod publish;
 pub mod requestq;

@@ -6,6 +6,25 @@
 
 use viommu_core::{Change, ChangeSink};
 
+use crate::iotlb_msg::AckWait;
+
+/// What is left after a grace period of the shared table: the
+/// acknowledgements of message-mode backends. Wait for them **without the
+/// device lock held** (a backend may need a miss answered first), then
+/// complete the requests.
+#[must_use = "wait before completing the requests"]
+#[derive(Debug, Default)]
+pub struct GraceWait(pub Option<AckWait>);
+
+impl GraceWait {
+    /// Waits for whatever is outstanding.
+    pub fn wait(self) {
+        if let Some(w) = self.0 {
+            w.wait();
+        }
+    }
+}
+
 /// A change the table could not mirror (it is full, or out of step with
 /// the model).
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +43,11 @@ pub trait TablePublisher: Send {
     /// this returns. On error the table is as it was before the change.
     fn publish(&mut self, change: &Change) -> Result<(), PublishError>;
 
-    /// Returns once no reader can still use a translation taken away by the
-    /// changes published so far.
-    fn synchronize(&mut self);
+    /// Runs the grace period of the shared table: returns once no table
+    /// reader can still use a translation taken away by the changes
+    /// published so far; what message-mode backends still have to
+    /// acknowledge is returned, to be waited for without the device lock.
+    fn synchronize(&mut self) -> GraceWait;
 
     /// Short name for logs.
     fn name(&self) -> &'static str;
@@ -45,7 +66,9 @@ impl TablePublisher for NoTable {
     fn publish(&mut self, _change: &Change) -> Result<(), PublishError> {
         Ok(())
     }
-    fn synchronize(&mut self) {}
+    fn synchronize(&mut self) -> GraceWait {
+        GraceWait::default()
+    }
     fn name(&self) -> &'static str {
         "none"
     }
@@ -96,8 +119,9 @@ mod tests {
             self.0.push(*change);
             Ok(())
         }
-        fn synchronize(&mut self) {
+        fn synchronize(&mut self) -> GraceWait {
             self.1 += 1;
+            GraceWait::default()
         }
         fn name(&self) -> &'static str {
             "recorder"

@@ -3,6 +3,7 @@
 
 use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
 use crate::backend_socket::{BackendSocket, FaultRoute};
+use crate::iotlb_msg::Subscribers;
 use crate::publish::{NoTable, TablePublisher};
 use crate::settings::{KickLoopKind, Listen, Settings};
 use crate::shm_table::{self, SharedWriter, ShmPublisher};
@@ -41,7 +42,7 @@ pub fn describe(listen: &Listen) -> String {
 fn start_table(
     settings: &Settings,
     route: &FaultRoute,
-) -> Result<Option<SharedWriter>, ServeError> {
+) -> Result<Option<(SharedWriter, Subscribers)>, ServeError> {
     let Some(t) = &settings.table else {
         info!("no --backend-socket: translations are not published to backends");
         return Ok(None);
@@ -49,11 +50,16 @@ fn start_table(
     let writer = shm_table::create(&settings.device, t).map_err(ServeError::Table)?;
     let g = *writer.geometry();
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
+    let subscribers = Subscribers::new(iotlb_shm::StallPolicy {
+        warn_after: t.stall_warn,
+        kill_after: t.stall_kill,
+    });
     BackendSocket::bind(
         &t.socket,
         t.allowed_uids.clone(),
         writer.clone(),
         route.clone(),
+        subscribers.clone(),
     )
     .and_then(BackendSocket::spawn)
     .map_err(|e| ServeError::BackendSocket(t.socket.display().to_string(), e))?;
@@ -64,7 +70,7 @@ fn start_table(
         input_bits = g.input_bits,
         "shared translation table ready; backends connect to the backend socket"
     );
-    Ok(Some(writer))
+    Ok(Some((writer, subscribers)))
 }
 
 /// Serves connections until the process is told to stop.
@@ -75,7 +81,7 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
     let table = start_table(settings, &route)?;
     loop {
         let publisher: Box<dyn TablePublisher> = match &table {
-            Some(w) => Box::new(ShmPublisher::new(w.clone())),
+            Some((w, subs)) => Box::new(ShmPublisher::new(w.clone(), Some(subs.clone()))),
             None => Box::new(NoTable),
         };
         let backend = IommuBackend::with_publisher(

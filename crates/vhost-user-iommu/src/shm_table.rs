@@ -10,7 +10,8 @@ use iotlb_shm::{
 use viommu_core::{Change, Device, DeviceConfig, EndpointState};
 use virtio_iommu_proto::MapFlags;
 
-use crate::publish::{PublishError, Publishing, TablePublisher};
+use crate::iotlb_msg::{AckWait, Invalidation, Subscribers};
+use crate::publish::{GraceWait, PublishError, Publishing, TablePublisher};
 use crate::settings::TableSettings;
 
 /// The table, shared by the request path and the backend socket.
@@ -69,15 +70,51 @@ fn e_chain(e: &dyn std::error::Error) -> String {
     out.join(": ")
 }
 
-/// Mirrors the device model into the shared table.
+/// Mirrors the device model into the shared table, and tells message-mode
+/// backends what each revocation took away.
 pub struct ShmPublisher {
     writer: SharedWriter,
+    subscribers: Option<Subscribers>,
+    invalidations: Vec<Invalidation>,
 }
 
 impl ShmPublisher {
-    /// Publishes into `writer`.
-    pub fn new(writer: SharedWriter) -> Self {
-        Self { writer }
+    /// Publishes into `writer`; invalidations go to `subscribers`.
+    pub fn new(writer: SharedWriter, subscribers: Option<Subscribers>) -> Self {
+        Self {
+            writer,
+            subscribers,
+            invalidations: Vec::new(),
+        }
+    }
+
+    /// What a narrowing change takes away, for message-mode backends.
+    fn record_invalidation(&mut self, change: &Change) {
+        if self.subscribers.is_none() || !change.requires_grace_period() {
+            return;
+        }
+        let inv = match *change {
+            Change::MappingRemoved { mapping, .. } => Invalidation {
+                first: mapping.virt_start,
+                last: mapping.virt_end,
+                ..Invalidation::ALL
+            },
+            Change::Endpoint { endpoint, .. } => Invalidation {
+                endpoint,
+                ..Invalidation::ALL
+            },
+            _ => Invalidation::ALL,
+        };
+        self.invalidations.push(inv);
+    }
+
+    fn send_invalidations(&mut self) -> Option<AckWait> {
+        let list = std::mem::take(&mut self.invalidations);
+        let subs = self.subscribers.as_ref()?;
+        if list.is_empty() || subs.is_empty() {
+            return None;
+        }
+        Some(subs.invalidate(&list))
     }
 }
 
@@ -91,6 +128,7 @@ fn target(state: EndpointState) -> EndpointTarget {
 
 impl TablePublisher for ShmPublisher {
     fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
+        self.record_invalidation(change);
         let mut w = lock(&self.writer);
         let result: Result<(), WriterError> = match *change {
             Change::DomainCreated { domain } => w.create_domain(domain),
@@ -122,7 +160,8 @@ impl TablePublisher for ShmPublisher {
         })
     }
 
-    fn synchronize(&mut self) {
+    fn synchronize(&mut self) -> GraceWait {
+        let acks = self.send_invalidations();
         let report = lock(&self.writer).synchronize();
         if report.reaped > 0 {
             tracing::warn!(
@@ -130,6 +169,7 @@ impl TablePublisher for ShmPublisher {
                 "a grace period released backends that were gone (exited with their I/O drained)"
             );
         }
+        GraceWait(acks)
     }
 
     fn name(&self) -> &'static str {
@@ -140,6 +180,9 @@ impl TablePublisher for ShmPublisher {
     /// Returns once no backend can use the previous device's state.
     fn start(&mut self, device: &Device) {
         lock(&self.writer).reset();
+        self.invalidations = vec![Invalidation::ALL];
+        // No device lock is held yet: wait right here.
+        GraceWait(self.send_invalidations()).wait();
         let mut sink = Publishing::new(self);
         device.publish_state(&mut sink);
         if let Some(e) = sink.failed {
@@ -167,7 +210,7 @@ mod tests {
         })
         .unwrap();
         let writer: SharedWriter = Arc::new(Mutex::new(w));
-        let mut p = ShmPublisher::new(writer.clone());
+        let mut p = ShmPublisher::new(writer.clone(), None);
         let bypass = Change::Endpoint {
             endpoint: 5,
             from: EndpointState::Blocked,

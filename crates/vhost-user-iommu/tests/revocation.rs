@@ -20,9 +20,9 @@ use common::backends::{
     Backend, Daemon, EP, attach, map, map_range, monotonic_ns, ok, ram_fd, request_racing,
     run_cases, scratch, unmap, unmap_range,
 };
-use common::fuse::FuseDisk;
 use iotlb_shm::backend_proto::Message;
 use viommu_frontend::driver::Driver;
+use viommu_test_support::fuse::FuseDisk;
 use virtio_iommu_proto::Status;
 use vm_memory::Bytes;
 

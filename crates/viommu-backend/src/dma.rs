@@ -23,6 +23,7 @@ use iotlb_shm::{Access, BackendClient, Fault, FaultKind, Pin, ReaderSlot, Sentin
 use crate::error::DmaError;
 use crate::guest::{self, GuestRam};
 use crate::mode::IommuMode;
+use crate::msg::{MsgHold, MsgIotlb};
 
 /// How often a backend whose daemon died tries to connect again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
@@ -61,6 +62,11 @@ struct TableState {
 enum Translation {
     None,
     Table(TableState),
+    Msg {
+        /// Keeps the connection (and the slot file) for the device's life.
+        _client: BackendClient,
+        iotlb: Arc<MsgIotlb>,
+    },
 }
 
 #[derive(Debug)]
@@ -117,10 +123,24 @@ impl Dma {
                     last_attempt: Mutex::new(None),
                 })
             }
-            IommuMode::IotlbMsg(_) => {
-                return Err(SetupError::Connect(iotlb_shm::ClientError::Protocol(
-                    "iotlb-msg mode is not available in this build".into(),
-                )));
+            IommuMode::IotlbMsg(socket) => {
+                let client = BackendClient::connect(socket, 1, 1)?;
+                let io = |step| move |source| iotlb_shm::ClientError::Io { step, source };
+                let sock = client
+                    .connection()
+                    .try_clone_to_owned()
+                    .map_err(io("keep the connection"))?;
+                let iotlb = MsgIotlb::start(sock.into(), options.endpoint)
+                    .map_err(io("subscribe to invalidations"))?;
+                tracing::info!(
+                    socket = %socket.display(),
+                    endpoint = options.endpoint,
+                    "DMA through a private IOTLB filled by messages (baseline)"
+                );
+                Translation::Msg {
+                    _client: client,
+                    iotlb,
+                }
             }
         };
         Ok(Dma {
@@ -199,17 +219,31 @@ impl Dma {
         if fault.kind == FaultKind::Detached {
             return;
         }
-        if let Translation::Table(t) = &self.inner.translation {
-            let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
-            if let Err(e) = conn.client.report_fault(fault) {
-                tracing::debug!(error = %e, "cannot report a fault to the daemon");
+        let result = match &self.inner.translation {
+            Translation::Table(t) => {
+                let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+                conn.client.report_fault(fault)
             }
+            Translation::Msg { _client, .. } => _client.report_fault(fault),
+            Translation::None => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "cannot report a fault to the daemon");
         }
     }
 
     /// Faults this device met.
     pub fn faults(&self) -> u64 {
         self.inner.faults_reported.load(Ordering::Relaxed)
+    }
+
+    /// Message mode: IOTLB misses resolved with the daemon, and
+    /// invalidations received (0 in other modes).
+    pub fn iotlb_counters(&self) -> (u64, u64) {
+        match &self.inner.translation {
+            Translation::Msg { iotlb, .. } => (iotlb.misses(), iotlb.invalidations()),
+            _ => (0, 0),
+        }
     }
 
     /// Connects to the daemon again if the current table is detached (its
@@ -329,9 +363,15 @@ impl QueueDma {
             Some((conn, slot)) => Some(slot.enter(&conn.client.table)),
             None => None,
         };
+        let msg = match &self.dma.inner.translation {
+            Translation::Msg { iotlb, .. } => Some((iotlb, iotlb.section())),
+            _ => None,
+        };
         Ok(Batch {
             ram,
             session,
+            msg,
+            scratch: std::cell::RefCell::new(Vec::new()),
             endpoint: self.dma.inner.endpoint,
         })
     }
@@ -342,6 +382,9 @@ impl QueueDma {
 pub struct Batch<'a> {
     ram: &'a Arc<GuestRam>,
     session: Option<Session<'a>>,
+    /// Message mode: the IOTLB, and this batch's read-side section of it.
+    msg: Option<(&'a Arc<MsgIotlb>, std::sync::RwLockReadGuard<'a, ()>)>,
+    scratch: std::cell::RefCell<Vec<(u64, u64)>>,
     endpoint: u32,
 }
 
@@ -355,6 +398,14 @@ impl Batch<'_> {
         access: Access,
         mut piece: impl FnMut(u64, u64) -> Result<(), DmaError>,
     ) -> Result<(), DmaError> {
+        if let Some((iotlb, _)) = &self.msg {
+            let mut pieces = self.scratch.borrow_mut();
+            iotlb.translate(self.endpoint, addr, len, access, &mut pieces)?;
+            for &(gpa, l) in pieces.iter() {
+                piece(gpa, l)?;
+            }
+            return Ok(());
+        }
         let Some(session) = &self.session else {
             addr.checked_add(len)
                 .ok_or(DmaError::OutsideRam { gpa: addr, len })?;
@@ -443,6 +494,7 @@ impl Batch<'_> {
         let mut hold = IoHold {
             _ram: Arc::clone(self.ram),
             pins: Vec::new(),
+            _msg: self.msg.as_ref().map(|(iotlb, _)| iotlb.hold(ranges)),
         };
         if let Some(session) = &self.session {
             let mut i = 0;
@@ -471,6 +523,7 @@ impl Batch<'_> {
 pub struct IoHold {
     _ram: Arc<GuestRam>,
     pins: Vec<Pin>,
+    _msg: Option<MsgHold>,
 }
 
 impl IoHold {

@@ -15,12 +15,14 @@
 //!   [`Batch`], [`IoHold`]);
 //! - [`ring`]: the device side of a split virtqueue at device addresses;
 //! - [`guest`]: guest-physical to host addresses through the memory table;
+//! - [`msg`]: the message-mode IOTLB;
 //! - [`mode`]: `--iommu` values.
 
 pub mod dma;
 pub mod error;
 pub mod guest;
 pub mod mode;
+pub mod msg;
 pub mod ring;
 
 pub use dma::{Batch, Dma, DmaOptions, IoHold, QueueDma, SetupError};

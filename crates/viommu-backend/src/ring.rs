@@ -86,6 +86,10 @@ pub struct Chain {
     pub head: u16,
     /// Its buffers in order.
     pub segments: Vec<Segment>,
+    /// Why the chain cannot be used (a loop, an index out of range, a bad
+    /// indirect table): return it with used length 0. `segments` is then
+    /// incomplete.
+    pub malformed: Option<RingError>,
 }
 
 /// The device's state of one split virtqueue.
@@ -223,7 +227,10 @@ impl RingView<'_> {
     }
 
     /// Takes the next available chain into `chain`; `Ok(false)` when the
-    /// ring is empty. A malformed chain is an error: the queue stops.
+    /// ring is empty. A chain that cannot be walked is taken with
+    /// [`Chain::malformed`] set (return it with used length 0); only a ring
+    /// that cannot be read sanely (an index ahead of the queue, a head out of
+    /// range) is an error, which stops the queue.
     pub fn pop(&mut self, chain: &mut Chain) -> Result<bool, RingError> {
         let avail = self.avail_idx();
         if avail == self.q.next_avail {
@@ -244,6 +251,12 @@ impl RingView<'_> {
         }
         chain.head = head;
         chain.segments.clear();
+        chain.malformed = self.walk(head, chain).err();
+        self.q.next_avail = self.q.next_avail.wrapping_add(1);
+        Ok(true)
+    }
+
+    fn walk(&self, head: u16, chain: &mut Chain) -> Result<(), RingError> {
         let mut index = head;
         let mut count = 0u16;
         loop {
@@ -256,8 +269,7 @@ impl RingView<'_> {
                 if flags & VRING_DESC_F_NEXT != 0 {
                     return Err(RingError::BadIndirect("INDIRECT together with NEXT"));
                 }
-                self.indirect(addr, len, chain)?;
-                break;
+                return self.indirect(addr, len, chain);
             }
             chain.segments.push(Segment {
                 addr,
@@ -265,15 +277,13 @@ impl RingView<'_> {
                 writable: flags & VRING_DESC_F_WRITE != 0,
             });
             if flags & VRING_DESC_F_NEXT == 0 {
-                break;
+                return Ok(());
             }
             if next >= self.size() {
                 return Err(RingError::BadIndex(next));
             }
             index = next;
         }
-        self.q.next_avail = self.q.next_avail.wrapping_add(1);
-        Ok(true)
     }
 
     fn indirect(&self, addr: u64, len: u32, chain: &mut Chain) -> Result<(), RingError> {

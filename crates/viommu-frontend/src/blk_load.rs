@@ -247,18 +247,19 @@ pub fn run(
                         )
                         .map_err(|_| LoadError::Options("data buffer outside RAM".into()))?;
                     }
+                    // As virtio_ring maps a request: each entry on its own.
                     let header = Buf {
-                        dev: dma.map(slot.meta, 16, false)?,
+                        dev: dma.map(guest.iommu(), slot.meta, 16, false)?,
                         gpa: slot.meta,
                         len: 16,
                     };
                     let data = Buf {
-                        dev: dma.map(slot.data, u64::from(opts.block), read)?,
+                        dev: dma.map(guest.iommu(), slot.data, u64::from(opts.block), read)?,
                         gpa: slot.data,
                         len: opts.block,
                     };
                     let status = Buf {
-                        dev: dma.map(slot.meta + 64, 1, true)?,
+                        dev: dma.map(guest.iommu(), slot.meta + 64, 1, true)?,
                         gpa: slot.meta + 64,
                         len: 1,
                     };
@@ -282,9 +283,6 @@ pub fn run(
                     issued += 1;
                 }
             }
-        }
-        if let Some(iommu) = guest.iommu() {
-            dma.sync(iommu)?;
         }
         let mut touched = vec![false; queues];
         for &(q, s) in &posts {
@@ -338,12 +336,13 @@ pub fn run(
                     written.insert(f.block, f.generation);
                 }
                 busy.remove(&f.block);
-                dma.unmap(f.req.header.dev, 16);
-                dma.unmap(f.req.data[0].0.dev, u64::from(opts.block));
-                dma.unmap(f.req.status.dev, 1);
+                dma.unmap(guest.iommu(), f.req.header.dev, 16)?;
+                dma.unmap(guest.iommu(), f.req.data[0].0.dev, u64::from(opts.block))?;
+                dma.unmap(guest.iommu(), f.req.status.dev, 1)?;
                 free[q].push(c.tag);
             }
         }
+        dma.flush(guest.iommu(), false)?;
         if done > 0 {
             last_progress = Instant::now();
         } else {
@@ -353,9 +352,7 @@ pub fn run(
             dev.wait(Duration::from_millis(100))?;
         }
     }
-    if let Some(iommu) = guest.iommu() {
-        dma.sync_with(iommu, true)?;
-    }
+    dma.flush(guest.iommu(), true)?;
     report.elapsed = start.elapsed();
     report.latencies.sort_unstable();
     let after = dma.stats();

@@ -42,6 +42,19 @@ pub struct BlkRequest {
     pub status: Buf,
 }
 
+/// One descriptor of [`BlkQueue::post_raw`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawDesc {
+    /// Buffer address (device view).
+    pub addr: u64,
+    /// Length.
+    pub len: u32,
+    /// `VRING_DESC_F_*` (NEXT comes from `next`).
+    pub flags: u16,
+    /// Index in the posted slice of the next descriptor.
+    pub next: Option<usize>,
+}
+
 /// A completed request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
@@ -173,13 +186,6 @@ impl BlkQueue {
     /// device never wrote shows), chains its buffers and queues it (not yet
     /// visible: [`Self::publish`]).
     pub fn post(&mut self, mem: &Mem, req: &BlkRequest, tag: usize) -> Result<u16, QueueError> {
-        let n = req.data.len() + 2;
-        if n > self.free.len() {
-            return Err(QueueError::Full {
-                need: n,
-                free: self.free.len(),
-            });
-        }
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&req.kind.to_le_bytes());
         header[8..].copy_from_slice(&req.sector.to_le_bytes());
@@ -187,19 +193,58 @@ impl BlkQueue {
             .map_err(|_| QueueError::Access(req.header.gpa))?;
         mem.write_slice(&[0xff], GuestAddress(req.status.gpa))
             .map_err(|_| QueueError::Access(req.status.gpa))?;
-        let at = self.free.len() - n;
-        let mut ids = self.free.split_off(at);
-        ids.reverse();
-        let mut bufs = Vec::with_capacity(n);
+        let mut bufs = Vec::with_capacity(req.data.len() + 2);
         bufs.push((req.header, false));
         bufs.extend(req.data.iter().copied());
         bufs.push((req.status, true));
-        for (i, (b, writes)) in bufs.iter().enumerate() {
-            let last = i + 1 == n;
-            let flags = (if *writes { VRING_DESC_F_WRITE } else { 0 })
-                | (if last { 0 } else { VRING_DESC_F_NEXT });
-            let next = if last { 0 } else { ids[i + 1] };
-            self.write_desc(mem, ids[i], b.dev, b.len, flags, next)?;
+        self.post_chain(mem, &bufs, tag)
+    }
+
+    /// Queues a chain of any buffers in this order (`true`: device-writable),
+    /// whatever they hold: for odd and hostile layouts.
+    pub fn post_chain(
+        &mut self,
+        mem: &Mem,
+        bufs: &[(Buf, bool)],
+        tag: usize,
+    ) -> Result<u16, QueueError> {
+        let raw: Vec<RawDesc> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, (b, writes))| RawDesc {
+                addr: b.dev,
+                len: b.len,
+                flags: if *writes { VRING_DESC_F_WRITE } else { 0 },
+                next: (i + 1 < bufs.len()).then_some(i + 1),
+            })
+            .collect();
+        self.post_raw(mem, &raw, tag)
+    }
+
+    /// Queues descriptors exactly as given: `next` is an index into `raw`
+    /// (`Some(j)`: NEXT set, pointing at `raw[j]`'s descriptor, which may
+    /// form a loop); `flags` other than NEXT are written as they are (WRITE,
+    /// INDIRECT). The head is `raw[0]`.
+    pub fn post_raw(&mut self, mem: &Mem, raw: &[RawDesc], tag: usize) -> Result<u16, QueueError> {
+        let n = raw.len().max(1);
+        if n > self.free.len() {
+            return Err(QueueError::Full {
+                need: n,
+                free: self.free.len(),
+            });
+        }
+        let at = self.free.len() - n;
+        let mut ids = self.free.split_off(at);
+        ids.reverse();
+        for (i, d) in raw.iter().enumerate() {
+            let (flags, next) = match d.next {
+                Some(j) => (
+                    d.flags | VRING_DESC_F_NEXT,
+                    ids.get(j).copied().unwrap_or(j as u16),
+                ),
+                None => (d.flags & !VRING_DESC_F_NEXT, 0),
+            };
+            self.write_desc(mem, ids[i], d.addr, d.len, flags, next)?;
         }
         let head = ids[0];
         let pos = u64::from(self.avail_idx & (self.gpa.size - 1));

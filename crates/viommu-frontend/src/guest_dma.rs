@@ -5,16 +5,19 @@
 //! - `off`: no IOMMU; device addresses are guest-physical.
 //! - `passthrough`: the endpoint is attached to a bypass (identity) domain;
 //!   addresses are guest-physical, nothing is mapped.
-//! - `strict`: every buffer is mapped (one MAP, synchronous) before the
-//!   device gets it and unmapped (one UNMAP, synchronous) as soon as the
-//!   device is done, before the buffer or its IOVA is reused.
-//! - `lazy`: mapped the same way; UNMAPs go into a flush queue sent as one
-//!   batch every [`FLUSH_ENTRIES`] entries or [`FLUSH_INTERVAL`] (Linux's
-//!   default), and an IOVA is reused only once its UNMAP completed.
+//! - `strict`: every buffer is mapped before the device gets it and
+//!   unmapped as soon as the device is done; each MAP and each UNMAP is
+//!   synchronous (Linux's `iommu_map` + `iotlb_sync_map`, `iommu_unmap` +
+//!   `iotlb_sync`: one request, one kick, waited for).
+//! - `lazy`: each MAP as in strict; an UNMAP is queued on the request queue
+//!   without a kick (virtio-iommu's `unmap_pages` adds it, only a sync
+//!   kicks) and so goes out with the next MAP's sync, or at the latest when
+//!   the flush queue is flushed ([`FLUSH_ENTRIES`] entries or
+//!   [`FLUSH_INTERVAL`], Linux's defaults); an IOVA is reused only after
+//!   that flush.
 //!
-//! Requests of one step (the MAPs of the buffers posted together, the
-//! UNMAPs of the requests completed together) go to the IOMMU as one batch
-//! with one kick, as several CPUs mapping at once would.
+//! A guest's `dma_map_sg` maps each scatter-gather entry on its own: a
+//! virtio-blk request (header, data, status) costs three MAPs.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -151,8 +154,9 @@ pub struct GuestDma {
     endpoint: u32,
     domain: u32,
     iova: IovaSpace,
-    maps: Vec<Request>,
-    unmaps: Vec<(u64, u64)>,
+    /// Lazy: UNMAPs queued, not kicked yet.
+    queued: Vec<Request>,
+    /// Lazy: IOVAs waiting for the flush to be reused.
     flush_queue: Vec<(u64, u64)>,
     oldest_queued: Option<Instant>,
     stats: DmaStats,
@@ -167,8 +171,7 @@ impl GuestDma {
             endpoint,
             domain,
             iova: IovaSpace::new(iova_window.0, iova_window.1),
-            maps: Vec::new(),
-            unmaps: Vec::new(),
+            queued: Vec::new(),
             flush_queue: Vec::new(),
             oldest_queued: None,
             stats: DmaStats::default(),
@@ -202,74 +205,125 @@ impl GuestDma {
         check(&attach, iommu.send_one(&attach)?.status())
     }
 
-    /// Maps `[gpa, gpa + len)` for the device (`device_writes`: it writes
-    /// the buffer) and returns the device address. The MAP is sent by the
-    /// next [`Self::sync`].
-    pub fn map(&mut self, gpa: u64, len: u64, device_writes: bool) -> Result<u64, DmaError> {
-        if matches!(self.policy, Policy::Off | Policy::Passthrough) {
+    fn translated(&self) -> bool {
+        matches!(self.policy, Policy::Strict | Policy::Lazy)
+    }
+
+    /// Sends `req` (with the UNMAPs queued before it, lazy) and waits: one
+    /// sync.
+    fn sync_one(&mut self, iommu: &mut Driver, req: Option<Request>) -> Result<(), DmaError> {
+        let mut reqs = std::mem::take(&mut self.queued);
+        reqs.extend(req);
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        self.stats.batches += 1;
+        let outcomes = iommu.send(&reqs)?;
+        for (r, o) in reqs.iter().zip(&outcomes) {
+            check(r, o.status())?;
+        }
+        Ok(())
+    }
+
+    /// `dma_map`: maps `[gpa, gpa + len)` for the device (`device_writes`:
+    /// it writes the buffer) and returns the device address. Strict and
+    /// lazy: one MAP, synchronous.
+    pub fn map(
+        &mut self,
+        iommu: Option<&mut Driver>,
+        gpa: u64,
+        len: u64,
+        device_writes: bool,
+    ) -> Result<u64, DmaError> {
+        self.map_with(
+            iommu,
+            gpa,
+            len,
+            if device_writes {
+                MapFlags::WRITE
+            } else {
+                MapFlags::READ
+            },
+        )
+    }
+
+    fn map_with(
+        &mut self,
+        iommu: Option<&mut Driver>,
+        gpa: u64,
+        len: u64,
+        flags: MapFlags,
+    ) -> Result<u64, DmaError> {
+        if !self.translated() {
             return Ok(gpa);
         }
+        let iommu = iommu.ok_or(DmaError::NoIommu(self.policy))?;
         let first = gpa & !(PAGE - 1);
         let pages = (gpa + len).div_ceil(PAGE) - first / PAGE;
         let iova = self
             .iova
             .alloc(pages)
             .ok_or(DmaError::NoSpace(pages * PAGE))?;
-        let flags = if device_writes {
-            MapFlags::WRITE
-        } else {
-            MapFlags::READ
-        };
-        self.maps.push(Request::Map(Map {
+        let map = Request::Map(Map {
             domain: self.domain,
             virt_start: iova,
             virt_end: iova + pages * PAGE - 1,
             phys_start: first,
             flags,
-        }));
+        });
+        self.stats.maps += 1;
+        if let Err(e) = self.sync_one(iommu, Some(map)) {
+            self.iova.free(iova, pages);
+            return Err(e);
+        }
         Ok(iova + (gpa - first))
     }
 
     /// Maps guest RAM the device reads and writes for as long as it runs
-    /// (rings: `dma_alloc_coherent`); sent at once.
+    /// (rings: `dma_alloc_coherent`).
     pub fn map_coherent(
         &mut self,
         iommu: Option<&mut Driver>,
         gpa: u64,
         len: u64,
     ) -> Result<u64, DmaError> {
-        if matches!(self.policy, Policy::Off | Policy::Passthrough) {
-            return Ok(gpa);
-        }
-        let iova = self.map(gpa, len, true)?;
-        if let Some(Request::Map(m)) = self.maps.last_mut() {
-            m.flags = MapFlags::READ.union(MapFlags::WRITE);
-        }
-        self.sync(iommu.ok_or(DmaError::NoIommu(self.policy))?)?;
-        Ok(iova)
+        self.map_with(iommu, gpa, len, MapFlags::READ.union(MapFlags::WRITE))
     }
 
-    /// Unmaps what [`Self::map`] mapped at device address `addr` for `len`.
-    /// Strict: the UNMAP goes with the next [`Self::sync`]; lazy: into the
-    /// flush queue.
-    pub fn unmap(&mut self, addr: u64, len: u64) {
-        if matches!(self.policy, Policy::Off | Policy::Passthrough) {
-            return;
+    /// `dma_unmap` of what [`Self::map`] mapped at device address `addr`
+    /// for `len`. Strict: one UNMAP, synchronous. Lazy: the UNMAP is queued
+    /// (it goes with the next sync) and the IOVA waits for the flush.
+    pub fn unmap(
+        &mut self,
+        iommu: Option<&mut Driver>,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), DmaError> {
+        if !self.translated() {
+            return Ok(());
         }
         let first = addr & !(PAGE - 1);
         let pages = (addr + len).div_ceil(PAGE) - first / PAGE;
+        let unmap = Request::Unmap(Unmap {
+            domain: self.domain,
+            virt_start: first,
+            virt_end: first + pages * PAGE - 1,
+            reserved: [0; 4],
+        });
+        self.stats.unmaps += 1;
         match self.policy {
-            Policy::Strict => self.unmaps.push((first, pages)),
+            Policy::Strict => {
+                let iommu = iommu.ok_or(DmaError::NoIommu(self.policy))?;
+                self.sync_one(iommu, Some(unmap))?;
+                self.iova.free(first, pages);
+            }
             _ => {
+                self.queued.push(unmap);
                 self.flush_queue.push((first, pages));
                 self.oldest_queued.get_or_insert_with(Instant::now);
             }
         }
-    }
-
-    /// Whether MAPs or UNMAPs wait to be sent.
-    pub fn has_pending(&self) -> bool {
-        !self.maps.is_empty() || !self.unmaps.is_empty()
+        Ok(())
     }
 
     /// Lazy: whether the flush queue is due.
@@ -280,46 +334,19 @@ impl GuestDma {
                 .is_some_and(|t| t.elapsed() >= FLUSH_INTERVAL)
     }
 
-    /// Sends the pending UNMAPs and MAPs (strict), plus the flush queue if
-    /// due (lazy) or if `flush_all`, as one batch; IOVAs of completed
-    /// UNMAPs become free.
-    pub fn sync_with(&mut self, iommu: &mut Driver, flush_all: bool) -> Result<(), DmaError> {
-        let mut freed = std::mem::take(&mut self.unmaps);
-        if !self.flush_queue.is_empty() && (flush_all || self.flush_due()) {
-            freed.append(&mut self.flush_queue);
-            self.oldest_queued = None;
-        }
-        if freed.is_empty() && self.maps.is_empty() {
+    /// Lazy: flushes the queue if due (or always with `all`): a sync for
+    /// the UNMAPs still queued, then their IOVAs become free.
+    pub fn flush(&mut self, iommu: Option<&mut Driver>, all: bool) -> Result<(), DmaError> {
+        if self.flush_queue.is_empty() || !(all || self.flush_due()) {
             return Ok(());
         }
-        let mut reqs: Vec<Request> = freed
-            .iter()
-            .map(|&(iova, pages)| {
-                Request::Unmap(Unmap {
-                    domain: self.domain,
-                    virt_start: iova,
-                    virt_end: iova + pages * PAGE - 1,
-                    reserved: [0; 4],
-                })
-            })
-            .collect();
-        self.stats.unmaps += reqs.len() as u64;
-        self.stats.maps += self.maps.len() as u64;
-        reqs.append(&mut self.maps);
-        self.stats.batches += 1;
-        let outcomes = iommu.send(&reqs)?;
-        for (req, out) in reqs.iter().zip(&outcomes) {
-            check(req, out.status())?;
-        }
-        for (iova, pages) in freed {
+        let iommu = iommu.ok_or(DmaError::NoIommu(self.policy))?;
+        self.sync_one(iommu, None)?;
+        for (iova, pages) in std::mem::take(&mut self.flush_queue) {
             self.iova.free(iova, pages);
         }
+        self.oldest_queued = None;
         Ok(())
-    }
-
-    /// [`Self::sync_with`] without forcing the flush queue.
-    pub fn sync(&mut self, iommu: &mut Driver) -> Result<(), DmaError> {
-        self.sync_with(iommu, false)
     }
 }
 
@@ -351,32 +378,32 @@ mod tests {
     }
 
     #[test]
-    fn strict_and_lazy_map_to_iovas_off_and_passthrough_do_not() {
+    fn off_and_passthrough_need_no_iommu_and_map_nothing() {
         for p in [Policy::Off, Policy::Passthrough] {
             let mut d = GuestDma::new(p, 8, 1, (0x10_0000, 0x20_0000));
-            assert_eq!(d.map(0x1234, 16, false).unwrap(), 0x1234);
-            d.unmap(0x1234, 16);
-            assert!(!d.has_pending());
+            assert_eq!(d.map(None, 0x1234, 16, false).unwrap(), 0x1234);
+            d.unmap(None, 0x1234, 16).unwrap();
+            d.flush(None, true).unwrap();
+            assert_eq!(d.stats(), DmaStats::default());
         }
         let mut d = GuestDma::new(Policy::Strict, 8, 1, (0x10_0000, 0x20_0000));
-        let iova = d.map(0x1ffe, 4, true).unwrap();
-        assert_eq!(iova & 0xfff, 0xffe, "offset kept");
-        match d.maps[0] {
-            Request::Map(m) => {
-                assert_eq!(
-                    (m.phys_start, m.virt_end - m.virt_start + 1),
-                    (0x1000, 0x2000)
-                );
-                assert_eq!(m.flags, MapFlags::WRITE);
-            }
-            _ => panic!(),
-        }
-        d.unmap(iova, 4);
-        assert_eq!(d.unmaps, vec![(0x10_0000, 2)]);
+        assert!(matches!(
+            d.map(None, 0x1000, 16, false),
+            Err(DmaError::NoIommu(_))
+        ));
+        assert_eq!(
+            d.stats().maps,
+            0,
+            "nothing counted for a map that was not sent"
+        );
+    }
+
+    #[test]
+    fn lazy_unmaps_wait_in_the_queue_and_their_iovas_for_the_flush() {
         let mut l = GuestDma::new(Policy::Lazy, 8, 1, (0x10_0000, 0x20_0000));
-        let iova = l.map(0x3000, 4096, false).unwrap();
-        l.unmap(iova, 4096);
-        assert!(l.unmaps.is_empty() && l.flush_queue.len() == 1);
+        l.unmap(None, 0x10_0ffe, 4).unwrap();
+        assert_eq!(l.queued.len(), 1);
+        assert_eq!(l.flush_queue, vec![(0x10_0000, 2)], "page-granular");
         assert!(!l.flush_due());
     }
 }

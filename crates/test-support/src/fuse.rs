@@ -3,7 +3,6 @@
 //! FUSE protocol on `/dev/fuse` directly (root only), with async direct I/O
 //! on, so that an `O_DIRECT` read submitted on an io_uring is in flight in
 //! the kernel — its pages pinned — until the test lets it complete.
-#![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -69,11 +68,19 @@ fn attr(ino: u64, size: u64, mode: u32) -> Vec<u8> {
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
+    let mut w = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        w.copy_from_slice(s);
+    }
+    u32::from_ne_bytes(w)
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_ne_bytes(b[at..at + 8].try_into().unwrap())
+    let mut w = [0u8; 8];
+    if let Some(s) = b.get(at..at + 8) {
+        w.copy_from_slice(s);
+    }
+    u64::from_ne_bytes(w)
 }
 
 impl FuseDisk {
@@ -91,8 +98,8 @@ impl FuseDisk {
         let opts = CString::new(format!(
             "fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other"
         ))
-        .unwrap();
-        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        .map_err(|e| e.to_string())?;
+        let target = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
         // SAFETY: mount(2) with valid NUL-terminated strings.
         let rc = unsafe {
             libc::mount(
@@ -134,9 +141,10 @@ impl FuseDisk {
 
 impl Drop for FuseDisk {
     fn drop(&mut self) {
-        let target = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: umount2(2) of our own mount point.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        if let Ok(target) = CString::new(self.dir.as_os_str().as_bytes()) {
+            // SAFETY: umount2(2) of our own mount point.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 

@@ -1,0 +1,4 @@
+//! Fixtures shared by the workspace's integration tests. Only tests use
+//! this crate (as a dev-dependency).
+
+pub mod fuse;
