@@ -109,8 +109,8 @@ fn protocol_errors_never_drop_a_live_backend() {
             format!("raw-fds 40 {}", hexed(&fault)),
         ),
         (
-            "an ACK from a backend",
-            format!("raw {}", hexed(&Message::Ack { cookie: 3 }.encode())),
+            "a WELCOME from a backend",
+            format!("raw {}", hexed(&Message::Welcome { reader_id: 3 }.encode())),
         ),
         (
             "a header with a foreign magic",
