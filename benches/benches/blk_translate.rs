@@ -43,9 +43,12 @@ fn run_batch(q: &mut QueueDma, first: u64, base: u64) {
         let mut header = [0u8; 16];
         b.read(base + gpa(i, 0), &mut header).unwrap();
         let data = base + gpa(i, 1);
-        holds.push(b.hold(&[(data, 4096)], Access::WRITE).unwrap());
-        b.for_each_piece(data, 4096, Access::WRITE, |h, l| iov.push((h as usize, l)))
-            .unwrap();
+        holds.push(
+            b.hold(&[(data, 4096)], Access::WRITE, |h, l| {
+                iov.push((h as usize, l))
+            })
+            .unwrap(),
+        );
         b.write(base + gpa(i, 2), &[0]).unwrap();
     }
     std::hint::black_box(&iov);

@@ -37,6 +37,7 @@ mod sync;
 mod access;
 #[cfg(not(loom))]
 pub mod backend_proto;
+mod claims;
 #[cfg(not(loom))]
 pub mod client;
 #[cfg(not(loom))]

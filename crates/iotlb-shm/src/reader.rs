@@ -396,6 +396,21 @@ impl Session<'_> {
     /// session ends, until the returned pin is dropped: UNMAPs overlapping
     /// it wait. The range must translate now (checked).
     pub fn pin(&self, endpoint: u32, iova: u64, len: u64, access: Access) -> Result<Pin, PinError> {
+        self.pin_each(endpoint, iova, len, access, |_| ())
+    }
+
+    /// [`pin`](Self::pin), handing `each` the range's guest-physical pieces
+    /// as the check translates them (one walk for both). On a fault the
+    /// pieces already handed out belong to a range that is not pinned:
+    /// discard them.
+    pub fn pin_each(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        mut each: impl FnMut(Piece),
+    ) -> Result<Pin, PinError> {
         let file = &self.slot.file;
         let index = file.claim_pin()?;
         let pin = Pin {
@@ -406,7 +421,7 @@ impl Session<'_> {
         let last = iova.saturating_add(len.max(1) - 1);
         grace::pin(state, fields, u64::from(endpoint), iova, last);
         for piece in self.translate(endpoint, iova, len, access) {
-            piece?;
+            each(piece?);
         }
         Ok(pin)
     }

@@ -10,10 +10,11 @@
 //! whatever its connection or liveness says.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::claims::Claims;
 use crate::layout::{self, slots as off};
 use crate::memfd::{self, SharedMapping};
 use crate::sync::AtomicU64;
@@ -219,13 +220,13 @@ impl SlotMap {
     }
 }
 
-/// Raises a high-water mark to cover `index` (called under the claim lock,
+/// Raises a high-water mark to cover `index` (called after the claim,
 /// before the claimed record is used: the Release orders it before the
 /// record's own stores, which the writer reads after it).
 fn raise(mark: &AtomicU64, index: usize) {
     let need = index as u64 + 1;
     if mark.load(crate::sync::Ordering::Relaxed) < need {
-        mark.store(need, crate::sync::Ordering::Release);
+        mark.fetch_max(need, crate::sync::Ordering::Release);
     }
 }
 
@@ -233,8 +234,8 @@ fn raise(mark: &AtomicU64, index: usize) {
 #[derive(Debug)]
 pub struct SlotFile {
     map: SlotMap,
-    free_slots: Mutex<Vec<usize>>,
-    free_pins: Mutex<Vec<usize>>,
+    free_slots: Claims,
+    free_pins: Claims,
 }
 
 impl SlotFile {
@@ -245,12 +246,10 @@ impl SlotFile {
         if map.closed() {
             return Err(SlotError::Closed);
         }
-        let free_slots = Mutex::new((0..map.slot_count).rev().collect());
-        let free_pins = Mutex::new((0..map.pin_count).rev().collect());
         Ok(Arc::new(Self {
+            free_slots: Claims::new(map.slot_count),
+            free_pins: Claims::new(map.pin_count),
             map,
-            free_slots,
-            free_pins,
         }))
     }
 
@@ -261,39 +260,29 @@ impl SlotFile {
 
     /// Claims a session slot for the calling thread.
     pub fn claim_slot(self: &Arc<Self>) -> Result<crate::reader::ReaderSlot, SlotError> {
-        let mut free = self
+        let index = self
             .free_slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let index = free
-            .pop()
+            .claim()
             .ok_or(SlotError::NoFreeSlot(self.map.slot_count))?;
         raise(self.map.map.word(off::SLOTS_USED), index);
         Ok(crate::reader::ReaderSlot::new(Arc::clone(self), index))
     }
 
     pub(crate) fn release_slot(&self, index: usize) {
-        self.free_slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(index);
+        self.free_slots.release(index);
     }
 
     pub(crate) fn claim_pin(&self) -> Result<usize, SlotError> {
-        let mut free = self
+        let index = self
             .free_pins
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let index = free.pop().ok_or(SlotError::NoFreePin(self.map.pin_count))?;
+            .claim()
+            .ok_or(SlotError::NoFreePin(self.map.pin_count))?;
         raise(self.map.map.word(off::PINS_USED), index);
         Ok(index)
     }
 
     pub(crate) fn release_pin(&self, index: usize) {
-        self.free_pins
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(index);
+        self.free_pins.release(index);
     }
 }
 

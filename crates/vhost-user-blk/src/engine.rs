@@ -603,26 +603,19 @@ impl Start<'_> {
                 let ranges: Vec<(u64, u64)> = layout::pieces(self.segs, stream, range)
                     .map(|p| (addr_of(&p), u64::from(p.len)))
                     .collect();
-                let hold = match batch.hold(&ranges, access) {
+                let mut iov = Vec::with_capacity(ranges.len());
+                let hold = match batch.hold(&ranges, access, |host, n| {
+                    iov.push(libc::iovec {
+                        iov_base: host.cast(),
+                        iov_len: n as usize,
+                    })
+                }) {
                     Ok(h) => h,
                     Err(e) => {
                         fault(self.dma, self.stats, &e);
                         return Some(fail(Status::IoErr));
                     }
                 };
-                let mut iov = Vec::with_capacity(ranges.len());
-                for &(addr, l) in &ranges {
-                    let r = batch.for_each_piece(addr, l, access, |host, n| {
-                        iov.push(libc::iovec {
-                            iov_base: host.cast(),
-                            iov_len: n as usize,
-                        })
-                    });
-                    if let Err(e) = r {
-                        fault(self.dma, self.stats, &e);
-                        return Some(fail(Status::IoErr));
-                    }
-                }
                 if iov.len() > MAX_IOVECS {
                     return Some(fail(Status::IoErr));
                 }

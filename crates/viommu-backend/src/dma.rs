@@ -206,6 +206,7 @@ impl Dma {
             ram: None,
             ram_generation: u64::MAX,
             table: None,
+            scratch: Scratch::default(),
         };
         q.refresh_table()?;
         Ok(q)
@@ -311,6 +312,18 @@ pub struct QueueDma {
     ram_generation: u64,
     /// Table mode: the connection this thread uses and its slot in it.
     table: Option<(Arc<TableConnection>, ReaderSlot)>,
+    /// Buffers lent to each batch, so that translating allocates nothing.
+    scratch: Scratch,
+}
+
+/// A batch's buffers: the guest-physical pieces of one range (message
+/// mode), the host pieces gathered before any is handed out.
+#[derive(Debug, Default)]
+struct Scratch {
+    gpa: Vec<(u64, u64)>,
+    /// `(host address, length)`; addresses as integers so that the handle
+    /// stays `Send`.
+    host: Vec<(usize, u64)>,
 }
 
 impl QueueDma {
@@ -371,7 +384,8 @@ impl QueueDma {
             ram,
             session,
             msg,
-            scratch: std::cell::RefCell::new(Vec::new()),
+            scratch: std::cell::RefCell::new(std::mem::take(&mut self.scratch)),
+            home: &mut self.scratch,
             endpoint: self.dma.inner.endpoint,
         })
     }
@@ -384,42 +398,50 @@ pub struct Batch<'a> {
     session: Option<Session<'a>>,
     /// Message mode: the IOTLB, and this batch's read-side section of it.
     msg: Option<(&'a Arc<MsgIotlb>, std::sync::RwLockReadGuard<'a, ()>)>,
-    scratch: std::cell::RefCell<Vec<(u64, u64)>>,
+    /// The queue's buffers while the batch lasts; taken by each call (a
+    /// call made from inside a callback finds it empty and allocates).
+    scratch: std::cell::RefCell<Scratch>,
+    home: &'a mut Scratch,
     endpoint: u32,
 }
 
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        *self.home = self.scratch.take();
+    }
+}
+
 impl Batch<'_> {
-    /// Calls `piece(gpa, len)` for the guest-physical pieces of the device
-    /// range, or fails (before any call) if any byte does not translate.
-    fn gpa_pieces(
-        &self,
-        addr: u64,
-        len: u64,
-        access: Access,
-        mut piece: impl FnMut(u64, u64) -> Result<(), DmaError>,
-    ) -> Result<(), DmaError> {
+    /// Runs `f` with the batch's buffers, host pieces emptied.
+    fn with_scratch<T>(&self, f: impl FnOnce(&mut Scratch) -> T) -> T {
+        let mut s = self.scratch.take();
+        s.host.clear();
+        let r = f(&mut s);
+        self.scratch.replace(s);
+        r
+    }
+
+    /// Appends the host pieces of the device range `[addr, addr + len)` to
+    /// `s.host`, translating each byte once; fails if any byte does not
+    /// translate, is MMIO, or lies outside guest RAM (the caller then
+    /// discards what was appended).
+    fn gather(&self, addr: u64, len: u64, access: Access, s: &mut Scratch) -> Result<(), DmaError> {
         if let Some((iotlb, _)) = &self.msg {
-            let mut pieces = self.scratch.borrow_mut();
-            iotlb.translate(self.endpoint, addr, len, access, &mut pieces)?;
-            for &(gpa, l) in pieces.iter() {
-                piece(gpa, l)?;
+            iotlb.translate(self.endpoint, addr, len, access, &mut s.gpa)?;
+            for &(gpa, l) in &s.gpa {
+                guest::push_host_pieces(self.ram, gpa, l, &mut s.host)?;
             }
             return Ok(());
         }
         let Some(session) = &self.session else {
-            addr.checked_add(len)
-                .ok_or(DmaError::OutsideRam { gpa: addr, len })?;
-            return piece(addr, len);
+            return guest::push_host_pieces(self.ram, addr, len, &mut s.host);
         };
-        // Check the whole range before handing out any piece.
-        for p in session.translate(self.endpoint, addr, len, access) {
-            if p?.mmio {
-                return Err(DmaError::Mmio { addr });
-            }
-        }
         for p in session.translate(self.endpoint, addr, len, access) {
             let p = p?;
-            piece(p.gpa, p.len)?;
+            if p.mmio {
+                return Err(DmaError::Mmio { addr });
+            }
+            guest::push_host_pieces(self.ram, p.gpa, p.len, &mut s.host)?;
         }
         Ok(())
     }
@@ -434,28 +456,25 @@ impl Batch<'_> {
         access: Access,
         mut piece: impl FnMut(*mut u8, u64),
     ) -> Result<(), DmaError> {
-        self.gpa_pieces(addr, len, access, |gpa, l| {
-            guest::for_each_host_piece(self.ram, gpa, l, |_, _| ())
-        })?;
-        self.gpa_pieces(addr, len, access, |gpa, l| {
-            guest::for_each_host_piece(self.ram, gpa, l, &mut piece)
+        self.with_scratch(|s| {
+            self.gather(addr, len, access, s)?;
+            for &(host, l) in &s.host {
+                piece(host as *mut u8, l);
+            }
+            Ok(())
         })
     }
 
     /// The host address of a device range that must be contiguous in host
     /// memory (a ring, an indirect table).
     pub fn host_range(&self, addr: u64, len: u64, access: Access) -> Result<*mut u8, DmaError> {
-        let mut found = None;
-        let mut pieces = 0;
-        self.gpa_pieces(addr, len, access, |gpa, l| {
-            pieces += 1;
-            found = Some((gpa, l));
-            Ok(())
-        })?;
-        match found {
-            Some((gpa, l)) if pieces == 1 && l == len => guest::host_range(self.ram, gpa, len),
-            _ => Err(DmaError::NotContiguous { addr, len }),
-        }
+        self.with_scratch(|s| {
+            self.gather(addr, len, access, s)?;
+            match s.host.as_slice() {
+                &[(host, l)] if l == len => Ok(host as *mut u8),
+                _ => Err(DmaError::NotContiguous { addr, len }),
+            }
+        })
     }
 
     /// Copies device memory into `buf`.
@@ -487,34 +506,92 @@ impl Batch<'_> {
     }
 
     /// Keeps the device ranges translatable, and guest RAM mapped, until the
-    /// returned hold is dropped (after the I/O that uses them completed):
-    /// in table mode, pins the ranges (contiguous ones as one pin); the
-    /// daemon completes no UNMAP overlapping them meanwhile.
-    pub fn hold(&self, ranges: &[(u64, u64)], access: Access) -> Result<IoHold, DmaError> {
+    /// returned hold is dropped (after the I/O that uses them completed),
+    /// and calls `piece(host, len)` for their host pieces in order (only
+    /// once all of them translated): in table mode, pins the ranges
+    /// (contiguous ones as one pin, translated by the same walk that checks
+    /// the pin); the daemon completes no UNMAP overlapping them meanwhile.
+    pub fn hold(
+        &self,
+        ranges: &[(u64, u64)],
+        access: Access,
+        mut piece: impl FnMut(*mut u8, u64),
+    ) -> Result<IoHold, DmaError> {
+        self.with_scratch(|s| {
+            let hold = self.hold_gathering(ranges, access, s)?;
+            for &(host, l) in &s.host {
+                piece(host as *mut u8, l);
+            }
+            Ok(hold)
+        })
+    }
+
+    fn hold_gathering(
+        &self,
+        ranges: &[(u64, u64)],
+        access: Access,
+        s: &mut Scratch,
+    ) -> Result<IoHold, DmaError> {
         let mut hold = IoHold {
             _ram: Arc::clone(self.ram),
-            pins: Vec::new(),
+            pins: Pins::default(),
             _msg: self.msg.as_ref().map(|(iotlb, _)| iotlb.hold(ranges)),
         };
-        if let Some(session) = &self.session {
-            let mut i = 0;
-            while i < ranges.len() {
-                let (start, mut len) = ranges[i];
+        let Some(session) = &self.session else {
+            for &(addr, len) in ranges {
+                self.gather(addr, len, access, s)?;
+            }
+            return Ok(hold);
+        };
+        let mut i = 0;
+        while i < ranges.len() {
+            let (start, mut len) = ranges[i];
+            i += 1;
+            while i < ranges.len() && start.checked_add(len) == Some(ranges[i].0) {
+                len += ranges[i].1;
                 i += 1;
-                while i < ranges.len() && start.checked_add(len) == Some(ranges[i].0) {
-                    len += ranges[i].1;
-                    i += 1;
-                }
-                let pin = session
-                    .pin(self.endpoint, start, len, access)
-                    .map_err(|e| match e {
-                        iotlb_shm::PinError::Fault(f) => DmaError::Fault(f),
-                        iotlb_shm::PinError::Slots(s) => DmaError::from(s),
-                    })?;
-                hold.pins.push(pin);
+            }
+            s.gpa.clear();
+            let mut mmio = false;
+            let pin = session
+                .pin_each(self.endpoint, start, len, access, |p| {
+                    mmio |= p.mmio;
+                    s.gpa.push((p.gpa, p.len));
+                })
+                .map_err(|e| match e {
+                    iotlb_shm::PinError::Fault(f) => DmaError::Fault(f),
+                    iotlb_shm::PinError::Slots(s) => DmaError::from(s),
+                })?;
+            hold.pins.push(pin);
+            if mmio {
+                return Err(DmaError::Mmio { addr: start });
+            }
+            for &(gpa, l) in &s.gpa {
+                guest::push_host_pieces(self.ram, gpa, l, &mut s.host)?;
             }
         }
         Ok(hold)
+    }
+}
+
+/// The pins of one hold; most I/O has one range, held without allocating.
+#[derive(Debug, Default)]
+struct Pins {
+    first: Option<Pin>,
+    rest: Vec<Pin>,
+}
+
+impl Pins {
+    fn push(&mut self, pin: Pin) {
+        if self.first.is_none() {
+            self.first = Some(pin);
+        } else {
+            self.rest.push(pin);
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
     }
 }
 
@@ -522,7 +599,7 @@ impl Batch<'_> {
 #[derive(Debug)]
 pub struct IoHold {
     _ram: Arc<GuestRam>,
-    pins: Vec<Pin>,
+    pins: Pins,
     _msg: Option<MsgHold>,
 }
 
@@ -530,5 +607,88 @@ impl IoHold {
     /// Pins held.
     pub fn pins(&self) -> usize {
         self.pins.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// A device with no IOMMU over two RAM regions: [0, 16K) and [16K, 24K),
+    /// separate mappings, so a range crossing 16K is two host pieces.
+    fn device() -> Dma {
+        let dma = Dma::connect(&DmaOptions {
+            mode: IommuMode::None,
+            endpoint: 0,
+            slots: 1,
+            pins: 1,
+        })
+        .unwrap();
+        let ram = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x4000),
+            (GuestAddress(0x4000), 0x2000),
+        ])
+        .unwrap();
+        dma.set_memory(Arc::new(ram));
+        dma
+    }
+
+    #[test]
+    fn pieces_are_handed_out_only_when_the_whole_range_is_guest_ram() {
+        let dma = device();
+        let mut q = dma.queue().unwrap();
+        let b = q.batch().unwrap();
+        let mut lens = Vec::new();
+        b.for_each_piece(0x3000, 0x2000, Access::READ, |_, l| lens.push(l))
+            .unwrap();
+        assert_eq!(lens, vec![0x1000, 0x1000]);
+        let mut called = false;
+        assert!(matches!(
+            b.for_each_piece(0x5000, 0x2000, Access::READ, |_, _| called = true),
+            Err(DmaError::OutsideRam { .. })
+        ));
+        assert!(matches!(
+            b.hold(
+                &[(0x1000, 0x1000), (0x5800, 0x1000)],
+                Access::WRITE,
+                |_, _| { called = true }
+            ),
+            Err(DmaError::OutsideRam { .. })
+        ));
+        assert!(!called, "no piece of a range that fails is handed out");
+        assert!(matches!(
+            b.host_range(0x3000, 0x2000, Access::READ),
+            Err(DmaError::NotContiguous { .. })
+        ));
+        assert!(b.host_range(0x4000, 0x2000, Access::READ).is_ok());
+        assert!(b.read(u64::MAX, &mut [0; 2]).is_err());
+    }
+
+    #[test]
+    fn data_round_trips_across_regions_and_calls_may_nest() {
+        let dma = device();
+        let mut q = dma.queue().unwrap();
+        let b = q.batch().unwrap();
+        let data: Vec<u8> = (0..=255).cycle().take(0x1800).collect();
+        b.write(0x3800, &data).unwrap();
+        let mut back = vec![0; data.len()];
+        b.read(0x3800, &mut back).unwrap();
+        assert_eq!(back, data);
+        // A callback that uses the batch again (its buffers are lent out).
+        let mut nested = Vec::new();
+        let hold = b
+            .hold(
+                &[(0x3800, 0x1000), (0x4800, 0x800)],
+                Access::READ,
+                |_, l| {
+                    let mut first = [0u8; 1];
+                    b.read(0x3800, &mut first).unwrap();
+                    nested.push((first[0], l));
+                },
+            )
+            .unwrap();
+        assert_eq!(nested, vec![(0, 0x800), (0, 0x800), (0, 0x800)]);
+        assert_eq!(hold.pins(), 0, "no pins without an IOMMU");
     }
 }
