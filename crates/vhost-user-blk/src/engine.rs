@@ -199,9 +199,13 @@ impl Engine {
         if self.stopped {
             return self.resume();
         }
-        let poll_until = (!self.shared.poll.is_zero()).then(|| Instant::now() + self.shared.poll);
+        // With --poll-us: the time the queue last did something; polling
+        // goes on until it has been idle (no request started or completed)
+        // for the whole window.
+        let mut last_work = Instant::now();
         loop {
             self.stats.passes += 1;
+            let before = (self.stats.requests, self.in_flight());
             self.reap();
             let (pushed, more) = match self.pass(rings) {
                 Ok(x) => x,
@@ -219,13 +223,21 @@ impl Engine {
             if !self.done.is_empty() || (more && !self.free.is_empty()) {
                 continue;
             }
-            if let Some(until) = poll_until {
-                if Instant::now() < until && (self.in_flight() > 0 || more) {
-                    std::hint::spin_loop();
-                    continue;
-                }
+            if self.shared.poll.is_zero() {
+                break;
             }
-            break;
+            let now = Instant::now();
+            if (self.stats.requests, self.in_flight()) != before {
+                last_work = now;
+            }
+            if now.duration_since(last_work) >= self.shared.poll {
+                break;
+            }
+            // Yield, not pause: with fewer cores than pollers, a pause-only
+            // loop keeps the process it waits for (the guest) off the CPU
+            // for a whole time slice. On a core of its own this returns at
+            // once.
+            std::thread::yield_now();
         }
         self.resume()
     }
@@ -331,7 +343,8 @@ impl Engine {
     }
 
     fn pass_completions_only(&mut self, rings: &QueueSetup) -> Result<(bool, bool), String> {
-        self.ensure_queue(rings).map_err(|e| e.to_string())?;
+        self.ensure_queue(rings)
+            .map_err(|e| vhost_user_process::report_line(&e))?;
         let Engine {
             device,
             dma,
@@ -340,11 +353,15 @@ impl Engine {
             stats,
             ..
         } = self;
-        let batch = dma.batch().map_err(|e| e.to_string())?;
+        let batch = dma
+            .batch()
+            .map_err(|e| vhost_user_process::report_line(&e))?;
         let Some(q) = queue.as_mut() else {
             return Ok((false, false));
         };
-        let mut view = q.view(&batch).map_err(|e| e.to_string())?;
+        let mut view = q
+            .view(&batch)
+            .map_err(|e| vhost_user_process::report_line(&e))?;
         let pushed = !done.is_empty();
         for d in done.drain(..) {
             finish(&batch, &mut view, device, stats, d);
@@ -356,7 +373,8 @@ impl Engine {
     /// One pass inside one batch: completions, then new requests.
     /// Returns (notify the driver, more work is available).
     fn pass(&mut self, rings: &QueueSetup) -> Result<(bool, bool), String> {
-        self.ensure_queue(rings).map_err(|e| e.to_string())?;
+        self.ensure_queue(rings)
+            .map_err(|e| vhost_user_process::report_line(&e))?;
         let Engine {
             index,
             shared,
@@ -376,7 +394,7 @@ impl Engine {
         let batch = match dma.batch() {
             Ok(b) => b,
             Err(DmaError::NoMemory) => return Ok((false, false)),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(vhost_user_process::report_line(&e)),
         };
         let Some(q) = queue.as_mut() else {
             return Ok((false, false));
@@ -386,7 +404,7 @@ impl Engine {
             if let viommu_backend::RingError::Memory(DmaError::Fault(f)) = &e {
                 device.report_fault(f);
             }
-            e.to_string()
+            vhost_user_process::report_line(&e)
         })?;
         let mut pushed = 0usize;
         for d in done.drain(..) {
@@ -416,7 +434,7 @@ impl Engine {
                     }
                 }
                 Ok(false) => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(vhost_user_process::report_line(&e)),
             }
         }
         let notify = pushed > 0 && {

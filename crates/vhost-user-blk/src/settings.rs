@@ -72,8 +72,9 @@ pub struct Cli {
     /// the guest, e.g. 0x8 for 00:01.0). Required with an IOMMU mode.
     #[arg(long, value_name = "ID", value_parser = parse_u32)]
     pub endpoint: Option<u32>,
-    /// Keep polling the rings this many µs after they run dry before
-    /// sleeping. Default: 0.
+    /// Keep polling the rings (new requests, I/O completions) this many µs
+    /// after the queue last did something, before sleeping; the loop
+    /// yields the CPU between polls. Default: 0.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u64,
     /// Log filter (e.g. info, debug, vhost_user_blk=debug). Default: RUST_LOG, else info.

@@ -182,7 +182,9 @@ impl Vm {
                 "queue {q}: no completion within {WAIT:?}\n{}",
                 self.blk.proc.log_text()
             );
-            self.dev.wait(Duration::from_millis(100)).unwrap();
+            self.dev
+                .wait(Duration::ZERO, Duration::from_millis(100))
+                .unwrap();
         }
     }
 
@@ -790,7 +792,9 @@ fn requests_on_every_one_of_four_queues_complete() {
             posted.len()
         );
         if done.len() < posted.len() {
-            vm.dev.wait(Duration::from_millis(100)).unwrap();
+            vm.dev
+                .wait(Duration::ZERO, Duration::from_millis(100))
+                .unwrap();
         }
     }
     for &(_, _, status) in &posted {

@@ -3,7 +3,9 @@
 //! the pattern last written to its block, with each guest DMA policy —
 //! `off` (no IOMMU at all), and behind the real `vhost-user-iommu` daemon
 //! (the backend translating through its shared table): `passthrough`,
-//! `strict` and `lazy`; plus `strict` with the backend's `O_DIRECT` path.
+//! `strict`, `lazy` and `static`; plus `strict` with the backend's
+//! `O_DIRECT` path, `static` with the backend polling (`--poll-us`), and
+//! the message-mode backend under `strict`, `lazy` and `static`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -40,6 +42,7 @@ fn load() -> LoadOptions {
         span_blocks: Some(SPAN_BLOCKS),
         seed: 0x5eed_1234,
         verify: true,
+        ..LoadOptions::default()
     }
 }
 
@@ -93,8 +96,12 @@ fn run_checked(blk: &mut Blk, iommu: Option<&Iommu>, policy: Policy) -> LoadRepo
 
 /// The backend of the daemon `iommu`, with `extra` arguments.
 fn backend_of(dir: &Scratch, iommu: &Iommu, extra: &[&str]) -> Blk {
+    backend_in_mode(dir, &iommu.mode(), extra)
+}
+
+/// A backend with `--iommu mode`.
+fn backend_in_mode(dir: &Scratch, mode: &str, extra: &[&str]) -> Blk {
     let img = image(dir);
-    let mode = iommu.mode();
     let endpoint = ENDPOINT.to_string();
     let mut args = vec![
         "--blk-file",
@@ -102,7 +109,7 @@ fn backend_of(dir: &Scratch, iommu: &Iommu, extra: &[&str]) -> Blk {
         "--num-queues",
         "4",
         "--iommu",
-        &mode,
+        mode,
         "--endpoint",
         &endpoint,
     ];
@@ -159,4 +166,31 @@ fn strict_policy_with_o_direct_keeps_every_block_intact() {
     let mut blk = backend_of(&dir, &iommu, &["--direct"]);
     let r = run_checked(&mut blk, Some(&iommu), Policy::Strict);
     assert_mapped(&r, Policy::Strict);
+}
+
+#[test]
+fn static_policy_through_the_daemon_keeps_every_block_intact() {
+    let dir = Scratch::new("int-static");
+    let iommu = Iommu::start(&dir, &[]);
+    // The backend polls its rings between requests (--poll-us).
+    let mut blk = backend_of(&dir, &iommu, &["--poll-us", "50"]);
+    let r = run_checked(&mut blk, Some(&iommu), Policy::Static);
+    assert_eq!(
+        (r.dma.maps, r.dma.unmaps),
+        (0, 0),
+        "guest RAM was mapped once, before the run"
+    );
+}
+
+#[test]
+fn message_mode_keeps_every_block_intact_under_every_mapping_policy() {
+    for policy in [Policy::Strict, Policy::Lazy, Policy::Static] {
+        let dir = Scratch::new(&format!("int-msg-{policy}"));
+        let iommu = Iommu::start(&dir, &[]);
+        let mut blk = backend_in_mode(&dir, &iommu.msg_mode(), &[]);
+        let r = run_checked(&mut blk, Some(&iommu), policy);
+        if policy != Policy::Static {
+            assert_mapped(&r, policy);
+        }
+    }
 }

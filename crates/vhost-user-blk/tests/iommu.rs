@@ -116,7 +116,9 @@ fn complete(vm: &mut BlkVm, limit: Duration) -> Completion {
             return c;
         }
         assert!(Instant::now() < deadline, "no completion within {limit:?}");
-        vm.dev.wait(Duration::from_millis(50)).unwrap();
+        vm.dev
+            .wait(Duration::ZERO, Duration::from_millis(50))
+            .unwrap();
     }
 }
 

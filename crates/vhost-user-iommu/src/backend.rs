@@ -6,7 +6,7 @@ use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::requestq::{RequestServer, Served};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -55,7 +55,13 @@ struct Inner {
     poll: Duration,
     faults: Mutex<FaultQueue>,
     fault_wake: EventFd,
+    /// Queue events that failed (logged up to [`LOGGED_EVENT_ERRORS`]).
+    event_errors: AtomicU64,
 }
+
+/// Failed queue events logged per connection; the rest are only counted,
+/// so a guest that keeps breaking its rings cannot flood the log.
+const LOGGED_EVENT_ERRORS: u64 = 8;
 
 /// A virtio-iommu device served over vhost-user. Cheap to clone: clones
 /// share the device.
@@ -109,6 +115,7 @@ impl IommuBackend {
                 poll,
                 faults: Mutex::new(FaultQueue::default()),
                 fault_wake,
+                event_errors: AtomicU64::new(0),
             }),
         })
     }
@@ -236,7 +243,11 @@ impl IommuBackend {
 
     /// Writes pending faults into the buffers the driver posted.
     fn deliver_faults(&self, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self.memory()?;
+        // Before the driver set up guest memory the faults wait: they go
+        // out with the event queue's first buffers.
+        let Ok(mem) = self.memory() else {
+            return Ok(());
+        };
         let mut faults = self.inner.faults.lock().map_err(lock_error)?;
         let mut used = false;
         while faults.pending() > 0 {
@@ -318,7 +329,11 @@ impl IommuBackend {
                 return Ok(true);
             }
             drop(state);
-            std::hint::spin_loop();
+            // Yield, not pause: with fewer cores than pollers, a pause-only
+            // loop keeps the guest it waits for off the CPU for a whole
+            // time slice. Pinned to a core of its own (--cpu), this returns
+            // at once.
+            std::thread::yield_now();
         }
         Ok(false)
     }
@@ -483,6 +498,9 @@ impl VhostUserBackend for IommuBackend {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
+    /// Never fails: an error returned here would end the framework's
+    /// event thread, and with it the device, for this connection and the
+    /// next. A failed event is logged (the first few) and counted.
     fn handle_event(
         &self,
         device_event: u16,
@@ -490,6 +508,21 @@ impl VhostUserBackend for IommuBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        if let Err(e) = self.handle_queue_event(device_event, vrings) {
+            let n = self.inner.event_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if n <= LOGGED_EVENT_ERRORS {
+                warn!(event = device_event, error = %e, "a queue event failed; the device keeps serving");
+            }
+            if n == LOGGED_EVENT_ERRORS {
+                warn!("further failed queue events of this connection are not logged");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl IommuBackend {
+    fn handle_queue_event(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
         match device_event {
             REQUEST_QUEUE => {
                 let vring = vrings

@@ -379,6 +379,15 @@ impl BackendSocket {
                     );
                     return conn.discard_until_end();
                 }
+                // A backend that exits with messages of ours unread (an
+                // invalidation, an answer) resets the connection: that is
+                // its end, not a failure.
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return debug!(
+                        pid = conn.pid,
+                        "backend closed its connection with messages unread"
+                    );
+                }
                 Err(FrameError::Io(e)) => {
                     return warn!(pid = conn.pid, error = %e, "backend connection failed");
                 }

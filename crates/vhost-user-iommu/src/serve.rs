@@ -90,7 +90,6 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
             settings.poll,
             publisher,
         )?;
-        route.set(Some(backend.clone()));
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-iommu".to_string(),
             backend.clone(),
@@ -122,6 +121,10 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
             .start(&mut listener)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         info!("VMM connected; serving a fresh device");
+        // Backends' faults reach this guest only from now on: one reported
+        // between two VMMs concerns the previous guest (or none), and is
+        // dropped.
+        route.set(Some(backend.clone()));
         let ended = daemon.wait();
         route.set(None);
         backend.shutdown();

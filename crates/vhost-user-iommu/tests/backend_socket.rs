@@ -126,6 +126,38 @@ fn a_backend_fault_reaches_the_event_queue() {
     assert_eq!(rec.access, virtio_iommu_proto::FaultFlags::WRITE);
 }
 
+/// A fault a backend reports while no VMM is connected (between two
+/// guests) reaches neither guest, and the next guest's device works: the
+/// fault must not reach a device whose guest memory is not set up yet.
+fn a_fault_reported_between_two_vmms_reaches_neither_and_stops_nothing() {
+    let d = Daemon::start("fault-between", &[]);
+    {
+        let mut drv = d.driver();
+        ok(&mut drv, attach(1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.log().matches("waiting for a VMM to connect").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    assert_eq!(b.ask(&format!("fault {EP:x} 1000")), "sent");
+    // The daemon reads a backend's messages in order: once it has seen the
+    // backend leave, it has handled the fault.
+    drop(b);
+    d.wait_for_log("backend disconnected", Duration::from_secs(10));
+    let mut drv = d.driver();
+    drv.post_event_buffers(4, 24).unwrap();
+    ok(&mut drv, attach(1));
+    ok(&mut drv, map(1, 0x1000, 0x8000));
+    let events = drv.take_events(Duration::from_millis(500)).unwrap();
+    assert!(
+        events.is_empty(),
+        "the previous guest's fault reached the new one: {events:?}"
+    );
+}
+
 /// DEV-FAULT-5: a record never spreads over buffers; a 16-byte buffer is
 /// returned unwritten (used length 0), the next 24-byte one gets a record.
 fn dev_fault_5_a_buffer_too_small_gets_no_partial_record() {
@@ -354,6 +386,13 @@ fn main() {
                 dev_fault_7_faults_never_block_the_request_queue();
                 Ok(())
             }),
+            (
+                "a_fault_reported_between_two_vmms_reaches_neither_and_stops_nothing",
+                || {
+                    a_fault_reported_between_two_vmms_reaches_neither_and_stops_nothing();
+                    Ok(())
+                },
+            ),
             ("a_backend_fault_reaches_the_event_queue", || {
                 a_backend_fault_reaches_the_event_queue();
                 Ok(())

@@ -17,3 +17,16 @@ pub fn report(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// An error and its causes on one line (`error: cause: cause`), for a log
+/// field.
+pub fn report_line(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

@@ -305,9 +305,25 @@ impl BlkDevice {
         Ok(())
     }
 
-    /// Waits up to `timeout` for a call on any queue (after arming every
-    /// queue); returns at once if a used entry is already there.
-    pub fn wait(&mut self, timeout: Duration) -> Result<(), BlkError> {
+    /// Polls the used rings for up to `spin`, then waits up to `timeout`
+    /// for a call on any queue (after arming every queue); returns at once
+    /// if a used entry is already there.
+    pub fn wait(&mut self, spin: Duration, timeout: Duration) -> Result<(), BlkError> {
+        if !spin.is_zero() {
+            let until = std::time::Instant::now() + spin;
+            loop {
+                for q in &self.queues {
+                    if q.has_used(&self.mem)? {
+                        return Ok(());
+                    }
+                }
+                if std::time::Instant::now() >= until {
+                    break;
+                }
+                // Yield: the backend being waited for may need this CPU.
+                std::thread::yield_now();
+            }
+        }
         for q in &mut self.queues {
             q.arm(&self.mem)?;
             if q.has_used(&self.mem)? {

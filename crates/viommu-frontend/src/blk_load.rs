@@ -34,6 +34,10 @@ pub struct LoadOptions {
     pub seed: u64,
     /// Check every read against the pattern last written there.
     pub verify: bool,
+    /// How long to poll the used rings before sleeping on the call
+    /// eventfds: a vCPU's halt polling (KVM polls a halted vCPU for up to
+    /// 200 µs by default before it really sleeps). Zero: sleep at once.
+    pub spin: Duration,
 }
 
 impl Default for LoadOptions {
@@ -47,6 +51,7 @@ impl Default for LoadOptions {
             span_blocks: None,
             seed: 1,
             verify: false,
+            spin: Duration::ZERO,
         }
     }
 }
@@ -349,7 +354,7 @@ pub fn run(
             if last_progress.elapsed() > Duration::from_secs(10) {
                 return Err(LoadError::Stalled(last_progress.elapsed(), in_flight));
             }
-            dev.wait(Duration::from_millis(100))?;
+            dev.wait(opts.spin, Duration::from_millis(100))?;
         }
     }
     dma.flush(guest.iommu(), true)?;

@@ -225,7 +225,8 @@ impl Queue {
             }
             let mut spins = 0;
             while spins < SPINS && !self.ring.has_used(mem)? {
-                std::hint::spin_loop();
+                // Yield: the daemon being waited for may need this CPU.
+                std::thread::yield_now();
                 spins += 1;
             }
             if self.ring.has_used(mem)? {

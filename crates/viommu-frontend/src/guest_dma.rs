@@ -16,6 +16,11 @@
 //!   [`FLUSH_INTERVAL`], Linux's defaults); an IOVA is reused only after
 //!   that flush.
 //!
+//! - `static`: what a driver in guest userspace does (DPDK or SPDK through
+//!   VFIO): all of guest RAM is mapped once, at attach, at IOVA = window
+//!   base + guest-physical address; no request per I/O. The device still
+//!   translates every address through the IOMMU.
+//!
 //! A guest's `dma_map_sg` maps each scatter-gather entry on its own: a
 //! virtio-blk request (header, data, status) costs three MAPs.
 
@@ -44,6 +49,8 @@ pub enum Policy {
     Strict,
     /// Map before use, unmap in batches.
     Lazy,
+    /// All of guest RAM mapped once at attach.
+    Static,
 }
 
 impl FromStr for Policy {
@@ -55,8 +62,9 @@ impl FromStr for Policy {
             "passthrough" => Ok(Policy::Passthrough),
             "strict" => Ok(Policy::Strict),
             "lazy" => Ok(Policy::Lazy),
+            "static" => Ok(Policy::Static),
             _ => Err(format!(
-                "policy {s:?}: expected off, passthrough, strict or lazy"
+                "policy {s:?}: expected off, passthrough, strict, lazy or static"
             )),
         }
     }
@@ -69,6 +77,7 @@ impl std::fmt::Display for Policy {
             Policy::Passthrough => "passthrough",
             Policy::Strict => "strict",
             Policy::Lazy => "lazy",
+            Policy::Static => "static",
         })
     }
 }
@@ -159,12 +168,15 @@ pub struct GuestDma {
     /// Lazy: IOVAs waiting for the flush to be reused.
     flush_queue: Vec<(u64, u64)>,
     oldest_queued: Option<Instant>,
+    /// Static: the IOVA of guest-physical address 0.
+    static_base: u64,
     stats: DmaStats,
 }
 
 impl GuestDma {
     /// The DMA layer of `endpoint`; strict and lazy policies map into
-    /// `domain`, at IOVAs of `iova_window`.
+    /// `domain`, at IOVAs of `iova_window`; static maps guest RAM at IOVAs
+    /// from the window's base on.
     pub fn new(policy: Policy, endpoint: u32, domain: u32, iova_window: (u64, u64)) -> GuestDma {
         GuestDma {
             policy,
@@ -174,6 +186,7 @@ impl GuestDma {
             queued: Vec::new(),
             flush_queue: Vec::new(),
             oldest_queued: None,
+            static_base: iova_window.0,
             stats: DmaStats::default(),
         }
     }
@@ -188,12 +201,13 @@ impl GuestDma {
         self.stats
     }
 
-    /// Attaches the endpoint as the policy wants (nothing for `off`).
+    /// Attaches the endpoint as the policy wants (nothing for `off`);
+    /// `static` then maps all of guest RAM.
     pub fn attach(&mut self, iommu: Option<&mut Driver>) -> Result<(), DmaError> {
         let flags = match self.policy {
             Policy::Off => return Ok(()),
             Policy::Passthrough => virtio_iommu_proto::request::VIRTIO_IOMMU_ATTACH_F_BYPASS,
-            Policy::Strict | Policy::Lazy => 0,
+            Policy::Strict | Policy::Lazy | Policy::Static => 0,
         };
         let iommu = iommu.ok_or(DmaError::NoIommu(self.policy))?;
         let attach = Request::Attach(Attach {
@@ -202,7 +216,20 @@ impl GuestDma {
             flags,
             reserved: [0; 4],
         });
-        check(&attach, iommu.send_one(&attach)?.status())
+        check(&attach, iommu.send_one(&attach)?.status())?;
+        if self.policy == Policy::Static {
+            let ram = iommu.ram().size();
+            let map = Request::Map(Map {
+                domain: self.domain,
+                virt_start: self.static_base,
+                virt_end: self.static_base + ram - 1,
+                phys_start: 0,
+                flags: MapFlags::READ.union(MapFlags::WRITE),
+            });
+            self.stats.maps += 1;
+            self.sync_one(iommu, Some(map))?;
+        }
+        Ok(())
     }
 
     fn translated(&self) -> bool {
@@ -254,6 +281,9 @@ impl GuestDma {
         len: u64,
         flags: MapFlags,
     ) -> Result<u64, DmaError> {
+        if self.policy == Policy::Static {
+            return Ok(self.static_base + gpa);
+        }
         if !self.translated() {
             return Ok(gpa);
         }
@@ -396,6 +426,19 @@ mod tests {
             0,
             "nothing counted for a map that was not sent"
         );
+    }
+
+    #[test]
+    fn static_addresses_are_guest_ram_shifted_and_cost_no_request() {
+        let mut d = GuestDma::new(Policy::Static, 8, 1, (0x10_0000, 0x20_0000));
+        assert_eq!(d.map(None, 0x1234, 16, true).unwrap(), 0x10_1234);
+        assert_eq!(d.map_coherent(None, 0, 4096).unwrap(), 0x10_0000);
+        d.unmap(None, 0x10_1234, 16).unwrap();
+        d.flush(None, true).unwrap();
+        assert_eq!(d.stats(), DmaStats::default());
+        assert!(matches!(d.attach(None), Err(DmaError::NoIommu(_))));
+        assert_eq!("static".parse::<Policy>(), Ok(Policy::Static));
+        assert_eq!(Policy::Static.to_string(), "static");
     }
 
     #[test]

@@ -148,6 +148,12 @@ impl Iommu {
     pub fn mode(&self) -> String {
         format!("table:{}", self.backends.display())
     }
+
+    /// `--iommu` value for a message-mode backend of this daemon.
+    #[allow(dead_code)]
+    pub fn msg_mode(&self) -> String {
+        format!("iotlb-msg:{}", self.backends.display())
+    }
 }
 
 /// The block backend.
