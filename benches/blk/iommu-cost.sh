@@ -16,9 +16,11 @@
 # Real processes: vhost-user-iommu, vhost-user-blk, viommu-frontend (the
 # VMM and guest driver stand-in); the image lives on tmpfs.
 #
-# Usage: benches/blk/iommu-cost.sh [--seconds S] [--quick] [--daemon-poll-us US]
-#                                   [--backend-poll-us US] [--spin-us US]
-#   --quick             1 s per point, fewer points (the CI smoke run)
+# Usage: benches/blk/iommu-cost.sh [--seconds S] [--rounds N] [--quick]
+#            [--daemon-poll-us US] [--backend-poll-us US] [--spin-us US]
+#   --rounds N          run the image points N times, modes interleaved, and
+#                       report each point's median run (default 3)
+#   --quick             1 s per point, one round, fewer points (the CI smoke run)
 #   --daemon-poll-us    the daemon's --poll-us (default 50): a guest's MAP
 #                       and UNMAP are synchronous requests, so their round
 #                       trip is on the I/O path
@@ -33,6 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 seconds=3
+rounds=3
 quick=0
 poll_us=50
 backend_poll_us=50
@@ -40,11 +43,12 @@ spin_us=200
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) seconds="$2"; shift 2 ;;
-        --quick) quick=1; seconds=1; shift ;;
+        --rounds) rounds="$2"; shift 2 ;;
+        --quick) quick=1; seconds=1; rounds=1; shift ;;
         --daemon-poll-us) poll_us="$2"; shift 2 ;;
         --backend-poll-us) backend_poll_us="$2"; shift 2 ;;
         --spin-us) spin_us="$2"; shift 2 ;;
-        *) echo "usage: $0 [--seconds S] [--quick] [--daemon-poll-us US] [--backend-poll-us US] [--spin-us US]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--seconds S] [--rounds N] [--quick] [--daemon-poll-us US] [--backend-poll-us US] [--spin-us US]" >&2; exit 2 ;;
     esac
 done
 
@@ -107,20 +111,33 @@ run() {
 
 results="$work/results"
 : >"$results"
+# Warm-up, not reported: the first run over the image pays one-time costs
+# (the kernel's io-wq workers, page-cache lookups) that would go to `off`.
+run warmup none off 32 >/dev/null
 depths="1 32"
 points="off:none:off passthrough:table:passthrough table/strict:table:strict table/lazy:table:lazy table/static:table:static msg/strict:msg:strict msg/lazy:msg:lazy msg/static:msg:static"
 if [ "$quick" = 1 ]; then
     points="off:none:off table/strict:table:strict table/lazy:table:lazy table/static:table:static msg/strict:msg:strict"
 fi
+for _ in $(seq "$rounds"); do
+    for depth in $depths; do
+        for p in $points; do
+            IFS=: read -r name mode policy <<<"$p"
+            run "$name" "$mode" "$policy" "$depth" >>"$results.all"
+        done
+    done
+done
+# Each point's median run by IOPS (its p50 and p99 with it).
 for depth in $depths; do
     for p in $points; do
-        IFS=: read -r name mode policy <<<"$p"
-        run "$name" "$mode" "$policy" "$depth" >>"$results"
+        name=${p%%:*}
+        awk -v n="$name" -v d="$depth" '$1==n && $2==d' "$results.all" | sort -k3,3n |
+            awk '{ line[NR] = $0 } END { if (NR > 0) print line[int((NR + 1) / 2)] }' >>"$results"
     done
 done
 
 echo
-echo "4 KiB random reads, 1 queue, image on tmpfs, ${seconds}s per point ($(nproc) CPUs; --poll-us: daemon $poll_us, backend $backend_poll_us; guest --spin-us $spin_us)"
+echo "4 KiB random reads, 1 queue, image on tmpfs, ${seconds}s per point, median of $rounds ($(nproc) CPUs; --poll-us: daemon $poll_us, backend $backend_poll_us; guest --spin-us $spin_us)"
 printf '%-13s %5s %10s %9s %9s %10s %9s\n' mode depth IOPS p50_us p99_us maps/io "vs off"
 for depth in $depths; do
     base=$(awk -v d="$depth" '$1=="off" && $2==d {print $3}' "$results")
