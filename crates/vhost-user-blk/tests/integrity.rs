@@ -5,7 +5,8 @@
 //! (the backend translating through its shared table): `passthrough`,
 //! `strict`, `lazy` and `static`; plus `strict` with the backend's
 //! `O_DIRECT` path, `static` with the backend polling (`--poll-us`), and
-//! the message-mode backend under `strict`, `lazy` and `static`.
+//! the message-mode backend under `passthrough`, `strict`, `lazy` and
+//! `static`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -184,12 +185,17 @@ fn static_policy_through_the_daemon_keeps_every_block_intact() {
 
 #[test]
 fn message_mode_keeps_every_block_intact_under_every_mapping_policy() {
-    for policy in [Policy::Strict, Policy::Lazy, Policy::Static] {
+    for policy in [
+        Policy::Passthrough,
+        Policy::Strict,
+        Policy::Lazy,
+        Policy::Static,
+    ] {
         let dir = Scratch::new(&format!("int-msg-{policy}"));
         let iommu = Iommu::start(&dir, &[]);
         let mut blk = backend_in_mode(&dir, &iommu.msg_mode(), &[]);
         let r = run_checked(&mut blk, Some(&iommu), policy);
-        if policy != Policy::Static {
+        if matches!(policy, Policy::Strict | Policy::Lazy) {
             assert_mapped(&r, policy);
         }
     }

@@ -320,6 +320,67 @@ fn a_vmm_reconnect_works_in_table_mode() {
     }
 }
 
+/// The daemon dies (-9) under a running backend: a request posted after
+/// that moves no data through the dead daemon's table, the backend lives
+/// on, and once a new daemon is up at the same sockets the backend
+/// connects to it and the next VMM's I/O works.
+fn a_daemon_that_dies_fails_closed_and_a_new_one_is_picked_up() {
+    let dir = Scratch::new("daemon-death");
+    let mut iommu = Iommu::start(&dir, &[]);
+    let img = dir.image("disk.img", 16 << 20);
+    let blk = backend(&dir, &img, &iommu.mode(), &[]);
+    let load = LoadOptions {
+        depth: 4,
+        read_percent: 50,
+        count: Some(200),
+        span_blocks: Some(64),
+        verify: true,
+        ..LoadOptions::default()
+    };
+    {
+        let mut vm = vm(&iommu, &blk, Policy::Strict);
+        let r = vm.run(&load).unwrap();
+        assert_eq!((r.errors, r.mismatches), (0, 0));
+        let req = read_request(&mut vm, 4096, None);
+        let data = GuestAddress(req.data[0].0.gpa);
+        vm.dev.mem().write_slice(&[0x5a; 4096], data).unwrap();
+        iommu.proc.kill9();
+        post(&mut vm, &req, 1);
+        std::thread::sleep(HELD);
+        let mut after = [0u8; 4096];
+        vm.dev.mem().read_slice(&mut after, data).unwrap();
+        assert!(
+            after.iter().all(|&b| b == 0x5a),
+            "the backend read into guest memory through a dead daemon's table"
+        );
+        let mem = vm.dev.mem().clone();
+        if vm.dev.queue(0).pop(&mem).unwrap().is_some() {
+            assert_eq!(status_of(&vm, &req), VIRTIO_BLK_S_IOERR);
+        }
+    }
+    blk.proc
+        .wait_for_log("VMM connection over", Duration::from_secs(5));
+    let _ = std::fs::remove_file(&iommu.vmm);
+    let _ = std::fs::remove_file(&iommu.backends);
+    let iommu = Iommu::start(&dir, &[]);
+    let mut vm = vm(&iommu, &blk, Policy::Strict);
+    let r = vm.run(&load).unwrap_or_else(|e| {
+        panic!(
+            "{e}\nbackend:\n{}\ndaemon:\n{}",
+            blk.proc.log_text(),
+            iommu.proc.log_text()
+        )
+    });
+    assert_eq!((r.errors, r.mismatches), (0, 0));
+    assert!(
+        blk.proc
+            .log_text()
+            .contains("connected to the restarted vhost-user-iommu daemon"),
+        "{}",
+        blk.proc.log_text()
+    );
+}
+
 /// Message mode resolves misses with the daemon and gets invalidations:
 /// the backend reports both after the VMM leaves.
 fn message_mode_resolves_misses_and_applies_invalidations() {
@@ -490,6 +551,13 @@ fn main() {
             a_vmm_reconnect_works_in_table_mode();
             Ok(())
         }),
+        (
+            "a_daemon_that_dies_fails_closed_and_a_new_one_is_picked_up",
+            || {
+                a_daemon_that_dies_fails_closed_and_a_new_one_is_picked_up();
+                Ok(())
+            },
+        ),
         (
             "message_mode_resolves_misses_and_applies_invalidations",
             || {

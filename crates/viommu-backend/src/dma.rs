@@ -25,8 +25,11 @@ use crate::guest::{self, GuestRam};
 use crate::mode::IommuMode;
 use crate::msg::{MsgHold, MsgIotlb};
 
-/// How often a backend whose daemon died tries to connect again.
-const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// How often a backend whose daemon died tries to connect again (a batch
+/// tries, so this bounds the connects a guest's kicks can cause). Short: a
+/// VMM reconnects to the restarted daemon before it sets up the backend's
+/// queues, and the first batch of that set-up must find the new daemon.
+const RECONNECT_EVERY: Duration = Duration::from_millis(100);
 
 /// Why a device's DMA could not be set up.
 #[derive(Debug, thiserror::Error)]
