@@ -56,13 +56,14 @@ cargo build -q --release -p vhost-user-iommu -p vhost-user-blk -p viommu-fronten
 bin=target/release
 work=$(mktemp -d /dev/shm/viommu-bench.XXXXXX)
 pids=()
+blk_pid=
 cleanup() {
     local status=$?
     if [ "$status" != 0 ]; then
         echo "iommu-cost.sh failed (exit $status); last log lines:" >&2
         tail -n 20 "$work/iommu.log" "$work/blk.log" >&2 2>/dev/null || true
     fi
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}" $blk_pid; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
 }
@@ -90,7 +91,7 @@ run() {
     "$bin/vhost-user-blk" --socket-path "$work/blk.sock" --blk-file "$target" \
         --iommu "$iommu" --endpoint 8 --poll-us "$backend_poll_us" --log-level info 2>>"$work/blk.log" &
     local bpid=$!
-    pids+=("$bpid")
+    blk_pid=$bpid
     for _ in $(seq 100); do [ -S "$work/blk.sock" ] && break; sleep 0.05; done
     local out
     out=$("$bin/viommu-frontend" --socket "$work/iommu.sock" --ram-size 1G blk \
@@ -101,6 +102,7 @@ run() {
     local cpu
     cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$bpid/stat")
     kill "$bpid"; wait "$bpid" 2>/dev/null || true
+    blk_pid=
     local iops p50 p99 maps
     iops=$(sed -n 's/.* iops=\([0-9]*\).*/\1/p' <<<"$out")
     p50=$(sed -n 's/.* p50_us=\([0-9.]*\).*/\1/p' <<<"$out")
