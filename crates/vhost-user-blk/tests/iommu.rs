@@ -21,6 +21,7 @@ use viommu_frontend::blk_load::{BlkVm, LoadOptions, VmOptions};
 use viommu_frontend::blk_queue::{BlkRequest, Buf, Completion};
 use viommu_frontend::driver::{Driver, DriverOptions};
 use viommu_frontend::guest_dma::Policy;
+use viommu_test_support::cases::{Case, run_cases};
 use viommu_test_support::fuse::{FuseDisk, HeldRead};
 use virtio_iommu_proto::{Attach, FaultReason, Map, MapFlags, Request, Status, Unmap};
 use vm_memory::{Bytes, GuestAddress};
@@ -526,7 +527,6 @@ fn main() {
     if let Ok(socket) = std::env::var(ROLE) {
         never_acknowledging_backend(&socket);
     }
-    type Case = (&'static str, fn() -> Result<(), String>);
     let cases: &[Case] = &[
         (
             "an_unmapped_iova_fails_with_ioerr_and_a_fault_reaches_the_event_queue",
@@ -573,29 +573,5 @@ fn main() {
             },
         ),
     ];
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let mut failed = 0;
-    for &(name, case) in cases {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        match std::panic::catch_unwind(case) {
-            Ok(Ok(())) => println!("test {name} ... ok"),
-            Ok(Err(why)) => {
-                failed += 1;
-                println!("test {name} ... FAILED: cannot run here: {why}");
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
-        }
-    }
-    if failed > 0 {
-        println!("{failed} block IOMMU test(s) failed");
-        std::process::exit(1);
-    }
+    run_cases("block IOMMU", cases);
 }

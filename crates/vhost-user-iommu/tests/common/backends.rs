@@ -682,39 +682,13 @@ fn fork_exit() -> ! {
 
 // ------------------------------------------------------------ runner
 
-/// A named test; `Err` means it cannot run on this machine (a failure too).
-pub type Case = (&'static str, fn() -> Result<(), String>);
+pub use viommu_test_support::cases::Case;
 
-/// The test binary's `main`: backend role if asked, else runs the cases
-/// whose names contain a command-line filter (all without one), prints
-/// libtest-style lines, and exits non-zero if any failed.
+/// The test binary's `main`: backend role if asked, else the cases (see
+/// [`viommu_test_support::cases::run_cases`]).
 pub fn run_cases(suite: &str, cases: &[Case]) {
     run_backend_role_if_asked();
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let mut failed = 0;
-    for &(name, case) in cases {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        match std::panic::catch_unwind(case) {
-            Ok(Ok(())) => println!("test {name} ... ok"),
-            Ok(Err(why)) => {
-                failed += 1;
-                println!("test {name} ... FAILED: cannot run here: {why}");
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
-        }
-    }
-    if failed > 0 {
-        println!("{failed} {suite} test(s) failed");
-        std::process::exit(1);
-    }
+    viommu_test_support::cases::run_cases(suite, cases);
 }
 
 /// The guest's RAM memfd of a driver (valid while the driver lives).
