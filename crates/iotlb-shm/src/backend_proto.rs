@@ -46,6 +46,7 @@ const IOTLB_MISS: u32 = 10;
 const IOTLB_UPDATE: u32 = 11;
 const IOTLB_FAULT: u32 = 12;
 const IOTLB_INVALIDATE: u32 = 13;
+const DRIVER_RESTARTED: u32 = 14;
 
 /// [`Message::IotlbInvalidate`]'s endpoint meaning "every endpoint".
 pub const ALL_ENDPOINTS: u32 = u32::MAX;
@@ -151,6 +152,19 @@ pub enum Message {
         /// Last IOVA (inclusive).
         last: u64,
     },
+    /// Backend → daemon: the guest set a queue of `endpoint`'s device up
+    /// anew (new ring addresses, or its index back to 0): the guest's
+    /// driver or firmware is starting over, so the guest is running. If the
+    /// IOMMU is stopped at that moment, the guest was reset without the VMM
+    /// saying so, and the daemon resets the IOMMU's state before it answers
+    /// ACK (docs/design.md, "Device reset"). Sent before the queue's first
+    /// DMA, outside any session.
+    DriverRestarted {
+        /// Echoed in the ACK.
+        cookie: u64,
+        /// The device's endpoint ID.
+        endpoint: u32,
+    },
     /// Daemon → backend: a message was refused; the connection and the
     /// backend's registration go on.
     Error {
@@ -251,6 +265,7 @@ impl Message {
             IOTLB_UPDATE => len == HEADER_LEN + 40,
             IOTLB_FAULT | IOTLB_INVALIDATE => len == HEADER_LEN + 32,
             FAULT => len == HEADER_LEN + 24,
+            DRIVER_RESTARTED => len == HEADER_LEN + 16,
             REFUSED => (HEADER_LEN + 8..=HEADER_LEN + 8 + MAX_REASON).contains(&len),
             ERROR => (HEADER_LEN + 16..=MAX_LEN).contains(&len),
             _ => return None,
@@ -265,6 +280,7 @@ impl Message {
             | Message::Ack { cookie }
             | Message::Error { cookie, .. }
             | Message::IotlbSubscribe { cookie }
+            | Message::DriverRestarted { cookie, .. }
             | Message::IotlbMiss { cookie, .. }
             | Message::IotlbUpdate { cookie, .. }
             | Message::IotlbFault { cookie, .. }
@@ -324,6 +340,12 @@ impl Message {
             Message::IotlbSubscribe { cookie } => {
                 body.extend_from_slice(&cookie.to_le_bytes());
                 IOTLB_SUBSCRIBE
+            }
+            Message::DriverRestarted { cookie, endpoint } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                body.extend_from_slice(&endpoint.to_le_bytes());
+                body.extend_from_slice(&0u32.to_le_bytes());
+                DRIVER_RESTARTED
             }
             Message::IotlbMiss {
                 cookie,
@@ -445,6 +467,10 @@ impl Message {
             }
             IOTLB_SUBSCRIBE => Ok(Message::IotlbSubscribe {
                 cookie: u64_at(body, 0),
+            }),
+            DRIVER_RESTARTED => Ok(Message::DriverRestarted {
+                cookie: u64_at(body, 0),
+                endpoint: u32_at(body, 8),
             }),
             IOTLB_MISS => Ok(Message::IotlbMiss {
                 cookie: u64_at(body, 0),
@@ -741,6 +767,10 @@ mod tests {
                 reason: "unexpected HELLO".into(),
             },
             Message::IotlbSubscribe { cookie: 4 },
+            Message::DriverRestarted {
+                cookie: 5,
+                endpoint: 0x20,
+            },
             Message::IotlbMiss {
                 cookie: 5,
                 endpoint: 8,

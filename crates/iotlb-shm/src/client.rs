@@ -170,18 +170,36 @@ impl BackendClient {
         self.register(|cookie| Message::RegisterSocket { cookie }, socket)
     }
 
+    /// Tells the daemon that the guest set a queue of `endpoint`'s device
+    /// up anew ([`Message::DriverRestarted`]) and waits for its answer:
+    /// when this returns, translations reflect any reset the daemon
+    /// concluded from it. Call it outside any session.
+    pub fn driver_restarted(&self, endpoint: u32) -> Result<(), ClientError> {
+        self.request(|cookie| Message::DriverRestarted { cookie, endpoint }, &[])
+    }
+
     fn register(
         &self,
         msg: impl Fn(u64) -> Message,
         fd: BorrowedFd<'_>,
     ) -> Result<(), ClientError> {
+        self.request(msg, &[fd])
+    }
+
+    /// Sends a message that the daemon answers with ACK or ERROR (same
+    /// cookie), and waits for the answer.
+    fn request(
+        &self,
+        msg: impl Fn(u64) -> Message,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ClientError> {
         let _one_at_a_time = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
         let cookie = self
             .next_cookie
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        backend_proto::send_with_fds(self.sock.as_fd(), &msg(cookie).encode(), &[fd]).map_err(
+        backend_proto::send_with_fds(self.sock.as_fd(), &msg(cookie).encode(), fds).map_err(
             |source| ClientError::Io {
-                step: "send a registration",
+                step: "send a request",
                 source,
             },
         )?;

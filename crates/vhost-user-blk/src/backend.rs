@@ -158,15 +158,13 @@ impl BlkBackend {
                 used: q.used_ring(),
             },
             next_avail: q.next_avail(),
-            next_used: q.next_used(),
             event_idx: self.inner.event_idx.load(Ordering::Relaxed),
         }
     }
 
     fn write_back(vring: &VringRwLock, r: Resume) {
-        if let (Some(a), Some(u)) = (r.next_avail, r.next_used) {
+        if let Some(a) = r.next_avail {
             vring.set_queue_next_avail(a);
-            vring.set_queue_next_used(u);
         }
     }
 
@@ -176,6 +174,12 @@ impl BlkBackend {
             .engines
             .get(index)
             .ok_or_else(|| io::Error::other(format!("no queue {index}")))?;
+        // A queue stopped by GET_VRING_BASE (its I/O drained there) waits
+        // for its next start; a late wake-up must not set it up again from
+        // the old addresses.
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         {
             let mut seen = lock(&self.inner.vrings[index]);
             if seen.is_none() {
@@ -204,7 +208,6 @@ fn dummy_setup() -> QueueSetup {
             used: 0,
         },
         next_avail: 0,
-        next_used: 0,
         event_idx: false,
     }
 }

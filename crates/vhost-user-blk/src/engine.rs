@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use viommu_backend::{
     Access, Batch, Chain, DmaError, IoHold, QueueDma, RingAddrs, RingView, SplitQueue,
 };
@@ -107,6 +107,10 @@ pub struct Engine {
     device: viommu_backend::Dma,
     dma: QueueDma,
     queue: Option<SplitQueue>,
+    /// Where the queue stood when it was last stopped (rings, next
+    /// available entry), to tell a restart after a pause from a driver
+    /// that sets the queue up anew.
+    last_stop: Option<(RingAddrs, u16)>,
     slots: Vec<Option<InFlight>>,
     free: Vec<u32>,
     done: Vec<Done>,
@@ -165,6 +169,7 @@ impl Engine {
             device: dma.clone(),
             dma: qdma,
             queue: None,
+            last_stop: None,
             slots: (0..n).map(|_| None).collect(),
             free: (0..n as u32).rev().collect(),
             done: Vec::new(),
@@ -246,7 +251,6 @@ impl Engine {
     fn resume(&self) -> Resume {
         Resume {
             next_avail: self.queue.as_ref().map(SplitQueue::next_avail),
-            next_used: self.queue.as_ref().map(SplitQueue::next_used),
         }
     }
 
@@ -269,6 +273,9 @@ impl Engine {
             }
         }
         let resume = self.resume();
+        if let Some(q) = &self.queue {
+            self.last_stop = Some((q.addrs(), q.next_avail()));
+        }
         self.done.clear();
         self.queue = None;
         self.stopped = false;
@@ -332,10 +339,20 @@ impl Engine {
     fn ensure_queue(&mut self, rings: &QueueSetup) -> Result<(), viommu_backend::RingError> {
         let current = self.queue.as_ref().map(SplitQueue::addrs);
         if current != Some(rings.addrs) {
+            // A queue that comes back at other addresses, or at index 0
+            // after it had moved, was set up anew by a driver starting over
+            // (the guest's firmware or kernel after a reset); a resume after
+            // a pause comes back where it stopped. The daemon hears of it
+            // before this queue's first DMA (a reset the VMM did not send).
+            if let Some((addrs, avail)) = self.last_stop.take().filter(|_| rings.addrs.size != 0) {
+                if addrs != rings.addrs || (rings.next_avail == 0 && avail != 0) {
+                    info!(queue = self.index, "the driver set the queue up anew");
+                    self.dma.dma().driver_restarted();
+                }
+            }
             self.queue = Some(SplitQueue::new(
                 rings.addrs,
                 rings.next_avail,
-                rings.next_used,
                 rings.event_idx,
             )?);
         }
@@ -455,10 +472,9 @@ impl Engine {
 pub struct QueueSetup {
     /// The rings (device addresses).
     pub addrs: RingAddrs,
-    /// Next available entry when (re)starting.
+    /// Next available entry when (re)starting (the used index is read
+    /// from the used ring, see [`SplitQueue::new`]).
     pub next_avail: u16,
-    /// Next used entry when (re)starting.
-    pub next_used: u16,
     /// EVENT_IDX negotiated.
     pub event_idx: bool,
 }
@@ -468,8 +484,6 @@ pub struct QueueSetup {
 pub struct Resume {
     /// Next available entry (`None`: the queue never ran).
     pub next_avail: Option<u16>,
-    /// Next used entry.
-    pub next_used: Option<u16>,
 }
 
 /// Writes a request's status and used entry.

@@ -37,12 +37,13 @@ fn main() -> ExitCode {
         eprintln!("vhost-user-blk: {}", report(&e));
         return ExitCode::from(2);
     }
-    let sockets = settings.listen.path().cloned().into_iter().collect();
-    if let Err(e) = signals::exit_on_termination(sockets) {
+    if let Err(e) = signals::exit_on_termination() {
         error!(error = %e, "cannot set up signal handling");
         return ExitCode::FAILURE;
     }
-    match run(&settings) {
+    let result = run(&settings);
+    vhost_user_process::socket_file::remove_owned();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{}", report(e.as_ref()));

@@ -4,6 +4,7 @@ use crate::eventq::{FaultQueue, FaultStats};
 use crate::kick_loop::KickLoop;
 use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::requestq::{RequestServer, Served};
+use crate::reset_watch::{ResetReason, ResetWatch};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +18,9 @@ use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu_proto::{EVENT_QUEUE, FaultRecord, Features, NUM_QUEUES, REQUEST_QUEUE};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -34,6 +37,13 @@ pub const FAULT_WAKE_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Ring features the transport offers on top of the device's own.
 const RING_FEATURES: u64 = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
 
+/// Whether `start..=end` lies inside one of `regions` (start, length).
+fn input_range_in_one_region(start: u64, end: u64, regions: &[(u64, u64)]) -> bool {
+    regions
+        .iter()
+        .any(|&(rs, len)| start >= rs && len > 0 && end <= rs.saturating_add(len - 1))
+}
+
 /// The device state a queue event works on, behind one lock.
 struct DeviceState {
     device: Device,
@@ -41,6 +51,8 @@ struct DeviceState {
     server: RequestServer,
     /// (head, used length, needs grace) for the batch being completed.
     completions: Vec<(u16, Served)>,
+    /// Reset detection for VMMs that send no RESET_DEVICE.
+    watch: ResetWatch,
 }
 
 struct Inner {
@@ -106,6 +118,7 @@ impl IommuBackend {
                     publisher,
                     server: RequestServer::default(),
                     completions: Vec::new(),
+                    watch: ResetWatch::default(),
                 }),
                 kick_loop: Mutex::new(None),
                 epoll: Mutex::new(None),
@@ -415,12 +428,16 @@ impl VhostUserBackend for IommuBackend {
     fn acked_features(&self, features: u64) {
         let Ok(mut guard) = self.state() else { return };
         let st = &mut *guard;
+        // QEMU sends SET_FEATURES at every start of the device.
+        st.watch.started();
         let device_bits = Features(features).intersect(st.device.offered_features());
         let mut sink = Publishing::new(st.publisher.as_mut());
         match st.device.set_features(device_bits, &mut sink) {
             Ok(()) => info!(
                 features = format_args!("{features:#x}"),
-                "driver acked features"
+                domains = st.device.domain_count(),
+                mappings = st.device.mapping_count(),
+                "device started: features set (SET_FEATURES)"
             ),
             Err(e) => warn!(error = %e, "feature negotiation refused"),
         }
@@ -441,12 +458,20 @@ impl VhostUserBackend for IommuBackend {
     fn reset_device(&self) {
         let Ok(mut guard) = self.state() else { return };
         let st = &mut *guard;
+        st.watch.reset();
+        let (domains, mappings) = (st.device.domain_count(), st.device.mapping_count());
         let mut sink = Publishing::new(st.publisher.as_mut());
         st.device.reset(&mut sink);
         let wait = st.publisher.synchronize();
         drop(guard);
         wait.wait();
-        info!("device reset: all domains and mappings dropped, bypass kept");
+        let faults = self.drop_pending_faults();
+        info!(
+            domains,
+            mappings,
+            undelivered_faults = faults,
+            "device reset (RESET_DEVICE): all domains and mappings dropped, bypass kept"
+        );
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -454,6 +479,10 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let reason = self.state().ok().and_then(|mut st| st.watch.config_read());
+        if let Some(reason) = reason {
+            self.reset_detected(reason);
+        }
         let bytes = match self.state() {
             Ok(st) => st.device.config_space().to_bytes(),
             Err(_) => [0; CONFIG_LEN],
@@ -489,13 +518,51 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        let regions: Vec<(u64, u64)> = mem
+            .memory()
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        let listed: Vec<String> = regions
+            .iter()
+            .map(|(start, len)| format!("{start:#x}+{len:#x}"))
+            .collect();
+        info!(regions = ?listed, "guest memory table received (SET_MEM_TABLE)");
+        if let Ok(st) = self.state() {
+            let range = st.device.config_space().input_range;
+            if !input_range_in_one_region(range.start, range.end, &regions) {
+                warn!(
+                    input_range = format_args!("{:#x}-{:#x}", range.start, range.end),
+                    regions = ?listed,
+                    "the IOVA input range is not inside one guest RAM region: a backend behind \
+                     a QEMU device with iommu_platform=on cannot reach its rings (QEMU passes \
+                     ring IOVAs as guest-physical addresses); give --input-range a window inside \
+                     guest RAM (docs/qemu.md)"
+                );
+            }
+        }
         *self.inner.mem.write().map_err(lock_error)? = Some(mem);
-        debug!("guest memory table updated");
         Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    /// GET_VRING_BASE: the VMM stops a queue (a pause, a reboot, a driver
+    /// unbind: [`ResetWatch`] tells them apart later).
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let mut st = self.state()?;
+        if queue_index == u32::from(REQUEST_QUEUE) {
+            st.watch.request_queue_stopped();
+        }
+        info!(
+            queue = queue_index,
+            domains = st.device.domain_count(),
+            mappings = st.device.mapping_count(),
+            "queue stopped (GET_VRING_BASE); state kept until the guest resets the device"
+        );
+        Ok(())
     }
 
     /// Never fails: an error returned here would end the framework's
@@ -522,6 +589,53 @@ impl VhostUserBackend for IommuBackend {
 }
 
 impl IommuBackend {
+    /// A device reset the VMM did not announce: the guest rebooted or
+    /// rebound its driver. Everything goes, as on a system reset (`bypass`
+    /// back to its configured value: the firmware of a rebooted guest may
+    /// need it), after one grace period for the shared table.
+    fn reset_detected(&self, reason: ResetReason) {
+        let Ok(mut guard) = self.state() else { return };
+        let st = &mut *guard;
+        let (domains, mappings) = (st.device.domain_count(), st.device.mapping_count());
+        let mut sink = Publishing::new(st.publisher.as_mut());
+        st.device.system_reset(&mut sink);
+        let wait = st.publisher.synchronize();
+        drop(guard);
+        wait.wait();
+        let faults = self.drop_pending_faults();
+        info!(
+            domains,
+            mappings,
+            undelivered_faults = faults,
+            why = %reason,
+            "device reset detected without RESET_DEVICE: all domains and mappings dropped, bypass back to its configured value"
+        );
+    }
+
+    /// A backend saw the guest set a queue of `endpoint` up anew
+    /// (`DRIVER_RESTARTED`): while this device is stopped, that means the
+    /// guest was reset (its firmware or a new kernel drives the endpoint)
+    /// and the state goes now, before that endpoint's first DMA.
+    pub fn endpoint_driver_restarted(&self, pid: i32, endpoint: u32) {
+        let reason = self
+            .state()
+            .ok()
+            .and_then(|mut st| st.watch.endpoint_restarted(endpoint));
+        match reason {
+            Some(reason) => self.reset_detected(reason),
+            None => debug!(
+                pid,
+                endpoint,
+                "an endpoint's driver set its queues up anew; the IOMMU runs, nothing to reset"
+            ),
+        }
+    }
+
+    /// Forgets fault records the reset driver will never read.
+    fn drop_pending_faults(&self) -> usize {
+        self.inner.faults.lock().map(|mut f| f.clear()).unwrap_or(0)
+    }
+
     fn handle_queue_event(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
         match device_event {
             REQUEST_QUEUE => {
@@ -546,5 +660,33 @@ impl IommuBackend {
             }
             other => Err(io::Error::other(format!("event on unknown queue {other}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::input_range_in_one_region;
+
+    #[test]
+    fn input_range_must_sit_inside_a_single_ram_region() {
+        let regions = [(0, 0xa_0000), (0x10_0000, 0x1ff0_0000)];
+        assert!(input_range_in_one_region(
+            0x1000_0000,
+            0x1fff_ffff,
+            &regions
+        ));
+        assert!(
+            !input_range_in_one_region(0x1000_0000, 0x2000_0000, &regions),
+            "past the end"
+        );
+        assert!(
+            !input_range_in_one_region(0, 0xffff_ffff_ffff, &regions),
+            "the 48-bit default"
+        );
+        assert!(
+            !input_range_in_one_region(0x9_0000, 0x10_1000, &regions),
+            "across a hole"
+        );
+        assert!(!input_range_in_one_region(0, 0xfff, &[]), "no memory");
     }
 }

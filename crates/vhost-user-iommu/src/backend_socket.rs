@@ -90,6 +90,20 @@ impl FaultRoute {
         }
     }
 
+    /// A backend saw the guest set `endpoint`'s queue up anew: the device
+    /// decides whether that means a reset it was not told of, and applies
+    /// it before this returns.
+    pub fn driver_restarted(&self, pid: i32, endpoint: u32) {
+        let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match guard.as_ref() {
+            Some(device) => device.endpoint_driver_restarted(pid, endpoint),
+            None => debug!(
+                pid,
+                endpoint, "endpoint driver restarted with no VMM connected"
+            ),
+        }
+    }
+
     /// Answers a message-mode backend's IOTLB miss on `stream`, under the
     /// device lock: an answer is always on the wire before the invalidation
     /// of what it answered.
@@ -179,7 +193,8 @@ pub fn peer_cred(sock: &UnixStream) -> io::Result<PeerCred> {
 }
 
 impl BackendSocket {
-    /// Binds `path` (replacing a stale socket file there).
+    /// Binds `path` where nothing live is (a stale socket file is
+    /// replaced, anything else refused: `vhost_user_process::socket_file`).
     pub fn bind(
         path: &Path,
         allowed_uids: Vec<u32>,
@@ -187,24 +202,12 @@ impl BackendSocket {
         route: FaultRoute,
         subscribers: Subscribers,
     ) -> io::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        let listener = if allowed_uids.is_empty() {
-            UnixListener::bind(path)?
-        } else {
-            // Other users must be able to reach the socket for their uid to
-            // be checked (SO_PEERCRED): bind under a temporary name, open it
-            // up, then rename, so the path never exists with the wrong mode.
-            // Without --backend-uid the file keeps the umask's permissions
-            // as a first line of defence.
-            use std::os::unix::fs::PermissionsExt;
-            let mut tmp = path.as_os_str().to_owned();
-            tmp.push(format!(".{}.tmp", std::process::id()));
-            let _ = std::fs::remove_file(&tmp);
-            let listener = UnixListener::bind(&tmp)?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))?;
-            std::fs::rename(&tmp, path)?;
-            listener
-        };
+        // Other users must be able to reach the socket for their uid to be
+        // checked (SO_PEERCRED). Without --backend-uid the file keeps the
+        // umask's permissions as a first line of defence.
+        let mode = (!allowed_uids.is_empty()).then_some(0o666);
+        let listener =
+            vhost_user_process::socket_file::bind(path, mode).map_err(io::Error::other)?;
         let (table_fd, arena_fd) = {
             let w = lock(&writer);
             (
@@ -466,6 +469,10 @@ impl BackendSocket {
                 Message::Ack { cookie } if frame.fds.is_empty() => {
                     self.subscribers.ack(conn.id, cookie);
                 }
+                Message::DriverRestarted { cookie, endpoint } if frame.fds.is_empty() => {
+                    self.route.driver_restarted(conn.pid, endpoint);
+                    conn.reply(&Message::Ack { cookie });
+                }
                 other => conn.error(
                     cookie,
                     libc::EPROTO,
@@ -554,6 +561,7 @@ fn message_name(msg: &Message, with_fds: bool) -> String {
         Message::IotlbUpdate { .. } => "IOTLB_UPDATE",
         Message::IotlbFault { .. } => "IOTLB_FAULT",
         Message::IotlbInvalidate { .. } => "IOTLB_INVALIDATE",
+        Message::DriverRestarted { .. } => "DRIVER_RESTARTED",
     };
     if with_fds {
         format!("{name} with descriptors")

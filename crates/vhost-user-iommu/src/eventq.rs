@@ -46,6 +46,14 @@ impl FaultQueue {
         self.pending.push_back(record);
     }
 
+    /// Drops every record not delivered yet (the device was reset: they
+    /// belong to a driver that is gone).
+    pub fn clear(&mut self) -> usize {
+        let n = self.pending();
+        self.pending.clear();
+        n
+    }
+
     /// Faults waiting.
     pub fn pending(&self) -> usize {
         self.pending.len()

@@ -12,6 +12,8 @@
 //! - [`backend`]: the `VhostUserBackend` implementation (features, config
 //!   space, reset, queue events).
 //! - [`kick_loop`]: the request queue's kick path on io_uring.
+//! - [`reset_watch`]: telling a guest's device reset from a pause when
+//!   the VMM sends no `RESET_DEVICE`.
 //! - [`serve`]: the listening loop, one fresh device per connection.
 //! - [`shm_table`]: the shared translation table as the model's publisher.
 //! - [`backend_socket`]: where co-located backends get the table.
@@ -27,6 +29,7 @@ pub mod iotlb_msg;
 pub mod kick_loop;
 pub mod publish;
 pub mod requestq;
+pub mod reset_watch;
 pub mod serve;
 pub mod settings;
 pub mod shm_table;

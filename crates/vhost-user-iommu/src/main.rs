@@ -33,14 +33,7 @@ fn main() -> ExitCode {
         error!("no socket to listen on");
         return ExitCode::from(2);
     };
-    let mut sockets = Vec::new();
-    if let vhost_user_iommu::settings::Listen::Path(p) = &listen {
-        sockets.push(p.clone());
-    }
-    if let Some(t) = &settings.table {
-        sockets.push(t.socket.clone());
-    }
-    if let Err(e) = signals::exit_on_termination(sockets) {
+    if let Err(e) = signals::exit_on_termination() {
         error!(error = %e, "cannot set up signal handling");
         return ExitCode::FAILURE;
     }
@@ -55,7 +48,9 @@ fn main() -> ExitCode {
         poll_us = settings.poll.as_micros() as u64,
         "starting"
     );
-    match serve::run(&settings, &listen) {
+    let result = serve::run(&settings, &listen);
+    vhost_user_process::socket_file::remove_owned();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{}", report(&e));

@@ -4,9 +4,10 @@
 use crate::chain::{ChainError, ChainParts};
 use crate::publish::{Publishing, TablePublisher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use tracing::debug;
+use std::time::Instant;
+use tracing::{Level, debug};
 use viommu_core::{Change, Device, Reply};
-use virtio_iommu_proto::request::{MAX_READABLE_LEN, TAIL_LEN, encode_tail};
+use virtio_iommu_proto::request::{MAX_READABLE_LEN, TAIL_LEN, encode_tail, parse_request};
 use virtio_iommu_proto::{Request, Status, Unmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -78,6 +79,8 @@ impl RequestServer {
             return unused;
         }
         let writable_len = usize::try_from(self.parts.writable_len()).unwrap_or(usize::MAX);
+        // Per-request logs cost a parse and a clock read, only at debug.
+        let started = tracing::enabled!(Level::DEBUG).then(Instant::now);
         let mut sink = Publishing::new(publisher);
         let reply = device.process(&readable[..got], writable_len, &mut sink);
         let needs_grace = sink.needs_grace;
@@ -110,10 +113,7 @@ impl RequestServer {
                 needs_grace,
             };
         }
-        let Reply::Complete {
-            req_type, status, ..
-        } = reply
-        else {
+        let Reply::Complete { status, .. } = reply else {
             debug!(
                 readable = got,
                 writable_len, "request not parsed, returned with used length 0"
@@ -147,11 +147,44 @@ impl RequestServer {
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
         if status != virtio_iommu_proto::Status::Ok {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            debug!(request = req_type.name(), %status, "request failed");
+        }
+        if let Some(started) = started {
+            log_request(&readable[..got], status, started);
         }
         Served {
             used_len: reply.used_len(),
             needs_grace,
         }
+    }
+}
+
+/// One debug line per served request: what it asked, how it ended, how long
+/// the model and the table took (the grace period, if any, comes after).
+fn log_request(readable: &[u8], status: Status, started: Instant) {
+    let latency_ns = started.elapsed().as_nanos() as u64;
+    match parse_request(readable) {
+        Ok(Request::Attach(a)) => debug!(
+            request = "ATTACH", endpoint = a.endpoint, domain = a.domain,
+            flags = format_args!("{:#x}", a.flags), %status, latency_ns, "request"
+        ),
+        Ok(Request::Detach(d)) => debug!(
+            request = "DETACH", endpoint = d.endpoint, domain = d.domain,
+            %status, latency_ns, "request"
+        ),
+        Ok(Request::Map(m)) => debug!(
+            request = "MAP", domain = m.domain,
+            iova = format_args!("{:#x}-{:#x}", m.virt_start, m.virt_end),
+            phys = format_args!("{:#x}", m.phys_start),
+            flags = format_args!("{:#x}", m.flags.0), %status, latency_ns, "request"
+        ),
+        Ok(Request::Unmap(u)) => debug!(
+            request = "UNMAP", domain = u.domain,
+            iova = format_args!("{:#x}-{:#x}", u.virt_start, u.virt_end),
+            %status, latency_ns, "request"
+        ),
+        Ok(Request::Probe(p)) => debug!(
+            request = "PROBE", endpoint = p.endpoint, %status, latency_ns, "request"
+        ),
+        Err(e) => debug!(error = %e, %status, latency_ns, "request"),
     }
 }

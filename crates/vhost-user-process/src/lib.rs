@@ -6,6 +6,7 @@
 pub mod listen;
 pub mod logging;
 pub mod signals;
+pub mod socket_file;
 
 /// An error and its causes, one per line, for logs and standard error.
 pub fn report(err: &dyn std::error::Error) -> String {

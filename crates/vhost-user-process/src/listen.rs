@@ -1,7 +1,7 @@
 //! Where a vhost-user backend listens for its VMM: a socket path it creates
 //! (`--socket-path`), or an inherited listening socket (`--fd`).
 
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 
 use vhost::vhost_user::Listener;
@@ -19,19 +19,24 @@ pub enum Listen {
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     /// The socket could not be created or bound.
-    #[error("cannot listen on {0}")]
-    Bind(String, #[source] vhost::vhost_user::Error),
+    #[error(transparent)]
+    Socket(#[from] crate::socket_file::SocketFileError),
     /// The inherited descriptor is not a listening Unix socket.
     #[error("--fd {0} is not a listening socket")]
     NotListening(i32),
 }
 
 impl Listen {
-    /// The listener (a path's stale socket file is replaced).
+    /// The listener. A path is bound only where no live process listens
+    /// and nothing but a stale socket is ([`crate::socket_file`]); the file
+    /// is removed at exit if it is still this process's.
     pub fn listener(&self) -> Result<Listener, ListenError> {
         match self {
             Listen::Path(p) => {
-                Listener::new(p, true).map_err(|e| ListenError::Bind(p.display().to_string(), e))
+                let listener = crate::socket_file::bind(p, None)?;
+                // SAFETY: the descriptor comes from a listener this function
+                // owns and gives up here; nothing else refers to it.
+                Ok(unsafe { Listener::from_raw_fd(listener.into_raw_fd()) })
             }
             Listen::Fd(fd) => {
                 let mut accepting: libc::c_int = 0;

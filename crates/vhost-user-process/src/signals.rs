@@ -2,9 +2,8 @@
 //!
 //! The signals are blocked in every thread (so no thread is interrupted in
 //! the middle of a request) and received by one dedicated thread, which
-//! removes the socket file, logs, and exits with status 0.
+//! removes the socket files the process still owns, logs, and exits with status 0.
 
-use std::path::PathBuf;
 use tracing::info;
 
 fn termination_set() -> libc::sigset_t {
@@ -22,7 +21,7 @@ fn termination_set() -> libc::sigset_t {
 /// Blocks SIGTERM/SIGINT in the calling thread and every thread it spawns
 /// later, and starts the thread that waits for them. Call it before any
 /// other thread is spawned.
-pub fn exit_on_termination(sockets: Vec<PathBuf>) -> std::io::Result<()> {
+pub fn exit_on_termination() -> std::io::Result<()> {
     let set = termination_set();
     // SAFETY: `set` is a valid, initialised signal set; no old mask is read.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -44,9 +43,7 @@ pub fn exit_on_termination(sockets: Vec<PathBuf>) -> std::io::Result<()> {
             } else {
                 "SIGINT"
             };
-            for path in &sockets {
-                let _ = std::fs::remove_file(path);
-            }
+            crate::socket_file::remove_owned();
             info!(signal = name, "exiting");
             std::process::exit(0);
         })?;

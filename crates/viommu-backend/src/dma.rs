@@ -215,6 +215,35 @@ impl Dma {
         Ok(q)
     }
 
+    /// Tells the daemon that the guest set one of this device's queues up
+    /// anew (new ring addresses, or its index back to 0), and waits for
+    /// its answer: if the IOMMU was stopped, the guest was reset without
+    /// the VMM saying so, and the daemon drops the previous boot's
+    /// mappings before this returns. Call it before the queue's first DMA,
+    /// outside any batch. Nothing to do without an IOMMU.
+    pub fn driver_restarted(&self) {
+        let endpoint = self.inner.endpoint;
+        let result = match &self.inner.translation {
+            Translation::Table(t) => {
+                let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+                conn.client.driver_restarted(endpoint)
+            }
+            Translation::Msg { _client, .. } => _client.driver_restarted(endpoint),
+            Translation::None => return,
+        };
+        match result {
+            Ok(()) => tracing::info!(
+                endpoint,
+                "the guest set a queue up anew; the daemon was told"
+            ),
+            Err(e) => tracing::warn!(
+                endpoint,
+                error = %e,
+                "cannot tell the daemon that the guest set a queue up anew"
+            ),
+        }
+    }
+
     /// Hands a fault to the daemon for the guest's event queue (table
     /// mode). Never waits long: a daemon that is gone or slow loses it.
     pub fn report_fault(&self, fault: &Fault) {

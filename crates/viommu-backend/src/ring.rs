@@ -101,14 +101,22 @@ pub struct SplitQueue {
     event_idx: bool,
     /// The used index when the driver was last notified.
     signalled_used: Option<u16>,
+    /// `next_used` is still to be read from the used ring (see [`Self::new`]).
+    used_unknown: bool,
 }
 
 impl SplitQueue {
-    /// A queue at `addrs`, resuming at `next_avail` / `next_used`.
+    /// A queue at `addrs`, resuming at `next_avail` (SET_VRING_BASE) and
+    /// at the used index found in the used ring when it is first reached.
+    ///
+    /// vhost-user carries no used index: a backend resumes where the used
+    /// ring says (as QEMU's libvhost-user does). The framework's own copy
+    /// cannot be used under an IOMMU: vhost-user-backend reads it at
+    /// SET_VRING_ADDR from the ring address taken as guest-physical, which
+    /// is really an IOVA, so it reads some unrelated guest page.
     pub fn new(
         addrs: RingAddrs,
         next_avail: u16,
-        next_used: u16,
         event_idx: bool,
     ) -> Result<SplitQueue, RingError> {
         if !addrs.size.is_power_of_two() || addrs.size > MAX_QUEUE_SIZE {
@@ -122,9 +130,10 @@ impl SplitQueue {
         Ok(SplitQueue {
             addrs,
             next_avail,
-            next_used,
+            next_used: 0,
             event_idx,
             signalled_used: None,
+            used_unknown: true,
         })
     }
 
@@ -152,13 +161,19 @@ impl SplitQueue {
         if desc as usize % 16 != 0 || avail as usize % 2 != 0 || used as usize % 4 != 0 {
             return Err(RingError::Setup("misaligned ring in host memory"));
         }
-        Ok(RingView {
+        let view = RingView {
             q: self,
             batch,
             desc,
             avail,
             used,
-        })
+        };
+        if view.q.used_unknown {
+            let idx = u16::from_le(view.atomic_u16(view.used, 2).load(Ordering::Acquire));
+            view.q.next_used = idx;
+            view.q.used_unknown = false;
+        }
+        Ok(view)
     }
 }
 

@@ -275,9 +275,27 @@ impl Connection {
         kick: &EventFd,
         call: &EventFd,
     ) -> Result<(), ConnectionError> {
+        self.set_vring_num(index, ring.size)?;
+        self.set_vring_addr(index, ram, ring)?;
+        self.set_vring_base(index, 0)?;
+        self.set_vring_call(index, call)?;
+        self.set_vring_kick(index, kick)
+    }
+
+    /// SET_VRING_NUM.
+    pub fn set_vring_num(&mut self, index: usize, size: u16) -> Result<(), ConnectionError> {
         self.frontend
-            .set_vring_num(index, ring.size)
-            .map_err(step("SET_VRING_NUM"))?;
+            .set_vring_num(index, size)
+            .map_err(step("SET_VRING_NUM"))
+    }
+
+    /// SET_VRING_ADDR with the host addresses of `ring` in `ram`.
+    pub fn set_vring_addr(
+        &mut self,
+        index: usize,
+        ram: &GuestRam,
+        ring: &VringAddrs,
+    ) -> Result<(), ConnectionError> {
         let config = VringConfigData {
             queue_max_size: ring.size,
             queue_size: ring.size,
@@ -289,17 +307,36 @@ impl Connection {
         };
         self.frontend
             .set_vring_addr(index, &config)
-            .map_err(step("SET_VRING_ADDR"))?;
+            .map_err(step("SET_VRING_ADDR"))
+    }
+
+    /// SET_VRING_BASE: where the device resumes taking entries.
+    pub fn set_vring_base(&mut self, index: usize, base: u16) -> Result<(), ConnectionError> {
         self.frontend
-            .set_vring_base(index, 0)
-            .map_err(step("SET_VRING_BASE"))?;
+            .set_vring_base(index, base)
+            .map_err(step("SET_VRING_BASE"))
+    }
+
+    /// GET_VRING_BASE: stops the queue; returns where the device stopped.
+    pub fn get_vring_base(&mut self, index: usize) -> Result<u16, ConnectionError> {
+        self.frontend
+            .get_vring_base(index)
+            .map(|b| b as u16)
+            .map_err(step("GET_VRING_BASE"))
+    }
+
+    /// SET_VRING_CALL.
+    pub fn set_vring_call(&mut self, index: usize, call: &EventFd) -> Result<(), ConnectionError> {
         self.frontend
             .set_vring_call(index, call)
-            .map_err(step("SET_VRING_CALL"))?;
+            .map_err(step("SET_VRING_CALL"))
+    }
+
+    /// SET_VRING_KICK.
+    pub fn set_vring_kick(&mut self, index: usize, kick: &EventFd) -> Result<(), ConnectionError> {
         self.frontend
             .set_vring_kick(index, kick)
-            .map_err(step("SET_VRING_KICK"))?;
-        Ok(())
+            .map_err(step("SET_VRING_KICK"))
     }
 
     /// SET_VRING_ENABLE (when PROTOCOL_FEATURES was acked; without it the

@@ -16,6 +16,8 @@ use virtio_iommu_proto::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub mod vmm_replay;
+
 /// Default guest RAM: 1 GiB (the shared traces' GPAs fall inside it).
 pub const DEFAULT_RAM_SIZE: u64 = 1 << 30;
 /// Default virtqueue size.
@@ -79,6 +81,9 @@ pub enum DriverError {
     /// The feature set to ack is missing something the driver needs.
     #[error("the device does not offer {0}, which the driver requires")]
     MissingFeature(&'static str),
+    /// A recorded VMM sequence asks for something this driver lacks.
+    #[error("cannot replay: {0}")]
+    Replay(String),
 }
 
 /// What the device made of one request.

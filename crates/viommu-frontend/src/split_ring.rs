@@ -303,6 +303,11 @@ impl SplitRing {
         })
     }
 
+    /// Entries made available so far (the driver's avail index).
+    pub fn published(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// Where the ring lives, for SET_VRING_ADDR.
     pub fn addrs(&self) -> VringAddrs {
         self.addrs
