@@ -45,7 +45,10 @@ pub fn run(backend: &BlkBackend, listen: &Listen) -> Result<(), ServeError> {
             .start(&mut listener)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         info!("VMM connected");
+        let backlog =
+            vhost_user_process::listen::WaitingVmmWatch::start(&listener, listen.describe());
         let ended = daemon.wait();
+        drop(backlog);
         backend.quiesce();
         let stats = backend.stats();
         let (iotlb_misses, invalidations) = backend.iotlb_counters();

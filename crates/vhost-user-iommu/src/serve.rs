@@ -125,7 +125,9 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         // between two VMMs concerns the previous guest (or none), and is
         // dropped.
         route.set(Some(backend.clone()));
+        let backlog = vhost_user_process::listen::WaitingVmmWatch::start(&listener, where_.clone());
         let ended = daemon.wait();
+        drop(backlog);
         route.set(None);
         backend.shutdown();
         match ended {

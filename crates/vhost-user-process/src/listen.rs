@@ -79,3 +79,61 @@ impl Listen {
         }
     }
 }
+
+/// Watches a listening socket while one VMM is served: a second VMM that
+/// connects meanwhile waits in the backlog (one VMM per device), and is
+/// told so in the log once per wait instead of waiting silently. Stops
+/// when dropped.
+pub struct WaitingVmmWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WaitingVmmWatch {
+    /// Starts watching `listener` (which must outlive the watch).
+    pub fn start(listener: &impl std::os::fd::AsRawFd, socket: String) -> WaitingVmmWatch {
+        use std::sync::atomic::Ordering;
+        let fd = listener.as_raw_fd();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmm-backlog".into())
+            .spawn(move || {
+                let mut told = false;
+                while !flag.load(Ordering::Relaxed) {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd; the listener outlives the
+                    // watch (its owner drops the watch first).
+                    let n = unsafe { libc::poll(&mut p, 1, 200) };
+                    let waiting = n > 0 && p.revents & libc::POLLIN != 0;
+                    if waiting && !told {
+                        tracing::warn!(
+                            socket = %socket,
+                            "another VMM is connecting while one is served: it waits until \
+                             the current VMM disconnects (one VMM per device)"
+                        );
+                    }
+                    told = waiting;
+                    if waiting {
+                        // Level-triggered: do not spin while it waits.
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                }
+            })
+            .ok();
+        WaitingVmmWatch { stop, thread }
+    }
+}
+
+impl Drop for WaitingVmmWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -262,6 +262,37 @@ impl BlkDevice {
         })
     }
 
+    /// Pauses and resumes the device with the messages QEMU 11 sends for
+    /// `stop` and `cont` (tests/guest/recorded/): every queue disabled and
+    /// stopped with GET_VRING_BASE, then features, memory table and each
+    /// queue set up again at the same rings, resuming at the base the
+    /// backend returned. Requests must not be in flight.
+    pub fn pause_and_resume(&mut self, ram: &GuestRam) -> Result<(), BlkError> {
+        let count = self.queues.len();
+        for index in 0..count {
+            self.conn.enable_vring(index, false)?;
+        }
+        let mut bases = Vec::with_capacity(count);
+        for index in 0..count {
+            bases.push(self.conn.get_vring_base(index)?);
+        }
+        self.conn.set_features(self.acked)?;
+        self.conn.set_mem_table(ram)?;
+        for (index, base) in bases.into_iter().enumerate() {
+            let dev = self.queues[index].device_addrs();
+            let n = &self.notifiers[index];
+            self.conn.set_vring_num(index, dev.size)?;
+            self.conn.set_vring_base(index, base)?;
+            self.conn.set_vring_addr(index, ram, &dev)?;
+            self.conn.set_vring_kick(index, &n.kick)?;
+            self.conn.set_vring_call(index, &n.call)?;
+        }
+        for index in 0..count {
+            self.conn.enable_vring(index, true)?;
+        }
+        Ok(())
+    }
+
     /// The config space read at connection.
     pub fn config(&self) -> BlkConfig {
         self.config

@@ -443,7 +443,12 @@ impl BlkVm {
         Ok(BlkVm { guest, dma, dev })
     }
 
-    /// Runs a workload.
+    /// `stop` then `cont`, as QEMU sends them ([`BlkDevice::pause_and_resume`]).
+    pub fn pause_and_resume(&mut self) -> Result<(), LoadError> {
+        Ok(self.dev.pause_and_resume(self.guest.ram())?)
+    }
+
+    /// Runs a workload (see [`LoadOptions`]).
     pub fn run(&mut self, opts: &LoadOptions) -> Result<LoadReport, LoadError> {
         run(&mut self.dev, &mut self.guest, &mut self.dma, opts)
     }
