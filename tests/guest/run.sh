@@ -115,7 +115,7 @@ session() {
         vmm_sock=$S/trace.sock
         for _ in $(seq 50); do [ -S "$vmm_sock" ] && break; sleep 0.1; done
     fi
-    RUST_LOG=info "$BIN/vhost-user-blk" --socket-path "$S/blk.sock" --blk-file "$S/disk.raw" \
+    RUST_LOG=${VIOMMU_GUEST_BLK_LOG:-info} "$BIN/vhost-user-blk" --socket-path "$S/blk.sock" --blk-file "$S/disk.raw" \
         --num-queues 1 --iommu "table:$S/backends.sock" --endpoint 0x20 > "$WORK/blk.log" 2>&1 &
     PIDS+=($!)
     wait_for "$WORK/blk.log" "waiting for a VMM" 10 || fail "$name: the block backend did not start"
