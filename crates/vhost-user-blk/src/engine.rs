@@ -65,6 +65,9 @@ pub struct EngineStats {
     pub faults: u64,
     /// Passes over the available ring.
     pub passes: u64,
+    /// Requests put back in the ring to wait for a pin record (all were
+    /// held by I/O in flight).
+    pub deferred: u64,
 }
 
 /// A request whose I/O is in the kernel.
@@ -424,6 +427,7 @@ impl Engine {
             vhost_user_process::report_line(&e)
         })?;
         let mut pushed = 0usize;
+        let mut deferred = false;
         for d in done.drain(..) {
             finish(&batch, &mut view, device, stats, d);
             pushed += 1;
@@ -441,6 +445,7 @@ impl Engine {
             unsubmitted,
             stats,
             dma: device,
+            deferred: &mut deferred,
         };
         while !ctx.free.is_empty() {
             match view.pop(chain) {
@@ -448,6 +453,12 @@ impl Engine {
                     if let Some(d) = ctx.start(&batch, chain) {
                         finish(&batch, &mut view, ctx.dma, ctx.stats, d);
                         pushed += 1;
+                    }
+                    if *ctx.deferred {
+                        // Back to the ring until a completion frees pins.
+                        view.unpop();
+                        ctx.stats.deferred += 1;
+                        break;
                     }
                 }
                 Ok(false) => break,
@@ -463,7 +474,9 @@ impl Engine {
         } else {
             view.has_available()
         };
-        Ok((notify, more))
+        // A deferred request waits for a completion (its eventfd wakes the
+        // queue), not for another pass now.
+        Ok((notify, more && !deferred))
     }
 }
 
@@ -532,6 +545,8 @@ struct Start<'a> {
     unsubmitted: &'a mut u32,
     stats: &'a mut EngineStats,
     dma: &'a viommu_backend::Dma,
+    /// Set when the chain just started must wait for a pin record.
+    deferred: &'a mut bool,
 }
 
 impl Start<'_> {
@@ -643,6 +658,12 @@ impl Start<'_> {
                     })
                 }) {
                     Ok(h) => h,
+                    // Every pin record is held by I/O in flight: the request
+                    // waits for a completion instead of failing.
+                    Err(DmaError::NoPin(_)) if self.free.len() < self.slots.len() => {
+                        *self.deferred = true;
+                        return None;
+                    }
                     Err(e) => {
                         fault(self.dma, self.stats, &e);
                         return Some(fail(Status::IoErr));

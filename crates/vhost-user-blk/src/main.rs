@@ -55,12 +55,11 @@ fn main() -> ExitCode {
 fn run(settings: &Settings) -> Result<(), Box<dyn std::error::Error>> {
     let target = Target::open(&settings.target)?;
     let disk = target.disk;
-    let in_flight = u32::from(settings.queues) * u32::from(settings.queue_size);
     let dma = Dma::connect(&DmaOptions {
         mode: settings.iommu.clone(),
         endpoint: settings.endpoint,
         slots: u32::from(settings.queues) + 1,
-        pins: (in_flight * 2).clamp(64, 65536),
+        pins: settings.pin_records,
     })?;
     let shared = Arc::new(Shared {
         target,

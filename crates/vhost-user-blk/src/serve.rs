@@ -56,6 +56,7 @@ pub fn run(backend: &BlkBackend, listen: &Listen) -> Result<(), ServeError> {
             requests = stats.iter().map(|s| s.requests).sum::<u64>(),
             failed = stats.iter().map(|s| s.failed).sum::<u64>(),
             faults = backend.faults(),
+            waited_for_pins = stats.iter().map(|s| s.deferred).sum::<u64>(),
             iotlb_misses,
             invalidations,
             "VMM connection over"

@@ -77,6 +77,12 @@ pub struct Cli {
     /// yields the CPU between polls. Default: 0.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u64,
+    /// Pin records asked of the IOMMU daemon (table mode): how many guest
+    /// ranges in-flight I/O may hold at once. A request that finds none
+    /// free waits for a completion. Default: 8 per queue entry (2048 for
+    /// one queue of 256), at least 64, at most 65536; 0: the daemon's default.
+    #[arg(long, value_name = "N")]
+    pub pin_records: Option<u32>,
     /// Log filter (e.g. info, debug, vhost_user_blk=debug). Default: RUST_LOG, else info.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -133,6 +139,8 @@ pub struct Settings {
     pub endpoint: u32,
     /// Busy-poll window.
     pub poll: Duration,
+    /// Pin records for in-flight I/O (table mode).
+    pub pin_records: u32,
     /// Logging.
     pub log: LogSettings,
 }
@@ -191,6 +199,9 @@ impl Settings {
             iommu: cli.iommu.clone(),
             endpoint,
             poll: Duration::from_micros(cli.poll_us),
+            pin_records: cli.pin_records.unwrap_or_else(|| {
+                (u32::from(cli.num_queues) * u32::from(cli.queue_size) * 8).clamp(64, 65536)
+            }),
             log: LogSettings {
                 filter: cli.log_level.clone(),
                 format: cli.log_format,

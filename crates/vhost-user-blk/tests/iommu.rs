@@ -305,19 +305,22 @@ fn a_vmm_reconnect_works_in_table_mode() {
     let blk = backend(&dir, &img, &iommu.mode(), &["--num-queues", "2"]);
     for round in 0..3 {
         let mut vm = vm(&iommu, &blk, Policy::Lazy);
-        let r = vm
-            .run(&LoadOptions {
-                depth: 8,
-                read_percent: 50,
-                count: Some(500),
-                span_blocks: Some(64),
-                verify: true,
-                seed: round + 1,
-                ..LoadOptions::default()
-            })
-            .unwrap();
+        let r = vm.run(&verified_mix(500, round + 1)).unwrap();
         assert_eq!((r.errors, r.mismatches), (0, 0), "round {round}");
         assert!(r.reads > 0 && r.writes > 0);
+    }
+}
+
+/// `count` requests, half reads, over 64 blocks, every read verified.
+fn verified_mix(count: u64, seed: u64) -> LoadOptions {
+    LoadOptions {
+        depth: 8,
+        read_percent: 50,
+        count: Some(count),
+        span_blocks: Some(64),
+        verify: true,
+        seed,
+        ..LoadOptions::default()
     }
 }
 
@@ -331,20 +334,41 @@ fn a_pause_and_resume_keeps_the_queues_behind_the_iommu() {
     let blk = backend(&dir, &img, &iommu.mode(), &["--num-queues", "2"]);
     let mut vm = vm(&iommu, &blk, Policy::Strict);
     for round in 0..3 {
-        let r = vm
-            .run(&LoadOptions {
-                depth: 8,
-                read_percent: 50,
-                count: Some(300),
-                span_blocks: Some(64),
-                verify: true,
-                seed: round + 1,
-                ..LoadOptions::default()
-            })
-            .unwrap();
+        let r = vm.run(&verified_mix(300, round + 1)).unwrap();
         assert_eq!((r.errors, r.mismatches), (0, 0), "round {round}");
+        assert!(r.reads > 0 && r.writes > 0);
         vm.pause_and_resume().unwrap();
     }
+}
+
+/// Fewer pin records than the I/O in flight needs: requests wait in the
+/// ring for a completion to free one, none fails, every read verified.
+fn requests_wait_for_pin_records_instead_of_failing() {
+    let dir = Scratch::new("pins");
+    let iommu = Iommu::start(&dir, &[]);
+    let img = dir.image("disk.img", 16 << 20);
+    let blk = backend(&dir, &img, &iommu.mode(), &["--pin-records", "4"]);
+    let mut vm = vm(&iommu, &blk, Policy::Strict);
+    let r = vm
+        .run(&LoadOptions {
+            depth: 32,
+            ..verified_mix(2000, 7)
+        })
+        .unwrap();
+    assert_eq!((r.errors, r.mismatches), (0, 0));
+    drop(vm);
+    blk.proc
+        .wait_for_log("VMM connection over", Duration::from_secs(10));
+    let log = blk.proc.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("VMM connection over"))
+        .unwrap();
+    assert!(line.contains("failed=0"), "{line}");
+    assert!(
+        !line.contains("waited_for_pins=0 "),
+        "no request had to wait: {line}"
+    );
 }
 
 /// The daemon dies (-9) under a running backend: a request posted after
@@ -575,6 +599,10 @@ fn main() {
         ),
         ("a_vmm_reconnect_works_in_table_mode", || {
             a_vmm_reconnect_works_in_table_mode();
+            Ok(())
+        }),
+        ("requests_wait_for_pin_records_instead_of_failing", || {
+            requests_wait_for_pin_records_instead_of_failing();
             Ok(())
         }),
         (

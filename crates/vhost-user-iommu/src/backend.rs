@@ -44,6 +44,14 @@ fn input_range_in_one_region(start: u64, end: u64, regions: &[(u64, u64)]) -> bo
         .any(|&(rs, len)| start >= rs && len > 0 && end <= rs.saturating_add(len - 1))
 }
 
+/// Which reset: a device reset keeps `bypass` (DEV-CFG-4), a system reset
+/// restores its configured value (DEV-CFG-5).
+#[derive(Clone, Copy)]
+enum ResetKind {
+    Device,
+    System,
+}
+
 /// The device state a queue event works on, behind one lock.
 struct DeviceState {
     device: Device,
@@ -456,16 +464,9 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn reset_device(&self) {
-        let Ok(mut guard) = self.state() else { return };
-        let st = &mut *guard;
-        st.watch.reset();
-        let (domains, mappings) = (st.device.domain_count(), st.device.mapping_count());
-        let mut sink = Publishing::new(st.publisher.as_mut());
-        st.device.reset(&mut sink);
-        let wait = st.publisher.synchronize();
-        drop(guard);
-        wait.wait();
-        let faults = self.drop_pending_faults();
+        let Some((domains, mappings, faults)) = self.drop_state(ResetKind::Device) else {
+            return;
+        };
         info!(
             domains,
             mappings,
@@ -594,15 +595,9 @@ impl IommuBackend {
     /// back to its configured value: the firmware of a rebooted guest may
     /// need it), after one grace period for the shared table.
     fn reset_detected(&self, reason: ResetReason) {
-        let Ok(mut guard) = self.state() else { return };
-        let st = &mut *guard;
-        let (domains, mappings) = (st.device.domain_count(), st.device.mapping_count());
-        let mut sink = Publishing::new(st.publisher.as_mut());
-        st.device.system_reset(&mut sink);
-        let wait = st.publisher.synchronize();
-        drop(guard);
-        wait.wait();
-        let faults = self.drop_pending_faults();
+        let Some((domains, mappings, faults)) = self.drop_state(ResetKind::System) else {
+            return;
+        };
         info!(
             domains,
             mappings,
@@ -631,9 +626,24 @@ impl IommuBackend {
         }
     }
 
-    /// Forgets fault records the reset driver will never read.
-    fn drop_pending_faults(&self) -> usize {
-        self.inner.faults.lock().map(|mut f| f.clear()).unwrap_or(0)
+    /// Resets the device, waits one grace period for the shared table, and
+    /// forgets the fault records the reset driver will never read. Returns
+    /// what was dropped: (domains, mappings, undelivered faults).
+    fn drop_state(&self, kind: ResetKind) -> Option<(usize, u32, usize)> {
+        let mut guard = self.state().ok()?;
+        let st = &mut *guard;
+        st.watch.reset();
+        let (domains, mappings) = (st.device.domain_count(), st.device.mapping_count());
+        let mut sink = Publishing::new(st.publisher.as_mut());
+        match kind {
+            ResetKind::Device => st.device.reset(&mut sink),
+            ResetKind::System => st.device.system_reset(&mut sink),
+        }
+        let wait = st.publisher.synchronize();
+        drop(guard);
+        wait.wait();
+        let faults = self.inner.faults.lock().map(|mut f| f.clear()).unwrap_or(0);
+        Some((domains, mappings, faults))
     }
 
     fn handle_queue_event(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {

@@ -36,6 +36,20 @@ fn refused(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Waits until `path` exists (the daemon binds its backend socket after
+/// its VMM socket).
+fn wait_exists(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn serves(socket: &std::path::Path) -> bool {
     Driver::connect(socket, DriverOptions::default()).is_ok()
 }
@@ -96,15 +110,12 @@ fn an_old_daemons_exit_spares_a_newer_daemons_socket() {
     let backends = dir.join("backends.sock");
     let args = ["--backend-socket", backends.to_str().unwrap()];
     let mut old = Daemon::spawn(&sock, &args);
+    wait_exists(&backends);
     // An operator removes the old daemon's sockets and starts a new one.
     std::fs::remove_file(&sock).unwrap();
     std::fs::remove_file(&backends).unwrap();
     let new = Daemon::spawn(&sock, &args);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !backends.exists() {
-        assert!(Instant::now() < deadline, "no backend socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_exists(&backends);
     old.signal(libc::SIGTERM);
     assert!(old.wait_exit(Duration::from_secs(5)).unwrap().success());
     assert!(sock.exists() && backends.exists(), "the newer sockets stay");
@@ -121,11 +132,7 @@ fn a_live_backend_socket_is_refused_too() {
         &dir.join("a.sock"),
         &["--backend-socket", backends.to_str().unwrap()],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !backends.exists() {
-        assert!(Instant::now() < deadline, "no backend socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_exists(&backends);
     let other = dir.join("b.sock");
     let err = refused(&[
         "--socket-path",

@@ -271,6 +271,13 @@ impl RingView<'_> {
         Ok(true)
     }
 
+    /// Puts the chain taken last back (it will be taken again): for a
+    /// request that cannot start yet for want of a resource held by I/O in
+    /// flight. Only the last [`Self::pop`] can be undone, once.
+    pub fn unpop(&mut self) {
+        self.q.next_avail = self.q.next_avail.wrapping_sub(1);
+    }
+
     fn walk(&self, head: u16, chain: &mut Chain) -> Result<(), RingError> {
         let mut index = head;
         let mut count = 0u16;

@@ -276,9 +276,12 @@ impl Backend {
         s.trim().to_string()
     }
 
+    /// Sends one command line in a single write(2). `writeln!` would write
+    /// the command and its newline separately, and a reader that exits on
+    /// its first byte (the child of `fork-exit`) may be gone before the
+    /// newline: EPIPE.
     pub fn send(&mut self, cmd: &str) {
-        writeln!(self.input, "{cmd}").unwrap();
-        self.input.flush().unwrap();
+        self.input.write_all(format!("{cmd}\n").as_bytes()).unwrap();
     }
 
     pub fn ask(&mut self, cmd: &str) -> String {
