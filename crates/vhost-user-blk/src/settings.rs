@@ -28,7 +28,8 @@ pub enum Switch {
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-blk", version, about)]
 pub struct Cli {
-    /// Listen for the VMM on this Unix socket path.
+    /// Listen for the VMM on this Unix socket path. A stale socket there is
+    /// replaced; a live one, or anything that is not a socket, is refused.
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
     /// Serve an already listening Unix socket inherited as this descriptor.

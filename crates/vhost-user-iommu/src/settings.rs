@@ -26,7 +26,9 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 #[derive(Parser, Debug, Default, Clone)]
 #[command(name = "vhost-user-iommu", version)]
 pub struct Cli {
-    /// Listen for the VMM on this Unix socket (an existing file there is replaced).
+    /// Listen for the VMM on this Unix socket. A stale socket there is
+    /// replaced; a live one, or anything that is not a socket, is refused.
+    /// Removed at exit if it is still this process's.
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
 
@@ -136,7 +138,8 @@ pub struct Cli {
     /// Listen for co-located backends (vhost-user-net/-blk processes) on
     /// this Unix socket; each one that connects receives the shared
     /// translation table (see docs/backend-protocol.md). Without it no
-    /// table is published.
+    /// table is published. Taken over only from a stale socket, like
+    /// --socket-path.
     #[arg(long, value_name = "PATH")]
     pub backend_socket: Option<PathBuf>,
 
