@@ -25,6 +25,47 @@ fn sigterm_and_sigint_exit_zero_promptly_and_remove_the_socket() {
     }
 }
 
+/// stderr a pipe whose reader has gone: logging drops its lines, and
+/// SIGTERM still ends the process at once and removes its socket.
+#[test]
+fn sigterm_exits_even_when_stderr_is_a_closed_pipe() {
+    let dir = scratch_dir("sigterm-pipe");
+    let sock = dir.join("viommu.sock");
+    let mut child = Command::new(daemon_bin())
+        .arg("--socket-path")
+        .arg(&sock)
+        .args(["--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(child.stderr.take()); // the reader goes away
+    // A VMM that connects and leaves makes the daemon log into the pipe.
+    drop(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: kill() on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGTERM did not end the daemon within 2 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "socket removed");
+}
+
 #[test]
 fn print_capabilities_is_json_naming_the_device_type() {
     let out = Command::new(daemon_bin())

@@ -45,13 +45,34 @@ pub fn init(settings: &LogSettings) -> Result<(), LoggingError> {
         .unwrap_or_else(|| "info".to_string());
     let filter =
         EnvFilter::try_new(&directive).map_err(|e| LoggingError::Filter(directive.clone(), e))?;
+    // A log line that cannot be written (stderr a pipe whose reader is
+    // gone, a full disk) is dropped: logging never fails or panics the
+    // process. tracing-subscriber would otherwise report the failure with
+    // `eprintln!`, which panics on that same broken stderr.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| LossyStderr)
+        .log_internal_errors(false);
     match settings.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     }
     .map_err(LoggingError::Init)
+}
+
+/// Standard error, where a failed write counts as written (the line is
+/// lost, the process goes on).
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }

@@ -44,7 +44,9 @@ pub fn exit_on_termination() -> std::io::Result<()> {
                 "SIGINT"
             };
             crate::socket_file::remove_owned();
-            info!(signal = name, "exiting");
+            // Nothing may keep the process from exiting: not even a panic
+            // while logging.
+            let _ = std::panic::catch_unwind(|| info!(signal = name, "exiting"));
             std::process::exit(0);
         })?;
     Ok(())
