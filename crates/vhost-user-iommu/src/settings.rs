@@ -195,7 +195,9 @@ pub enum KickLoopKind {
 pub struct FileSettings {
     socket_path: Option<PathBuf>,
     endpoints: Option<String>,
-    reserved_regions: Option<Vec<String>>,
+    /// `--reserved-region` (the plural is the name used before 0.1.1).
+    #[serde(alias = "reserved_regions")]
+    reserved_region: Option<Vec<String>>,
     #[serde(default, rename = "endpoint")]
     endpoint_ranges: Vec<FileEndpointRange>,
     page_size_mask: Option<String>,
@@ -215,8 +217,9 @@ pub struct FileSettings {
     kick_loop: Option<KickLoopKind>,
     cpu: Option<usize>,
     backend_socket: Option<PathBuf>,
-    #[serde(default)]
-    backend_uids: Vec<u32>,
+    /// `--backend-uid` (the plural is the name used before 0.1.1).
+    #[serde(default, alias = "backend_uids")]
+    backend_uid: Vec<u32>,
     table_max_mib: Option<u32>,
     stall_warn_ms: Option<u64>,
     stall_kill_ms: Option<u64>,
@@ -227,8 +230,8 @@ pub struct FileSettings {
 #[serde(deny_unknown_fields)]
 struct FileEndpointRange {
     ids: String,
-    #[serde(default)]
-    reserved_regions: Vec<String>,
+    #[serde(default, alias = "reserved_regions")]
+    reserved_region: Vec<String>,
 }
 
 /// Everything the daemon needs, validated.
@@ -307,9 +310,26 @@ pub enum SettingsError {
         /// The text.
         value: String,
     },
+    /// A range's start lies above its end.
+    #[error("{what}: {value:?} starts above its end ({start:#x} > {end:#x})")]
+    RangeOrder {
+        /// Which setting.
+        what: &'static str,
+        /// The text.
+        value: String,
+        /// Its start.
+        start: u64,
+        /// Its end.
+        end: u64,
+    },
     /// A reserved region is malformed.
     #[error("reserved region {0:?} is not msi:START-END, reserved:START-END or none")]
     Region(String),
+    /// The MAP granule is below the host's page.
+    #[error(
+        "page_size_mask {0:#x}: its smallest page (the MAP granule) is below 4 KiB, the host's page and the table's"
+    )]
+    Granule(u64),
     /// Neither a socket path nor a descriptor was given.
     #[error("no socket: give --socket-path PATH or --fd N")]
     NoSocket,
@@ -347,10 +367,6 @@ fn parse_u32(what: &'static str, s: &str) -> Result<u32, SettingsError> {
 
 /// Parses `START-END` (inclusive) or a single value.
 pub fn parse_range(what: &'static str, s: &str) -> Result<(u64, u64), SettingsError> {
-    let bad = || SettingsError::Range {
-        what,
-        value: s.to_string(),
-    };
     let (a, b) = match s.split_once('-') {
         Some((a, b)) => (parse_u64(what, a)?, parse_u64(what, b)?),
         None => {
@@ -359,7 +375,12 @@ pub fn parse_range(what: &'static str, s: &str) -> Result<(u64, u64), SettingsEr
         }
     };
     if a > b {
-        return Err(bad());
+        return Err(SettingsError::RangeOrder {
+            what,
+            value: s.to_string(),
+            start: a,
+            end: b,
+        });
     }
     Ok((a, b))
 }
@@ -405,8 +426,15 @@ pub fn parse_regions(list: &[String]) -> Result<Vec<ResvMem>, SettingsError> {
                 "reserved" => ResvSubtype::Reserved,
                 _ => return Err(SettingsError::Region(s.clone())),
             };
-            let (start, end) = parse_range("reserved region", range)
-                .map_err(|_| SettingsError::Region(s.clone()))?;
+            // A region always names both ends: `msi:0xfee00000` is a
+            // mistake, not a one-byte region.
+            if !range.contains('-') {
+                return Err(SettingsError::Region(s.clone()));
+            }
+            let (start, end) = parse_range("reserved region", range).map_err(|e| match e {
+                SettingsError::RangeOrder { .. } => e,
+                _ => SettingsError::Region(s.clone()),
+            })?;
             Ok(ResvMem {
                 subtype,
                 start,
@@ -442,7 +470,7 @@ impl Settings {
         let defaults = DeviceConfig::default();
         let regions = if !cli.reserved_regions.is_empty() {
             parse_regions(&cli.reserved_regions)?
-        } else if let Some(r) = &file.reserved_regions {
+        } else if let Some(r) = &file.reserved_region {
             parse_regions(r)?
         } else {
             vec![X86_MSI_WINDOW]
@@ -461,7 +489,7 @@ impl Settings {
             });
         }
         for r in &file.endpoint_ranges {
-            let resv = parse_regions(&r.reserved_regions)?;
+            let resv = parse_regions(&r.reserved_region)?;
             for (first, last) in parse_endpoint_list(&r.ids)? {
                 endpoints.push(EndpointRange {
                     first,
@@ -530,6 +558,11 @@ impl Settings {
             limits,
         };
         device.validate()?;
+        // The same with or without --backend-socket: the daemon serves one
+        // host, whose pages (and the shared table's) are at least 4 KiB.
+        if device.page_size_mask.trailing_zeros() < 12 {
+            return Err(SettingsError::Granule(device.page_size_mask));
+        }
         let queue_size = cli
             .queue_size
             .or(file.queue_size)
@@ -549,12 +582,6 @@ impl Settings {
         let table = match cli.backend_socket.as_ref().or(file.backend_socket.as_ref()) {
             None => None,
             Some(socket) => {
-                if device.page_size_mask.trailing_zeros() < 12 {
-                    return Err(SettingsError::Table(format!(
-                        "page_size_mask {:#x} has a granule below 4 KiB, the table's smallest page",
-                        device.page_size_mask
-                    )));
-                }
                 let max_mib = cli
                     .table_max_mib
                     .or(file.table_max_mib)
@@ -564,7 +591,7 @@ impl Settings {
                         "table_max_mib {max_mib} is not in 2..=1048576"
                     )));
                 }
-                let mut allowed_uids = file.backend_uids.clone();
+                let mut allowed_uids = file.backend_uid.clone();
                 allowed_uids.extend(&cli.backend_uids);
                 let kill = cli.stall_kill_ms.or(file.stall_kill_ms).unwrap_or(0);
                 Some(TableSettings {
@@ -602,6 +629,76 @@ mod tests {
         let mut v = vec!["vhost-user-iommu"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).unwrap()
+    }
+
+    fn refused(args: &[&str]) -> String {
+        let mut all = vec!["--socket-path", "/tmp/x.sock"];
+        all.extend_from_slice(args);
+        match Settings::from_cli(&cli(&all)) {
+            Ok(_) => panic!("{args:?} accepted"),
+            Err(e) => vhost_user_process::report_line(&e),
+        }
+    }
+
+    #[test]
+    fn the_example_file_holds_every_option_under_its_option_name_and_loads() {
+        use clap::CommandFactory;
+        const EXAMPLE: &str = include_str!("../../../deploy/example.toml");
+        let cli_only = ["config", "fd", "print-capabilities", "help", "version"];
+        let options: std::collections::BTreeSet<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !cli_only.contains(l))
+            .map(|l| l.replace('-', "_"))
+            .collect();
+        // Settings without a default are shown commented out: `# key = …`.
+        let text: String = EXAMPLE
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| options.contains(k)) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let keys: std::collections::BTreeSet<String> =
+            table.keys().filter(|k| *k != "endpoint").cloned().collect();
+        assert_eq!(keys, options, "deploy/example.toml vs the options");
+        let path = std::env::temp_dir().join(format!("viommu-example-{}.toml", std::process::id()));
+        std::fs::write(&path, &text).unwrap();
+        let loaded = Settings::from_cli(&cli(&["-c", path.to_str().unwrap()]));
+        let _ = std::fs::remove_file(&path);
+        let s = loaded.unwrap();
+        assert_eq!(s.cpu, Some(2));
+        assert!(s.table.is_some());
+    }
+
+    #[test]
+    fn a_range_that_starts_above_its_end_says_so() {
+        let e = refused(&["--input-range", "5-1"]);
+        assert!(e.contains("starts above its end (0x5 > 0x1)"), "{e}");
+        let e = refused(&["--reserved-region", "msi:0x2000-0x1000"]);
+        assert!(e.contains("starts above its end"), "{e}");
+    }
+
+    #[test]
+    fn a_reserved_region_without_an_end_is_refused_not_one_byte() {
+        let e = refused(&["--reserved-region", "msi:0xfee00000"]);
+        assert!(e.contains("msi:START-END"), "{e}");
+    }
+
+    #[test]
+    fn a_granule_below_4k_is_refused_with_or_without_the_table() {
+        let bare = refused(&["--page-size-mask", "0x3"]);
+        let table = refused(&["--page-size-mask", "0x3", "--backend-socket", "/tmp/b.sock"]);
+        assert_eq!(bare, table);
+        assert!(bare.contains("below 4 KiB"), "{bare}");
     }
 
     #[test]
