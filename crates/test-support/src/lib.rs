@@ -3,3 +3,4 @@
 
 pub mod cases;
 pub mod fuse;
+pub mod scratch;

@@ -10,9 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vublk-own-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = viommu_test_support::scratch::dir("vublk-own", name);
     std::fs::write(dir.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
     dir
 }
@@ -70,5 +68,4 @@ fn a_regular_file_or_a_live_socket_at_the_path_is_refused_and_left_alone() {
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut first).success());
     assert!(!live.exists(), "its own socket removed at exit");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -55,10 +55,7 @@ pub struct Daemon {
 
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("viommu-bs-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    viommu_test_support::scratch::dir("viommu-bs", name)
 }
 
 impl Daemon {

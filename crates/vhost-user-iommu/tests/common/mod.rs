@@ -12,12 +12,10 @@ pub fn daemon_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vhost-user-iommu"))
 }
 
-/// A fresh directory for one test's sockets.
+/// A fresh directory for one test's sockets, removed when the test
+/// process exits.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("viommu-it-{}-{}", name, std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    viommu_test_support::scratch::dir("viommu-it", name)
 }
 
 /// A running daemon; killed when dropped.
