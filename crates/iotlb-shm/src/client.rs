@@ -82,6 +82,10 @@ pub struct BackendClient {
     pub reader_id: u64,
 }
 
+/// One piece of a [`BackendClient::lookup`]: where `iova` (for the piece's
+/// length) goes, or the fault that stops the translation there.
+pub type LookedUp = Result<(u64, crate::Piece), crate::Fault>;
+
 impl BackendClient {
     /// Connects to the daemon's backend socket and asks for `slots` session
     /// slots and `pins` pin records (0 = the daemon's defaults).
@@ -231,6 +235,26 @@ impl BackendClient {
                 }
             }
         }
+    }
+
+    /// Translates `[iova, iova + len)` of `endpoint` for reading, in one
+    /// session of a slot claimed for it: each piece with its first IOVA,
+    /// up to the first fault (diagnostics: `iotlb-reader lookup`).
+    pub fn lookup(&self, endpoint: u32, iova: u64, len: u64) -> Result<Vec<LookedUp>, ClientError> {
+        let mut slot = self.slots.claim_slot()?;
+        let session = slot.enter(&self.table);
+        let mut at = iova;
+        let mut out = Vec::new();
+        for piece in session.translate(endpoint, iova, len, crate::Access::READ) {
+            match piece {
+                Ok(p) => {
+                    out.push(Ok((at, p)));
+                    at = at.wrapping_add(p.len);
+                }
+                Err(f) => out.push(Err(f)),
+            }
+        }
+        Ok(out)
     }
 
     /// Hands a fault to the daemon for the guest's event queue.

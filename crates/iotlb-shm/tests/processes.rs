@@ -389,3 +389,26 @@ fn stress_no_use_after_unmap_across_reader_processes() {
 fn stress_long_run() {
     stress(4, 60_000);
 }
+
+/// The operator's side of the tool: `--help` explains `lookup`; a socket
+/// nobody serves is an error that names it.
+#[test]
+fn reader_tool_help_and_a_missing_daemon() {
+    let out = Command::new(env!("CARGO_BIN_EXE_iotlb-reader"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("lookup SOCKET EP IOVA"), "{help}");
+    let out = Command::new(env!("CARGO_BIN_EXE_iotlb-reader"))
+        .args(["lookup", "/nonexistent/backends.sock", "8", "0x1000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to /nonexistent/backends.sock"),
+        "{err}"
+    );
+}

@@ -101,7 +101,18 @@ fn a_live_process_that_closed_its_connection_still_holds_the_unmap() {
     let file = SlotFile::open(slot_fd.as_fd()).unwrap();
     let mut slot = file.claim_slot().unwrap();
     drop(backend_end);
-    assert_eq!(w.try_release_reader(id), Some(ReaderState::Lingering));
+    // Another test thread's fork (before its exec) may briefly hold a copy
+    // of the peer socket: the hang-up shows once that copy is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match w.try_release_reader(id) {
+            Some(ReaderState::Lingering) => break,
+            Some(ReaderState::Active) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => panic!("a live process without its connection: {other:?}, not Lingering"),
+        }
+    }
     std::thread::scope(|s| {
         let session = slot.enter(&table);
         assert_eq!(
@@ -136,10 +147,8 @@ fn an_exited_process_whose_connection_is_held_elsewhere_is_kept() {
     let id = w.register_process(slot_fd.as_fd(), process).unwrap();
     assert_eq!(w.try_release_reader(id), Some(ReaderState::ConnectionHeld));
     drop(backend_end);
-    assert_eq!(
-        w.try_release_reader(id),
-        Some(ReaderState::Released(ReleaseReason::ExitedAndDrained))
-    );
+    // (A fork in another test thread may hold the peer for a moment.)
+    wait_released(&mut w, id);
 }
 
 #[test]

@@ -142,3 +142,18 @@ fn a_queue_set_up_anew_during_a_pause_of_a_running_iommu_is_not_a_reset() {
     assert_eq!(translate(&client, IOVA), Ok(GPA));
     assert_eq!(resets_detected(&d), 0, "{}", d.log());
 }
+
+#[test]
+fn a_lookup_by_hand_shows_the_live_translation_and_the_fault() {
+    // What `iotlb-reader lookup SOCKET EP IOVA LEN` prints comes from here.
+    let (_d, _drv, client) = running("seq-lookup");
+    let pieces = client.lookup(EP, IOVA, 0x1000).unwrap();
+    assert_eq!(pieces.len(), 1);
+    let (at, piece) = pieces[0].unwrap();
+    assert_eq!((at, piece.gpa, piece.len), (IOVA, GPA, 0x1000));
+    let pieces = client.lookup(EP, IOVA + 0x1000, 0x1000).unwrap();
+    assert!(
+        matches!(pieces[..], [Err(f)] if f.kind == FaultKind::Mapping),
+        "{pieces:?}"
+    );
+}

@@ -1,9 +1,12 @@
-//! `iotlb-reader`: a reader process for diagnostics and for the test suite's
-//! multi-process tests. It inherits the table at fixed descriptors:
-//! 3 = table file, 4 = arena file, 5 = its slot file, 6 = (stress only) the
-//! writer's completion log.
+//! `iotlb-reader`: a reader of the shared translation table, for operators
+//! (`lookup`, on a live daemon's backend socket) and for the test suite's
+//! multi-process tests (the other modes, which inherit the table at fixed
+//! descriptors: 3 = table file, 4 = arena file, 5 = its slot file, 6 =
+//! (stress only) the writer's completion log).
 //!
 //! ```text
+//! iotlb-reader lookup SOCKET EP IOVA [LEN]    connect to a daemon's backend socket, print the
+//!                                             translation of [IOVA, IOVA+LEN) for endpoint EP
 //! iotlb-reader translate    EP IOVA           print one translation
 //! iotlb-reader hold-session EP IOVA           translate, print "ready", stay in the session until killed
 //! iotlb-reader hold-pin     EP IOVA LEN       pin the range, print "ready", unpin when stdin gives a line or closes
@@ -50,7 +53,7 @@ mod app {
     fn num(args: &[String], i: usize) -> Result<u64, String> {
         let s = args
             .get(i)
-            .ok_or_else(|| format!("missing argument {i}; see the source's usage"))?;
+            .ok_or_else(|| format!("missing argument {i}; see iotlb-reader --help"))?;
         let r = match s.strip_prefix("0x") {
             Some(h) => u64::from_str_radix(h, 16),
             None => s.parse(),
@@ -93,9 +96,61 @@ mod app {
         let _ = out.flush();
     }
 
+    const USAGE: &str = "\
+Usage: iotlb-reader lookup SOCKET EP IOVA [LEN]
+
+Connects to a running vhost-user-iommu daemon's backend socket (its
+--backend-socket) as a backend would, and prints how endpoint EP's
+[IOVA, IOVA+LEN) translates now: one line per guest-physical piece, or the
+fault. Numbers are decimal or 0x-hex; LEN defaults to 1. Needs a user the
+daemon accepts (its own, root, or a --backend-uid).
+
+  iotlb-reader lookup /run/vhost-user-iommu/vm1-backends.sock 0x20 0xfffff000
+
+The other modes (translate, hold-session, hold-pin, write-table, fork-touch,
+stress) are the test suite's: they inherit the table at descriptors 3-6.
+";
+
     fn run(args: &[String]) -> Result<ExitCode, String> {
         let mode = args.first().map(String::as_str).unwrap_or("");
         match mode {
+            "-h" | "--help" | "help" => {
+                print!("{USAGE}");
+                Ok(ExitCode::SUCCESS)
+            }
+            "lookup" => {
+                let socket = args
+                    .get(1)
+                    .ok_or_else(|| format!("lookup needs SOCKET EP IOVA\n\n{USAGE}"))?;
+                let ep = u32::try_from(num(args, 2)?).map_err(|e| e.to_string())?;
+                let iova = num(args, 3)?;
+                let len = if args.len() > 4 { num(args, 4)? } else { 1 };
+                let client = iotlb_shm::BackendClient::connect(std::path::Path::new(socket), 1, 1)
+                    .map_err(|e| {
+                        format!("cannot connect to {socket}: {e}: {:?}", e.source_chain())
+                    })?;
+                let pieces = client.lookup(ep, iova, len).map_err(|e| e.to_string())?;
+                let mut faulted = false;
+                for piece in pieces {
+                    match piece {
+                        Ok((at, p)) => say(&format!(
+                            "iova={at:#x} len={:#x} gpa={:#x}{}",
+                            p.len,
+                            p.gpa,
+                            if p.mmio { " mmio" } else { "" }
+                        )),
+                        Err(f) => {
+                            faulted = true;
+                            say(&format!("fault={:?} iova={:#x}", f.kind, f.iova));
+                        }
+                    }
+                }
+                Ok(if faulted {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                })
+            }
             "translate" | "hold-session" => {
                 let (table, slots) = open()?;
                 let ep = u32::try_from(num(args, 1)?).map_err(|e| e.to_string())?;
@@ -180,7 +235,7 @@ mod app {
             }
             "stress" => stress(args),
             _ => Err(format!(
-                "unknown mode {mode:?}; modes: translate, hold-session, hold-pin, write-table, fork-touch, stress"
+                "unknown mode {mode:?}; modes: lookup, translate, hold-session, hold-pin, write-table, fork-touch, stress (see --help)"
             )),
         }
     }
