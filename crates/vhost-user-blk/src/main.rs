@@ -17,7 +17,7 @@ use viommu_backend::{Dma, DmaOptions};
 
 /// What `--print-capabilities` prints (QEMU's `vhost-user.json`).
 fn capabilities() -> String {
-    serde_json::json!({ "type": "block", "features": ["read-only-config", "blk-file"] }).to_string()
+    serde_json::json!({ "type": "block", "features": ["read-only", "blk-file"] }).to_string()
 }
 
 fn main() -> ExitCode {
@@ -88,6 +88,6 @@ fn run(settings: &Settings) -> Result<(), Box<dyn std::error::Error>> {
         endpoint = settings.endpoint,
         "starting"
     );
-    serve::run(&backend, &settings.listen)?;
+    serve::run(&backend, &settings.listen, settings.socket_perms)?;
     Ok(())
 }

@@ -21,8 +21,12 @@ pub enum ServeError {
 }
 
 /// Serves VMM connections until the process is told to stop.
-pub fn run(backend: &BlkBackend, listen: &Listen) -> Result<(), ServeError> {
-    let mut listener = listen.listener()?;
+pub fn run(
+    backend: &BlkBackend,
+    listen: &Listen,
+    socket_perms: vhost_user_process::socket_file::Permissions,
+) -> Result<(), ServeError> {
+    let mut listener = listen.listener(socket_perms)?;
     loop {
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-blk".to_string(),

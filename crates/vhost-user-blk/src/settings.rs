@@ -35,6 +35,14 @@ pub struct Cli {
     /// Serve an already listening Unix socket inherited as this descriptor.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
+    /// Mode of the --socket-path file, in octal (e.g. 0660). Default: what
+    /// the umask gives.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group of the --socket-path file (a name or a number), so that a VMM
+    /// running as another user of that group can connect.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Print the backend's capabilities as JSON (QEMU's vhost-user.json) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -106,6 +114,14 @@ pub enum SettingsError {
     /// A required option is missing.
     #[error("{0} is required")]
     Missing(&'static str),
+    /// The socket file's mode or group is not usable.
+    #[error("{option}: {reason}")]
+    SocketAccess {
+        /// The option.
+        option: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// An option's value is out of range.
     #[error("{option} {value}: {why}")]
     Bad {
@@ -126,6 +142,8 @@ pub enum SettingsError {
 pub struct Settings {
     /// Where the VMM connects.
     pub listen: Listen,
+    /// Mode and group of the socket file.
+    pub socket_perms: vhost_user_process::socket_file::Permissions,
     /// The disk.
     pub target: TargetOptions,
     /// Queues.
@@ -186,8 +204,29 @@ impl Settings {
             (_, Some(e)) => e,
             (_, None) => return Err(SettingsError::Missing("--endpoint (with an --iommu mode)")),
         };
+        let socket_perms = vhost_user_process::socket_file::Permissions {
+            mode: cli
+                .socket_mode
+                .as_deref()
+                .map(vhost_user_process::socket_file::parse_mode)
+                .transpose()
+                .map_err(|reason| SettingsError::SocketAccess {
+                    option: "--socket-mode",
+                    reason,
+                })?,
+            group: cli
+                .socket_group
+                .as_deref()
+                .map(vhost_user_process::socket_file::parse_group)
+                .transpose()
+                .map_err(|reason| SettingsError::SocketAccess {
+                    option: "--socket-group",
+                    reason,
+                })?,
+        };
         Ok(Settings {
             listen,
+            socket_perms,
             target: TargetOptions {
                 spec,
                 read_only: cli.read_only,

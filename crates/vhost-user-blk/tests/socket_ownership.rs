@@ -69,3 +69,17 @@ fn a_regular_file_or_a_live_socket_at_the_path_is_refused_and_left_alone() {
     assert!(wait_exit(&mut first).success());
     assert!(!live.exists(), "its own socket removed at exit");
 }
+
+/// `--print-capabilities` follows QEMU's `vhost-user.json`: type "block"
+/// with the schema's feature names for the options this backend has.
+#[test]
+fn print_capabilities_uses_the_schema_names() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["type"], "block");
+    assert_eq!(v["features"], serde_json::json!(["read-only", "blk-file"]));
+}

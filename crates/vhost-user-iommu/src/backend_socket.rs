@@ -206,8 +206,11 @@ impl BackendSocket {
         // checked (SO_PEERCRED). Without --backend-uid the file keeps the
         // umask's permissions as a first line of defence.
         let mode = (!allowed_uids.is_empty()).then_some(0o666);
-        let listener =
-            vhost_user_process::socket_file::bind(path, mode).map_err(io::Error::other)?;
+        let listener = vhost_user_process::socket_file::bind(
+            path,
+            vhost_user_process::socket_file::Permissions { mode, group: None },
+        )
+        .map_err(io::Error::other)?;
         let (table_fd, arena_fd) = {
             let w = lock(&writer);
             (

@@ -75,7 +75,7 @@ fn start_table(
 
 /// Serves connections until the process is told to stop.
 pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
-    let mut listener = listen.listener()?;
+    let mut listener = listen.listener(settings.socket_perms)?;
     let where_ = describe(listen);
     let route = FaultRoute::default();
     let table = start_table(settings, &route)?;

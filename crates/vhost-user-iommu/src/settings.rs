@@ -36,6 +36,17 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
 
+    /// Mode of the --socket-path file, in octal (e.g. 0660: the daemon's
+    /// user and group may connect). Default: what the umask gives.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+
+    /// Group of the --socket-path file (a name or a number), so that a VMM
+    /// running as another user of that group can connect. Default: the
+    /// daemon's group.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
     /// Print the backend's capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -194,6 +205,8 @@ pub enum KickLoopKind {
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
     socket_path: Option<PathBuf>,
+    socket_mode: Option<String>,
+    socket_group: Option<String>,
     endpoints: Option<String>,
     /// `--reserved-region` (the plural is the name used before 0.1.1).
     #[serde(alias = "reserved_regions")]
@@ -241,6 +254,8 @@ pub struct Settings {
     pub device: DeviceConfig,
     /// Where to listen (absent only with `--print-capabilities`).
     pub listen: Option<Listen>,
+    /// Mode and group of the VMM socket file.
+    pub socket_perms: vhost_user_process::socket_file::Permissions,
     /// Largest virtqueue size.
     pub queue_size: u16,
     /// Busy-poll window after the request queue runs dry.
@@ -339,6 +354,14 @@ pub enum SettingsError {
     /// The device configuration is invalid.
     #[error("invalid device configuration")]
     Device(#[from] ConfigError),
+    /// A socket file's mode or group is not usable.
+    #[error("{what}: {reason}")]
+    SocketAccess {
+        /// Which setting.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The shared table cannot represent this device.
     #[error("shared table (--backend-socket): {0}")]
     Table(String),
@@ -579,6 +602,28 @@ impl Settings {
             (None, None) if cli.print_capabilities => None,
             (None, None) => return Err(SettingsError::NoSocket),
         };
+        let socket_perms = vhost_user_process::socket_file::Permissions {
+            mode: cli
+                .socket_mode
+                .as_ref()
+                .or(file.socket_mode.as_ref())
+                .map(|m| vhost_user_process::socket_file::parse_mode(m))
+                .transpose()
+                .map_err(|reason| SettingsError::SocketAccess {
+                    what: "socket_mode",
+                    reason,
+                })?,
+            group: cli
+                .socket_group
+                .as_ref()
+                .or(file.socket_group.as_ref())
+                .map(|g| vhost_user_process::socket_file::parse_group(g))
+                .transpose()
+                .map_err(|reason| SettingsError::SocketAccess {
+                    what: "socket_group",
+                    reason,
+                })?,
+        };
         let table = match cli.backend_socket.as_ref().or(file.backend_socket.as_ref()) {
             None => None,
             Some(socket) => {
@@ -611,6 +656,7 @@ impl Settings {
             table,
             device,
             listen,
+            socket_perms,
             queue_size,
             poll: Duration::from_micros(cli.poll_us.or(file.poll_us).unwrap_or(0)),
             log: LogSettings {
@@ -670,13 +716,35 @@ mod tests {
         let keys: std::collections::BTreeSet<String> =
             table.keys().filter(|k| *k != "endpoint").cloned().collect();
         assert_eq!(keys, options, "deploy/example.toml vs the options");
+        // The file as shipped loads (commented examples stay comments: a
+        // group name, say, need not exist on this host).
         let path = std::env::temp_dir().join(format!("viommu-example-{}.toml", std::process::id()));
-        std::fs::write(&path, &text).unwrap();
+        std::fs::write(&path, EXAMPLE).unwrap();
         let loaded = Settings::from_cli(&cli(&["-c", path.to_str().unwrap()]));
         let _ = std::fs::remove_file(&path);
         let s = loaded.unwrap();
-        assert_eq!(s.cpu, Some(2));
+        assert_eq!(s.socket_perms.mode, Some(0o660));
         assert!(s.table.is_some());
+    }
+
+    #[test]
+    fn the_shipped_unit_passes_options_the_daemon_knows() {
+        const UNIT: &str = include_str!("../../../deploy/vhost-user-iommu@.service");
+        let mut exec = String::new();
+        let mut lines = UNIT.lines().skip_while(|l| !l.starts_with("ExecStart="));
+        for l in lines.by_ref() {
+            exec.push_str(l.trim_end_matches('\\'));
+            exec.push(' ');
+            if !l.ends_with('\\') {
+                break;
+            }
+        }
+        let exec = exec.trim_start_matches("ExecStart=").replace("%i", "vm1");
+        let args: Vec<&str> = exec.split_whitespace().collect();
+        assert!(args[0].ends_with("/vhost-user-iommu"), "{args:?}");
+        let cli = Cli::try_parse_from(&args).unwrap();
+        assert_eq!(cli.socket_mode.as_deref(), Some("0660"));
+        assert!(cli.backend_socket.is_some(), "the unit publishes the table");
     }
 
     #[test]

@@ -166,3 +166,32 @@ fn a_second_vmm_is_told_to_wait_in_the_log() {
         d.log()
     );
 }
+
+#[test]
+fn socket_mode_and_group_are_applied_and_checked() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = scratch_dir("own-mode");
+    let sock = dir.join("viommu.sock");
+    let d = Daemon::spawn(&sock, &["--socket-mode", "0660", "--socket-group", "0"]);
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!((m.permissions().mode() & 0o777, m.gid()), (0o660, 0));
+    drop(d);
+    let other = dir.join("b.sock");
+    let err = refused(&[
+        "--socket-path",
+        other.to_str().unwrap(),
+        "--socket-group",
+        "no-such-group-here",
+    ]);
+    assert!(
+        err.contains("socket_group") && err.contains("no group named"),
+        "{err}"
+    );
+    let err = refused(&[
+        "--socket-path",
+        other.to_str().unwrap(),
+        "--socket-mode",
+        "888",
+    ]);
+    assert!(err.contains("not a file mode in octal"), "{err}");
+}

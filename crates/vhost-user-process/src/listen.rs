@@ -28,12 +28,16 @@ pub enum ListenError {
 
 impl Listen {
     /// The listener. A path is bound only where no live process listens
-    /// and nothing but a stale socket is ([`crate::socket_file`]); the file
-    /// is removed at exit if it is still this process's.
-    pub fn listener(&self) -> Result<Listener, ListenError> {
+    /// and nothing but a stale socket is ([`crate::socket_file`]), with the
+    /// mode and group of `perms` (an inherited descriptor keeps its own);
+    /// the file is removed at exit if it is still this process's.
+    pub fn listener(
+        &self,
+        perms: crate::socket_file::Permissions,
+    ) -> Result<Listener, ListenError> {
         match self {
             Listen::Path(p) => {
-                let listener = crate::socket_file::bind(p, None)?;
+                let listener = crate::socket_file::bind(p, perms)?;
                 // SAFETY: the descriptor comes from a listener this function
                 // owns and gives up here; nothing else refers to it.
                 Ok(unsafe { Listener::from_raw_fd(listener.into_raw_fd()) })

@@ -68,6 +68,71 @@ pub enum SocketFileError {
     Bind(String, #[source] io::Error),
 }
 
+/// Who may connect to a socket file, beyond what the umask gives: its mode
+/// and its group, set before the path appears.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// File mode bits (e.g. `0o660`).
+    pub mode: Option<u32>,
+    /// Group ID of the file.
+    pub group: Option<u32>,
+}
+
+impl Permissions {
+    /// Only a mode.
+    pub fn mode(mode: u32) -> Permissions {
+        Permissions {
+            mode: Some(mode),
+            group: None,
+        }
+    }
+}
+
+/// Parses a file mode given in octal (`0660`, `660`, `0o660`), at most 0o777.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "{s:?} is not a file mode in octal (e.g. 0660), at most 0777"
+        )),
+    }
+}
+
+/// Parses a group given by name or number.
+pub fn parse_group(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    if let Ok(gid) = t.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(t).map_err(|_| format!("{s:?} is not a group name"))?;
+    let mut group: libc::group = unsafe_zeroed_group();
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: every pointer is to a live local of the right type; `buf` is
+    // large enough for a group entry (ERANGE is reported otherwise).
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(format!("no group named {t:?} on this host"));
+    }
+    Ok(group.gr_gid)
+}
+
+fn unsafe_zeroed_group() -> libc::group {
+    // SAFETY: `libc::group` is plain data (integers and pointers); all
+    // zeroes is a valid value that getgrnam_r overwrites.
+    unsafe { std::mem::zeroed() }
+}
+
 /// A socket file this process created: its path and identity.
 #[derive(Debug)]
 pub struct SocketFile {
@@ -186,16 +251,19 @@ pub fn prepare(path: &Path) -> Result<(), SocketFileError> {
     }
 }
 
-/// Binds and listens on `path` after [`prepare`], with the file's mode set
-/// to `mode` if given (the socket is bound under a temporary name, its mode
-/// set, then renamed, so the path never exists with the wrong mode). The
-/// file is removed by [`remove_owned`] at exit.
-pub fn bind(path: &Path, mode: Option<u32>) -> Result<UnixListener, SocketFileError> {
+/// Binds and listens on `path` after [`prepare`], with the file's mode and
+/// group set as `perms` asks (the socket is bound under a temporary name,
+/// its mode and group set, then renamed, so the path never exists with the
+/// wrong ones). The file is removed by [`remove_owned`] at exit.
+pub fn bind(path: &Path, perms: Permissions) -> Result<UnixListener, SocketFileError> {
     prepare(path)?;
     let shown = || path.display().to_string();
-    let listener = match mode {
-        None => UnixListener::bind(path).map_err(|e| SocketFileError::Bind(shown(), e))?,
-        Some(mode) => {
+    let listener = match perms {
+        Permissions {
+            mode: None,
+            group: None,
+        } => UnixListener::bind(path).map_err(|e| SocketFileError::Bind(shown(), e))?,
+        Permissions { mode, group } => {
             use std::os::unix::fs::PermissionsExt;
             let mut tmp = path.as_os_str().to_owned();
             tmp.push(format!(".{}.tmp", std::process::id()));
@@ -209,7 +277,14 @@ pub fn bind(path: &Path, mode: Option<u32>) -> Result<UnixListener, SocketFileEr
             let _ = std::fs::remove_file(&tmp);
             let listener =
                 UnixListener::bind(&tmp).map_err(|e| SocketFileError::Bind(shown(), e))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            group
+                .map_or(Ok(()), |gid| {
+                    std::os::unix::fs::chown(&tmp, None, Some(gid))
+                })
+                .and_then(|()| match mode {
+                    Some(m) => std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m)),
+                    None => Ok(()),
+                })
                 .and_then(|()| std::fs::rename(&tmp, path))
                 .map_err(|e| {
                     let _ = std::fs::remove_file(&tmp);
@@ -260,7 +335,7 @@ mod tests {
     #[test]
     fn a_path_too_long_says_the_limit_and_the_length() {
         let long = PathBuf::from(format!("/tmp/{}", "x".repeat(120)));
-        let e = bind(&long, None).unwrap_err();
+        let e = bind(&long, Permissions::default()).unwrap_err();
         assert!(
             matches!(e, SocketFileError::TooLong { len: 125, .. }),
             "{e}"
@@ -275,7 +350,7 @@ mod tests {
     fn a_missing_directory_is_named() {
         let d = dir();
         let p = d.path().join("nope/daemon.sock");
-        let e = bind(&p, None).unwrap_err();
+        let e = bind(&p, Permissions::default()).unwrap_err();
         assert!(matches!(e, SocketFileError::MissingDirectory { .. }), "{e}");
         assert!(e.to_string().contains("nope"), "{e}");
     }
@@ -285,7 +360,7 @@ mod tests {
         let d = dir();
         let p = d.path().join("daemon.sock");
         std::fs::write(&p, b"keep me").unwrap();
-        let e = bind(&p, None).unwrap_err();
+        let e = bind(&p, Permissions::default()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -298,7 +373,7 @@ mod tests {
         );
         assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
         std::fs::create_dir(d.path().join("sub")).unwrap();
-        let e = bind(&d.path().join("sub"), None).unwrap_err();
+        let e = bind(&d.path().join("sub"), Permissions::default()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -315,12 +390,12 @@ mod tests {
     fn a_live_socket_is_refused_and_a_stale_one_replaced() {
         let d = dir();
         let p = d.path().join("daemon.sock");
-        let live = bind(&p, None).unwrap();
-        let e = bind(&p, None).unwrap_err();
+        let live = bind(&p, Permissions::default()).unwrap();
+        let e = bind(&p, Permissions::default()).unwrap_err();
         assert!(matches!(e, SocketFileError::InUse(_)), "{e}");
         drop(live); // the file stays, nothing accepts: stale
         assert!(p.exists());
-        let again = bind(&p, Some(0o660)).unwrap();
+        let again = bind(&p, Permissions::mode(0o660)).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
@@ -328,15 +403,50 @@ mod tests {
     }
 
     #[test]
+    fn mode_and_group_are_set_before_the_path_appears() {
+        let d = dir();
+        let p = d.path().join("daemon.sock");
+        // SAFETY: getegid has no failure mode.
+        let gid = unsafe { libc::getegid() };
+        let l = bind(
+            &p,
+            Permissions {
+                mode: Some(0o640),
+                group: Some(gid),
+            },
+        )
+        .unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!((m.permissions().mode() & 0o777, m.gid()), (0o640, gid));
+        drop(l);
+    }
+
+    #[test]
+    fn modes_and_groups_parse_or_say_why_not() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("0o600"), Ok(0o600));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("01777").is_err());
+        assert_eq!(parse_group("0"), Ok(0));
+        assert_eq!(parse_group("root"), Ok(0));
+        assert!(
+            parse_group("no-such-group-here")
+                .unwrap_err()
+                .contains("no group named")
+        );
+    }
+
+    #[test]
     fn removal_spares_a_newer_file_at_the_same_path() {
         let d = dir();
         let p = d.path().join("daemon.sock");
-        let old_listener = bind(&p, None).unwrap();
+        let old_listener = bind(&p, Permissions::default()).unwrap();
         let old = SocketFile::hold(&p).unwrap();
         drop(old_listener);
         // The operator removes the old socket; a newer process binds the path.
         std::fs::remove_file(&p).unwrap();
-        let newer_listener = bind(&p, None).unwrap();
+        let newer_listener = bind(&p, Permissions::default()).unwrap();
         // The old one's exit must not delete the newer one's socket.
         assert!(!old.remove());
         assert!(p.exists());
