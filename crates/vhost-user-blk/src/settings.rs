@@ -204,26 +204,18 @@ impl Settings {
             (_, Some(e)) => e,
             (_, None) => return Err(SettingsError::Missing("--endpoint (with an --iommu mode)")),
         };
-        let socket_perms = vhost_user_process::socket_file::Permissions {
-            mode: cli
-                .socket_mode
-                .as_deref()
-                .map(vhost_user_process::socket_file::parse_mode)
-                .transpose()
-                .map_err(|reason| SettingsError::SocketAccess {
-                    option: "--socket-mode",
-                    reason,
-                })?,
-            group: cli
-                .socket_group
-                .as_deref()
-                .map(vhost_user_process::socket_file::parse_group)
-                .transpose()
-                .map_err(|reason| SettingsError::SocketAccess {
-                    option: "--socket-group",
-                    reason,
-                })?,
-        };
+        let socket_perms = vhost_user_process::socket_file::Permissions::parse(
+            cli.socket_mode.as_deref(),
+            cli.socket_group.as_deref(),
+        )
+        .map_err(|(which, reason)| SettingsError::SocketAccess {
+            option: if which == "mode" {
+                "--socket-mode"
+            } else {
+                "--socket-group"
+            },
+            reason,
+        })?;
         Ok(Settings {
             listen,
             socket_perms,

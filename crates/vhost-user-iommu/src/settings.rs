@@ -602,28 +602,18 @@ impl Settings {
             (None, None) if cli.print_capabilities => None,
             (None, None) => return Err(SettingsError::NoSocket),
         };
-        let socket_perms = vhost_user_process::socket_file::Permissions {
-            mode: cli
-                .socket_mode
-                .as_ref()
-                .or(file.socket_mode.as_ref())
-                .map(|m| vhost_user_process::socket_file::parse_mode(m))
-                .transpose()
-                .map_err(|reason| SettingsError::SocketAccess {
-                    what: "socket_mode",
-                    reason,
-                })?,
-            group: cli
-                .socket_group
-                .as_ref()
-                .or(file.socket_group.as_ref())
-                .map(|g| vhost_user_process::socket_file::parse_group(g))
-                .transpose()
-                .map_err(|reason| SettingsError::SocketAccess {
-                    what: "socket_group",
-                    reason,
-                })?,
-        };
+        let socket_perms = vhost_user_process::socket_file::Permissions::parse(
+            cli.socket_mode.as_deref().or(file.socket_mode.as_deref()),
+            cli.socket_group.as_deref().or(file.socket_group.as_deref()),
+        )
+        .map_err(|(which, reason)| SettingsError::SocketAccess {
+            what: if which == "mode" {
+                "socket_mode"
+            } else {
+                "socket_group"
+            },
+            reason,
+        })?;
         let table = match cli.backend_socket.as_ref().or(file.backend_socket.as_ref()) {
             None => None,
             Some(socket) => {

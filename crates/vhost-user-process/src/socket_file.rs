@@ -79,6 +79,21 @@ pub struct Permissions {
 }
 
 impl Permissions {
+    /// From the text of a mode option (octal) and a group option (name or
+    /// number); on error, which of the two (`"mode"` or `"group"`) and why.
+    pub fn parse(
+        mode: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Permissions, (&'static str, String)> {
+        Ok(Permissions {
+            mode: mode.map(parse_mode).transpose().map_err(|e| ("mode", e))?,
+            group: group
+                .map(parse_group)
+                .transpose()
+                .map_err(|e| ("group", e))?,
+        })
+    }
+
     /// Only a mode.
     pub fn mode(mode: u32) -> Permissions {
         Permissions {
