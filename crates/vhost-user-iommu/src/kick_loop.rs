@@ -51,6 +51,8 @@ const WAKE: u64 = 1;
 /// How long the thread sleeps without any completion before it checks the
 /// avail ring itself (a safety net against a lost kick, which it logs).
 const WATCHDOG_NS: u32 = 100_000_000;
+/// How often a kick that came before its queue was enabled is retried.
+const NOT_ENABLED_RETRY_NS: u32 = 1_000_000;
 const CANCEL: u64 = 2;
 /// Kick reads carry `KICK | generation`.
 const KICK: u64 = 1 << 32;
@@ -233,8 +235,18 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
     // Kernels before 5.11 cannot time out a wait: no watchdog there.
     let ext_arg = l.ring.params().is_feature_ext_arg();
     let watchdog = types::Timespec::new().nsec(WATCHDOG_NS);
-    let args = types::SubmitArgs::new().timespec(&watchdog);
+    let retry = types::Timespec::new().nsec(NOT_ENABLED_RETRY_NS);
+    // A kick read while the queue was not enabled yet: after a restart the
+    // guest may kick before the daemon has processed SET_VRING_ENABLE (QEMU
+    // does not wait for it), and the kick eventfd is the same as before the
+    // stop. Served as soon as the queue is enabled.
+    let mut kick_before_enable = false;
     let result = loop {
+        let args = types::SubmitArgs::new().timespec(if kick_before_enable {
+            &retry
+        } else {
+            &watchdog
+        });
         let waited = if ext_arg {
             l.ring.submitter().submit_with_args(1, &args)
         } else {
@@ -243,11 +255,21 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
         match waited {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
-                // Nothing completed for a while: if requests are waiting
-                // anyway, a kick went missing; serve them and say so.
                 if let Some((_, vring)) = &kick {
-                    if vring.get_ref().is_enabled() && serve(vring) > 0 {
-                        warn!("request queue had requests but no kick; served by the watchdog");
+                    if vring.get_ref().is_enabled() {
+                        let served = serve(vring);
+                        if kick_before_enable {
+                            // Expected around a restart: not a lost kick.
+                            debug!(
+                                served,
+                                "a kick that came before the queue was enabled, served"
+                            );
+                        } else if served > 0 {
+                            // Nothing completed for a while, yet requests
+                            // were waiting: a kick went missing.
+                            warn!("request queue had requests but no kick; served by the watchdog");
+                        }
+                        kick_before_enable = false;
                     }
                 }
                 continue;
@@ -303,6 +325,9 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
             if let Some((_, vring)) = &kick {
                 if vring.get_ref().is_enabled() {
                     let _ = serve(vring);
+                    kick_before_enable = false;
+                } else {
+                    kick_before_enable = true;
                 }
             }
         }
