@@ -25,7 +25,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 /// Guest memory as vhost-user-backend hands it over.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -115,7 +115,7 @@ impl IommuBackend {
         publisher.start(&device);
         // An eventfd only fails to be created when the process is out of
         // descriptors; the daemon cannot run then anyway.
-        let fault_wake = EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| {
+        let fault_wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot create the fault eventfd");
             std::process::exit(1)
         });

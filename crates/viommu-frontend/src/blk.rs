@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vhost::vhost_user::VhostUserVirtioFeatures;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::blk_queue::{BlkQueue, QueueError};
 use crate::connection::{Connection, ConnectionError, VringAddrs};
@@ -241,8 +241,8 @@ impl BlkDevice {
             };
             q.set_device_addrs(dev);
             let n = Notifiers {
-                kick: EventFd::new(EFD_NONBLOCK).map_err(BlkError::EventFd)?,
-                call: EventFd::new(EFD_NONBLOCK).map_err(BlkError::EventFd)?,
+                kick: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(BlkError::EventFd)?,
+                call: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(BlkError::EventFd)?,
             };
             // QEMU's rule: the ring addresses sent are its host addresses of
             // guest-physical = device address.

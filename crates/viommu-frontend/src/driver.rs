@@ -14,7 +14,7 @@ use virtio_iommu_proto::request::TAIL_LEN;
 use virtio_iommu_proto::{
     ConfigSpace, EVENT_QUEUE, FaultRecord, REQUEST_QUEUE, Request, RequestType, Status,
 };
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 pub mod vmm_replay;
 
@@ -169,8 +169,10 @@ impl Queue {
     fn new(ram: &mut GuestRam, size: u16, event_idx: bool) -> Result<Queue, DriverError> {
         Ok(Queue {
             ring: SplitRing::new(ram, size, event_idx)?,
-            kick: EventFd::new(EFD_NONBLOCK).map_err(|e| DriverError::EventFd("create", e))?,
-            call: EventFd::new(EFD_NONBLOCK).map_err(|e| DriverError::EventFd("create", e))?,
+            kick: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+                .map_err(|e| DriverError::EventFd("create", e))?,
+            call: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+                .map_err(|e| DriverError::EventFd("create", e))?,
         })
     }
 
