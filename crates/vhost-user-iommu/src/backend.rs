@@ -615,7 +615,7 @@ impl IommuBackend {
         let reason = self
             .state()
             .ok()
-            .and_then(|mut st| st.watch.endpoint_restarted(endpoint));
+            .and_then(|mut st| st.watch.endpoint_restarted(endpoint, pid));
         match reason {
             Some(reason) => self.reset_detected(reason),
             None => debug!(

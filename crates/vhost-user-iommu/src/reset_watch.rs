@@ -29,7 +29,12 @@ pub enum ResetReason {
     /// A backend saw the guest set a queue of this endpoint up anew while
     /// the IOMMU's queues were stopped: the guest runs (its firmware or a
     /// new kernel), so it was reset.
-    EndpointRestartedWhileStopped(u32),
+    EndpointRestartedWhileStopped {
+        /// The endpoint.
+        endpoint: u32,
+        /// The backend process that said so.
+        pid: i32,
+    },
 }
 
 impl std::fmt::Display for ResetReason {
@@ -39,10 +44,10 @@ impl std::fmt::Display for ResetReason {
                 "the guest read the config space while the queues were stopped \
                  (it is initialising the device again: reboot or driver rebind)",
             ),
-            ResetReason::EndpointRestartedWhileStopped(ep) => write!(
+            ResetReason::EndpointRestartedWhileStopped { endpoint, pid } => write!(
                 f,
-                "the guest set endpoint {ep:#x}'s queues up anew while the IOMMU was stopped \
-                 (the guest runs again: reboot)"
+                "the guest set endpoint {endpoint:#x}'s queues up anew while the IOMMU was \
+                 stopped (the guest runs again: reboot), as backend pid {pid} reported"
             ),
         }
     }
@@ -90,10 +95,10 @@ impl ResetWatch {
 
     /// A backend reports that the guest set a queue of `endpoint` up anew:
     /// returns the reason to reset, if the IOMMU is stopped.
-    pub fn endpoint_restarted(&mut self, endpoint: u32) -> Option<ResetReason> {
+    pub fn endpoint_restarted(&mut self, endpoint: u32, pid: i32) -> Option<ResetReason> {
         if self.phase == Phase::Stopped {
             self.phase = Phase::Fresh;
-            return Some(ResetReason::EndpointRestartedWhileStopped(endpoint));
+            return Some(ResetReason::EndpointRestartedWhileStopped { endpoint, pid });
         }
         None
     }
@@ -147,13 +152,24 @@ mod tests {
     fn an_endpoint_restarting_while_the_iommu_is_stopped_is_one_reset() {
         let mut w = ResetWatch::default();
         w.started();
-        assert_eq!(w.endpoint_restarted(0x20), None, "a rebind while running");
+        assert_eq!(
+            w.endpoint_restarted(0x20, 7),
+            None,
+            "a rebind while running"
+        );
         w.request_queue_stopped();
         assert_eq!(
-            w.endpoint_restarted(0x20),
-            Some(ResetReason::EndpointRestartedWhileStopped(0x20))
+            w.endpoint_restarted(0x20, 7),
+            Some(ResetReason::EndpointRestartedWhileStopped {
+                endpoint: 0x20,
+                pid: 7
+            })
         );
-        assert_eq!(w.endpoint_restarted(0x20), None, "other queues: same reset");
+        assert_eq!(
+            w.endpoint_restarted(0x20, 7),
+            None,
+            "other queues: same reset"
+        );
         assert_eq!(w.config_read(), None, "the IOMMU driver's probe after it");
     }
 
