@@ -157,3 +157,31 @@ fn a_lookup_by_hand_shows_the_live_translation_and_the_fault() {
         "{pieces:?}"
     );
 }
+
+#[test]
+fn a_kick_before_the_queue_is_enabled_again_is_served_without_the_watchdog() {
+    // After `cont` QEMU does not wait for SET_VRING_ENABLE to be processed
+    // before the guest runs on: its first kick can reach the daemon (on the
+    // same kick eventfd as before the stop) while the queue is disabled.
+    // The request must complete, and nothing may be left to the watchdog.
+    let (d, mut drv, client) = running("seq-early-kick");
+    let mut replay = VmmReplay::default();
+    replay.run(&mut drv, &section("host: stop")).unwrap();
+    let cont = section("host: cont");
+    let first_enable = cont
+        .iter()
+        .position(|s| matches!(s, Step::Enable { on: true, .. }))
+        .unwrap();
+    replay.run(&mut drv, &cont[..first_enable]).unwrap();
+    drv.post(&map(1, IOVA + 0x2000, GPA + 0x2000)).unwrap();
+    // Let the daemon take the kick before it hears of the enable.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    replay.run(&mut drv, &cont[first_enable..]).unwrap();
+    assert_eq!(drv.wait_posted().unwrap().status(), Some(Status::Ok));
+    assert_eq!(translate(&client, IOVA + 0x2000), Ok(GPA + 0x2000));
+    assert!(
+        !d.log().contains("served by the watchdog"),
+        "the early kick was lost until the watchdog:\n{}",
+        d.log()
+    );
+}

@@ -408,6 +408,33 @@ impl Driver {
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
+    /// Queues one request and kicks, without waiting for its completion
+    /// (collect it with [`Self::wait_posted`]): lets a test kick the device
+    /// at a chosen moment of a VMM's message sequence.
+    pub fn post(&mut self, req: &Request) -> Result<(), DriverError> {
+        let spec = chain_for(req, self.config.probe_size, self.opts.layout);
+        let head = self.reqq.ring.add(self.ram.mem(), &spec)?;
+        self.slots[usize::from(head)] = 0;
+        self.reqq.publish_and_kick(self.ram.mem())
+    }
+
+    /// Waits for the request [`Self::post`] queued.
+    pub fn wait_posted(&mut self) -> Result<Outcome, DriverError> {
+        let mut out = [None];
+        let mem = self.ram.mem();
+        self.reqq.drain(mem, self.opts.timeout, |u| {
+            out[0] = Some(Outcome {
+                used_len: u.len,
+                writable: u.writable,
+            });
+        })?;
+        let [done] = out;
+        done.ok_or(DriverError::Timeout {
+            waited: self.opts.timeout,
+            in_flight: 0,
+        })
+    }
+
     /// Sends raw (possibly hostile) chains, one kick for all.
     pub fn send_raw(&mut self, chains: &[Vec<RawDesc>]) -> Result<Vec<Outcome>, DriverError> {
         let mut out: Vec<Option<Outcome>> = vec![None; chains.len()];
