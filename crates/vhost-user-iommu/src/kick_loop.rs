@@ -315,8 +315,13 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
                 if let Some((fd, _)) = &kick {
                     l.read(fd.as_raw_fd(), KICK | generation)?;
                 }
+            } else if ud & KICK != 0 && res > 0 {
+                // A read of the kick eventfd handed over before, which
+                // completed before its cancel: it took a kick (the old and
+                // the new descriptor may be the same eventfd), so serve.
+                pass = true;
             }
-            // Anything else: a read of an older kick eventfd, cancelled.
+            // Anything else: a cancelled read of an older kick eventfd.
         }
         if exit {
             break Ok(());
