@@ -65,8 +65,8 @@ if [ ! -e "$CACHE/kernel/.ready" ]; then
     mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
     pkg=$(chroot "$ROOT" apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6/ {print $2; exit}')
     [ -n "$pkg" ] || die "no linux-image-6.* package found in trixie"
-    (cd "$ROOT/tmp" && rm -f linux-image-*.deb && chroot "$ROOT" sh -c "cd /tmp && apt-get download $pkg" >&2) \
-        || die "downloading $pkg failed"
+    rm -f "$ROOT"/tmp/linux-image-*.deb
+    chroot "$ROOT" sh -c "cd /tmp && apt-get download $pkg" >&2 || die "downloading $pkg failed"
     umount "$ROOT/proc" 2>/dev/null || true
     dpkg-deb -x "$ROOT"/tmp/linux-image-*.deb "$CACHE/kernel-deb"
     rm -f "$ROOT"/tmp/linux-image-*.deb

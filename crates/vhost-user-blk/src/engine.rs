@@ -530,7 +530,7 @@ fn fault(dma: &viommu_backend::Dma, stats: &mut EngineStats, e: &DmaError) {
     stats.faults += 1;
     match e.fault() {
         Some(f) => dma.report_fault(f),
-        None => debug!(error = %e, "request touches memory outside guest RAM"),
+        None => debug!(error = %e, "a request's buffers cannot be used (no fault to report)"),
     }
 }
 

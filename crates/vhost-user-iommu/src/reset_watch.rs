@@ -108,8 +108,9 @@ impl ResetWatch {
         self.phase = Phase::Fresh;
     }
 
-    /// Whether the device is stopped after having run (for logs).
-    pub fn is_stopped(&self) -> bool {
+    /// Whether the device is stopped after having run.
+    #[cfg(test)]
+    fn is_stopped(&self) -> bool {
         self.phase == Phase::Stopped
     }
 }

@@ -93,14 +93,6 @@ impl Permissions {
                 .map_err(|e| ("group", e))?,
         })
     }
-
-    /// Only a mode.
-    pub fn mode(mode: u32) -> Permissions {
-        Permissions {
-            mode: Some(mode),
-            group: None,
-        }
-    }
 }
 
 /// Parses a file mode given in octal (`0660`, `660`, `0o660`), at most 0o777.
@@ -176,11 +168,6 @@ impl SocketFile {
             ino: meta.ino(),
             _hold: file.into(),
         })
-    }
-
-    /// The path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Removes the file if it is still the one this process created.
@@ -410,7 +397,14 @@ mod tests {
         assert!(matches!(e, SocketFileError::InUse(_)), "{e}");
         drop(live); // the file stays, nothing accepts: stale
         assert!(p.exists());
-        let again = bind(&p, Permissions::mode(0o660)).unwrap();
+        let again = bind(
+            &p,
+            Permissions {
+                mode: Some(0o660),
+                group: None,
+            },
+        )
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
