@@ -3,7 +3,7 @@
 use crate::eventq::{FaultQueue, FaultStats};
 use crate::kick_loop::KickLoop;
 use crate::publish::{NoTable, Publishing, TablePublisher};
-use crate::requestq::{RequestServer, Served};
+use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -17,7 +17,7 @@ use viommu_core::{Device, DeviceConfig};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu_proto::{EVENT_QUEUE, FaultRecord, Features, NUM_QUEUES, REQUEST_QUEUE};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -56,9 +56,6 @@ enum ResetKind {
 struct DeviceState {
     device: Device,
     publisher: Box<dyn TablePublisher>,
-    server: RequestServer,
-    /// (head, used length, needs grace) for the batch being completed.
-    completions: Vec<(u16, Served)>,
     /// Reset detection for VMMs that send no RESET_DEVICE.
     watch: ResetWatch,
 }
@@ -70,6 +67,10 @@ struct Inner {
     /// The framework's epoll handler, to take the kick eventfd out of it.
     epoll: Mutex<Option<Arc<VringEpollHandler<IommuBackend>>>>,
     mem: RwLock<Option<GuestMem>>,
+    /// Bumped by every memory table, for the request ring to pick it up.
+    mem_generation: AtomicU64,
+    /// The request queue's ring state (its processing thread's alone).
+    ring: Mutex<RequestRing>,
     event_idx: AtomicBool,
     queue_size: u16,
     poll: Duration,
@@ -124,13 +125,13 @@ impl IommuBackend {
                 state: Mutex::new(DeviceState {
                     device,
                     publisher,
-                    server: RequestServer::default(),
-                    completions: Vec::new(),
                     watch: ResetWatch::default(),
                 }),
                 kick_loop: Mutex::new(None),
                 epoll: Mutex::new(None),
                 mem: RwLock::new(None),
+                mem_generation: AtomicU64::new(0),
+                ring: Mutex::new(RequestRing::default()),
                 event_idx: AtomicBool::new(false),
                 queue_size,
                 poll,
@@ -269,6 +270,7 @@ impl IommuBackend {
         let Ok(mem) = self.memory() else {
             return Ok(());
         };
+        let ram = request_ring::ram_access(&mem);
         let mut faults = self.inner.faults.lock().map_err(lock_error)?;
         let mut used = false;
         while faults.pending() > 0 {
@@ -280,11 +282,10 @@ impl IommuBackend {
                 .next();
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let m = chain.memory();
             let descs = chain
                 .clone()
                 .map(|d| (d.addr().0, d.len(), d.is_write_only()));
-            if let Some(len) = faults.fill(m, descs) {
+            if let Some(len) = faults.fill(&ram, descs) {
                 vring.add_used(head, len).map_err(io::Error::other)?;
                 used = true;
             }
@@ -311,106 +312,116 @@ impl IommuBackend {
     /// Serves every available request, completing in order; requests that
     /// narrowed access complete after one grace period for the batch.
     fn process_request_queue(&self, vring: &VringRwLock) -> io::Result<usize> {
-        let mem = self.memory()?;
-        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let mut ring = self.inner.ring.lock().map_err(lock_error)?;
+        let generation = self.inner.mem_generation.load(Ordering::Acquire);
+        ring.use_memory(generation, || {
+            let mem = self.inner.mem.read().ok()?;
+            mem.as_ref().map(request_ring::ram_access)
+        });
         let mut total = 0;
         loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            let served = self.serve_available(vring, &mem)?;
-            total += served;
-            if served > 0 && vring.needs_notification().map_err(io::Error::other)? {
-                vring.signal_used_queue()?;
-            }
-            if event_idx && vring.enable_notification().map_err(io::Error::other)? {
+            let served = self.pass(&mut ring, vring)?;
+            total += served.taken;
+            if served.more {
                 continue; // More arrived while notifications were off.
             }
-            if served == 0 && !self.poll_for_more(vring, &mem)? {
+            if served.taken == 0 && !self.poll_for_more(&mut ring) {
                 return Ok(total);
             }
         }
     }
 
+    /// One pass: takes and serves what is available, completes it.
+    fn pass(&self, ring: &mut RequestRing, vring: &VringRwLock) -> io::Result<PassOutcome> {
+        let idle = PassOutcome {
+            taken: 0,
+            more: false,
+        };
+        let mut vstate = vring.get_mut();
+        if !ring.sync(vstate.get_queue()).map_err(io::Error::other)? {
+            return Ok(idle);
+        }
+        let mut pass = ring.parts().map_err(io::Error::other)?;
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        if event_idx {
+            pass.view.disable_notification();
+        }
+        let mut guard = self.state()?;
+        let st = &mut *guard;
+        let taken = pass
+            .serve_available(&mut st.device, st.publisher.as_mut())
+            .map_err(io::Error::other)?;
+        // In order: everything before the first narrowing request completes
+        // now; the rest after one grace period.
+        let first_grace = pass.completions.iter().position(|(_, s)| s.needs_grace);
+        let split = first_grace.unwrap_or(pass.completions.len());
+        for &(head, s) in &pass.completions[..split] {
+            pass.view.push_used(head, s.used_len);
+        }
+        pass.view.publish_used();
+        pass.write_back(vstate.get_queue_mut());
+        if first_grace.is_some() {
+            let wait = st.publisher.synchronize();
+            drop(guard);
+            if split > 0 && pass.view.needs_notification() {
+                vstate.signal_used_queue()?;
+            }
+            // Neither lock is held while a backend may still be finishing:
+            // the VMM's messages and the backends' misses go on meanwhile.
+            drop(vstate);
+            wait.wait();
+            vstate = vring.get_mut();
+            if !pass.in_step(vstate.get_queue()) {
+                debug!(
+                    "the request queue was stopped during a grace period; its last requests are not completed"
+                );
+                return Ok(PassOutcome { taken, more: false });
+            }
+            for &(head, s) in &pass.completions[split..] {
+                pass.view.push_used(head, s.used_len);
+            }
+            pass.view.publish_used();
+            pass.write_back(vstate.get_queue_mut());
+        } else {
+            drop(guard);
+        }
+        if taken > 0 && pass.view.needs_notification() {
+            vstate.signal_used_queue()?;
+        }
+        let more = event_idx && pass.view.enable_notification();
+        Ok(PassOutcome { taken, more })
+    }
+
     /// Busy-polls the avail ring for up to the configured window; true if
     /// new requests arrived.
-    fn poll_for_more(&self, vring: &VringRwLock, mem: &GuestMem) -> io::Result<bool> {
+    fn poll_for_more(&self, ring: &mut RequestRing) -> bool {
         if self.inner.poll.is_zero() {
-            return Ok(false);
+            return false;
         }
+        let Ok(pass) = ring.parts() else {
+            return false;
+        };
         let deadline = Instant::now() + self.inner.poll;
-        let m = mem.memory();
         while Instant::now() < deadline {
-            let state = vring.get_ref();
-            let queue = state.get_queue();
-            let avail = queue
-                .avail_idx(&*m, std::sync::atomic::Ordering::Acquire)
-                .map_err(io::Error::other)?;
-            if avail.0 != queue.next_avail() {
-                return Ok(true);
+            if pass.view.has_available() {
+                return true;
             }
-            drop(state);
             // Yield, not pause: with fewer cores than pollers, a pause-only
             // loop keeps the guest it waits for off the CPU for a whole
             // time slice. Pinned to a core of its own (--cpu), this returns
             // at once.
             std::thread::yield_now();
         }
-        Ok(false)
+        false
     }
+}
 
-    /// Serves the chains available now; returns how many.
-    fn serve_available(&self, vring: &VringRwLock, mem: &GuestMem) -> io::Result<usize> {
-        let chains: Vec<_> = vring
-            .get_mut()
-            .get_queue_mut()
-            .iter(mem.memory())
-            .map_err(io::Error::other)?
-            .collect();
-        if chains.is_empty() {
-            return Ok(0);
-        }
-        let mut guard = self.state()?;
-        let st = &mut *guard;
-        st.completions.clear();
-        for chain in chains {
-            let head = chain.head_index();
-            let m = chain.memory();
-            st.server.parts.clear();
-            let mut shape = Ok(());
-            for desc in chain.clone() {
-                shape = st
-                    .server
-                    .parts
-                    .push(desc.addr().0, desc.len(), desc.is_write_only());
-                if shape.is_err() {
-                    break;
-                }
-            }
-            let served = st
-                .server
-                .serve(shape, m, &mut st.device, st.publisher.as_mut());
-            st.completions.push((head, served));
-        }
-        // In order: everything before the first narrowing request completes
-        // now; the rest after one grace period.
-        let first_grace = st.completions.iter().position(|(_, s)| s.needs_grace);
-        let split = first_grace.unwrap_or(st.completions.len());
-        for &(head, s) in &st.completions[..split] {
-            vring.add_used(head, s.used_len).map_err(io::Error::other)?;
-        }
-        let served = st.completions.len();
-        if first_grace.is_some() {
-            let wait = st.publisher.synchronize();
-            let rest: Vec<(u16, Served)> = st.completions[split..].to_vec();
-            drop(guard);
-            wait.wait();
-            for (head, s) in rest {
-                vring.add_used(head, s.used_len).map_err(io::Error::other)?;
-            }
-        }
-        Ok(served)
-    }
+/// What one pass over the request queue did.
+struct PassOutcome {
+    /// Chains taken.
+    taken: usize,
+    /// More became available while notifications were off: pass again.
+    more: bool,
 }
 
 impl VhostUserBackend for IommuBackend {
@@ -543,6 +554,7 @@ impl VhostUserBackend for IommuBackend {
             }
         }
         *self.inner.mem.write().map_err(lock_error)? = Some(mem);
+        self.inner.mem_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! followed by its device-writable segments. Bytes are gathered from and
 //! scattered to those segments only, never beyond them.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use viommu_backend::RamAccess;
 
 /// One buffer of a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub enum ChainError {
         /// Position of the offending descriptor in the chain.
         index: usize,
     },
-    /// A segment is not inside guest memory.
+    /// A segment is not inside guest memory (or spans two RAM regions).
     #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
     OutsideMemory {
         /// Its address.
@@ -69,6 +69,19 @@ impl ChainParts {
         Ok(())
     }
 
+    /// Forgets the previous chain and takes `segments` in: the descriptors
+    /// of one chain as `(addr, len, device_writable)`.
+    pub fn fill(
+        &mut self,
+        segments: impl IntoIterator<Item = (u64, u32, bool)>,
+    ) -> Result<(), ChainError> {
+        self.clear();
+        for (addr, len, writable) in segments {
+            self.push(addr, len, writable)?;
+        }
+        Ok(())
+    }
+
     /// Total device-readable bytes.
     pub fn readable_len(&self) -> u64 {
         self.readable_len
@@ -80,24 +93,21 @@ impl ChainParts {
     }
 
     /// Copies the first readable bytes into `buf` (as many as fit) and
-    /// returns how many were copied.
-    pub fn gather<M: GuestMemory + Bytes<GuestAddress>>(
-        &self,
-        mem: &M,
-        buf: &mut [u8],
-    ) -> Result<usize, ChainError> {
+    /// returns how many were copied. Every readable segment must lie in
+    /// guest memory as a whole, even beyond the bytes copied.
+    pub fn gather(&self, mem: &RamAccess, buf: &mut [u8]) -> Result<usize, ChainError> {
         let mut done = 0usize;
         for seg in &self.readable {
-            if done == buf.len() {
-                break;
-            }
+            let src = mem
+                .host(seg.addr, u64::from(seg.len))
+                .map_err(|_| outside(seg))?;
             let take = (buf.len() - done).min(seg.len as usize);
-            let dst = &mut buf[done..done + take];
-            mem.read_slice(dst, GuestAddress(seg.addr))
-                .map_err(|_| ChainError::OutsideMemory {
-                    addr: seg.addr,
-                    len: seg.len,
-                })?;
+            for (i, b) in buf[done..done + take].iter_mut().enumerate() {
+                // SAFETY: `src` starts `seg.len` bytes of mapped guest RAM
+                // (checked by `host`, kept mapped by `mem`) and
+                // `i < take <= seg.len`; volatile: the guest shares them.
+                *b = unsafe { std::ptr::read_volatile(src.add(i)) };
+            }
             done += take;
         }
         Ok(done)
@@ -105,14 +115,10 @@ impl ChainParts {
 
     /// Checks that every writable segment lies in guest memory, so that a
     /// request is applied only when its reply can be written.
-    pub fn check_writable<M: GuestMemory>(&self, mem: &M) -> Result<(), ChainError> {
+    pub fn check_writable(&self, mem: &RamAccess) -> Result<(), ChainError> {
         for seg in &self.writable {
-            if !mem.check_range(GuestAddress(seg.addr), seg.len as usize, Permissions::Write) {
-                return Err(ChainError::OutsideMemory {
-                    addr: seg.addr,
-                    len: seg.len,
-                });
-            }
+            mem.host(seg.addr, u64::from(seg.len))
+                .map_err(|_| outside(seg))?;
         }
         Ok(())
     }
@@ -120,23 +126,14 @@ impl ChainParts {
     /// Writes `data` at the start of the writable part. The caller keeps
     /// `data` no longer than the writable part; every segment it touches is
     /// checked before anything is written, so a bad address writes nothing.
-    pub fn scatter<M: GuestMemory + Bytes<GuestAddress>>(
-        &self,
-        mem: &M,
-        data: &[u8],
-    ) -> Result<(), ChainError> {
+    pub fn scatter(&self, mem: &RamAccess, data: &[u8]) -> Result<(), ChainError> {
         let mut left = data.len();
         for seg in &self.writable {
             if left == 0 {
                 break;
             }
             let take = left.min(seg.len as usize);
-            if !mem.check_range(GuestAddress(seg.addr), take, Permissions::Write) {
-                return Err(ChainError::OutsideMemory {
-                    addr: seg.addr,
-                    len: seg.len,
-                });
-            }
+            mem.host(seg.addr, take as u64).map_err(|_| outside(seg))?;
             left -= take;
         }
         let mut done = 0usize;
@@ -145,31 +142,40 @@ impl ChainParts {
                 break;
             }
             let take = (data.len() - done).min(seg.len as usize);
-            mem.write_slice(&data[done..done + take], GuestAddress(seg.addr))
-                .map_err(|_| ChainError::OutsideMemory {
-                    addr: seg.addr,
-                    len: seg.len,
-                })?;
+            mem.write(seg.addr, &data[done..done + take])
+                .map_err(|_| outside(seg))?;
             done += take;
         }
         Ok(())
     }
 }
 
+fn outside(seg: &Segment) -> ChainError {
+    ChainError::OutsideMemory {
+        addr: seg.addr,
+        len: seg.len,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap()
+    fn mem() -> RamAccess {
+        RamAccess::new(Arc::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap(),
+        ))
     }
 
     #[test]
     fn gather_and_scatter_cross_segments_in_order() {
         let m = mem();
-        m.write_slice(&[1, 2, 3], GuestAddress(0x1000)).unwrap();
-        m.write_slice(&[4, 5, 6, 7], GuestAddress(0x2000)).unwrap();
+        m.write(0x1000, &[1, 2, 3]).unwrap();
+        m.ram()
+            .write_slice(&[4, 5, 6, 7], GuestAddress(0x2000))
+            .unwrap();
         let mut c = ChainParts::default();
         c.push(0x1000, 3, false).unwrap();
         c.push(0x2000, 4, false).unwrap();
@@ -183,9 +189,9 @@ mod tests {
         assert_eq!(c.gather(&m, &mut big).unwrap(), 7);
         c.scatter(&m, &[9, 8, 7, 6]).unwrap();
         let mut out = [0u8; 2];
-        m.read_slice(&mut out, GuestAddress(0x3000)).unwrap();
+        m.read(0x3000, &mut out).unwrap();
         assert_eq!(out, [9, 8]);
-        m.read_slice(&mut out, GuestAddress(0x3800)).unwrap();
+        m.read(0x3800, &mut out).unwrap();
         assert_eq!(out, [7, 6]);
     }
 
@@ -207,7 +213,7 @@ mod tests {
         c.push(0x9000_0000, 2, true).unwrap();
         assert!(c.scatter(&m, &[0xee; 4]).is_err());
         let mut out = [0u8; 2];
-        m.read_slice(&mut out, GuestAddress(0x1000)).unwrap();
+        m.read(0x1000, &mut out).unwrap();
         assert_eq!(out, [0, 0]);
         let mut r = ChainParts::default();
         r.push(0x9000_0000, 4, false).unwrap();

@@ -9,9 +9,9 @@
 
 use crate::chain::ChainParts;
 use std::collections::VecDeque;
+use viommu_backend::RamAccess;
 use virtio_iommu_proto::FaultRecord;
 use virtio_iommu_proto::fault::FAULT_RECORD_LEN;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Faults kept while the driver has posted no buffer.
 pub const MAX_PENDING_FAULTS: usize = 256;
@@ -63,9 +63,9 @@ impl FaultQueue {
     /// descriptors `(addr, len, device_writable)`; returns the used length
     /// for the buffer, or `None` if no fault is pending (the buffer must
     /// then stay with the device).
-    pub fn fill<M: GuestMemory + Bytes<GuestAddress>>(
+    pub fn fill(
         &mut self,
-        mem: &M,
+        mem: &RamAccess,
         descriptors: impl Iterator<Item = (u64, u32, bool)>,
     ) -> Option<u32> {
         let record = self.pending.pop_front()?;
@@ -93,8 +93,16 @@ impl FaultQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use virtio_iommu_proto::{FaultFlags, FaultReason};
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// Guest memory, and the device's access to the same pages.
+    fn memory() -> (GuestMemoryMmap, RamAccess) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let access = RamAccess::new(Arc::new(mem.clone()));
+        (mem, access)
+    }
 
     fn fault(ep: u32) -> FaultRecord {
         FaultRecord {
@@ -107,18 +115,18 @@ mod tests {
 
     #[test]
     fn one_record_per_buffer_in_order() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let (mem, device) = memory();
         let mut q = FaultQueue::default();
-        assert_eq!(q.fill(&mem, [(0x100, 24, true)].into_iter()), None);
+        assert_eq!(q.fill(&device, [(0x100, 24, true)].into_iter()), None);
         q.push(fault(1));
         q.push(fault(2));
-        assert_eq!(q.fill(&mem, [(0x100, 64, true)].into_iter()), Some(24));
+        assert_eq!(q.fill(&device, [(0x100, 64, true)].into_iter()), Some(24));
         let mut b = [0u8; 24];
         mem.read_slice(&mut b, GuestAddress(0x100)).unwrap();
         assert_eq!(FaultRecord::from_bytes(&b), Some(fault(1)));
         // Split across two writable descriptors is still one buffer.
         assert_eq!(
-            q.fill(&mem, [(0x200, 10, true), (0x300, 14, true)].into_iter()),
+            q.fill(&device, [(0x200, 10, true), (0x300, 14, true)].into_iter()),
             Some(24)
         );
         assert_eq!(q.stats.delivered, 2);
@@ -126,23 +134,23 @@ mod tests {
 
     #[test]
     fn dev_fault_5_small_or_bad_buffers_drop_the_record() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let (mem, device) = memory();
         let mut q = FaultQueue::default();
         q.push(fault(1));
         q.push(fault(2));
         q.push(fault(3));
         mem.write_slice(&[0xaa; 16], GuestAddress(0x100)).unwrap();
-        assert_eq!(q.fill(&mem, [(0x100, 16, true)].into_iter()), Some(0));
+        assert_eq!(q.fill(&device, [(0x100, 16, true)].into_iter()), Some(0));
         let mut b = [0u8; 16];
         mem.read_slice(&mut b, GuestAddress(0x100)).unwrap();
         assert_eq!(b, [0xaa; 16], "nothing written to a short buffer");
         assert_eq!(
-            q.fill(&mem, [(0x100, 24, false)].into_iter()),
+            q.fill(&device, [(0x100, 24, false)].into_iter()),
             Some(0),
             "read-only buffer"
         );
         assert_eq!(
-            q.fill(&mem, [(0xffff_0000, 24, true)].into_iter()),
+            q.fill(&device, [(0xffff_0000, 24, true)].into_iter()),
             Some(0),
             "outside memory"
         );

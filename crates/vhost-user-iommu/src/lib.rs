@@ -28,6 +28,7 @@ pub mod eventq;
 pub mod iotlb_msg;
 pub mod kick_loop;
 pub mod publish;
+pub mod request_ring;
 pub mod requestq;
 pub mod reset_watch;
 pub mod serve;

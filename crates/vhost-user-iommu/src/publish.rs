@@ -4,7 +4,7 @@
 //! makes it, and before completing a request whose changes narrowed access
 //! it asks the publisher for a grace period, once per drained batch.
 
-use viommu_core::{Change, ChangeSink};
+use viommu_core::{Change, ChangeSink, Refused};
 
 use crate::iotlb_msg::AckWait;
 
@@ -75,14 +75,13 @@ impl TablePublisher for NoTable {
 }
 
 /// A change sink that publishes each change and remembers whether any of
-/// them needs a grace period, and the first one that could not be
-/// published.
+/// them needs a grace period.
 pub struct Publishing<'a> {
     publisher: &'a mut dyn TablePublisher,
     /// Whether a published change took access away.
     pub needs_grace: bool,
-    /// The first change the table refused.
-    pub failed: Option<PublishError>,
+    /// Changes the table refused outside [`ChangeSink::try_add`].
+    pub refused: usize,
 }
 
 impl<'a> Publishing<'a> {
@@ -91,7 +90,7 @@ impl<'a> Publishing<'a> {
         Publishing {
             publisher,
             needs_grace: false,
-            failed: None,
+            refused: 0,
         }
     }
 }
@@ -99,10 +98,22 @@ impl<'a> Publishing<'a> {
 impl ChangeSink for Publishing<'_> {
     fn change(&mut self, change: Change) {
         self.needs_grace |= change.requires_grace_period();
+        // Only additions can fail (they come through `try_add`); anything
+        // else refused means the table is out of step with the model.
         if let Err(e) = self.publisher.publish(&change) {
             tracing::warn!(error = %e, cause = %e.source, "shared table refused a change");
-            self.failed.get_or_insert(e);
+            self.refused += 1;
         }
+    }
+
+    /// A mapping the table has no room for is refused before the model
+    /// takes it: the MAP answers NOMEM and both copies stay as they were.
+    fn try_add(&mut self, change: Change) -> Result<(), Refused> {
+        self.needs_grace |= change.requires_grace_period();
+        self.publisher.publish(&change).map_err(|e| {
+            tracing::debug!(error = %e, cause = %e.source, "MAP refused: the shared table is full");
+            Refused
+        })
     }
 }
 

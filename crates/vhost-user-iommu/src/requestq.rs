@@ -1,15 +1,15 @@
 //! Serving one request-queue chain: split it, gather its readable bytes,
 //! let the model answer, scatter the reply into its writable part.
 
-use crate::chain::{ChainError, ChainParts};
+use crate::chain::ChainParts;
 use crate::publish::{Publishing, TablePublisher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tracing::{Level, debug};
-use viommu_core::{Change, Device, Reply};
-use virtio_iommu_proto::request::{MAX_READABLE_LEN, TAIL_LEN, encode_tail, parse_request};
-use virtio_iommu_proto::{Request, Status, Unmap};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use viommu_backend::{Chain, RamAccess};
+use viommu_core::{Device, Reply};
+use virtio_iommu_proto::request::{MAX_READABLE_LEN, parse_request};
+use virtio_iommu_proto::{Request, Status};
 
 /// What became of one chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,18 +38,19 @@ pub struct RequestStats {
 #[derive(Debug, Default)]
 pub struct RequestServer {
     /// The chain being served.
-    pub parts: ChainParts,
+    parts: ChainParts,
     /// Counters.
     pub stats: RequestStats,
 }
 
 impl RequestServer {
-    /// Serves the chain whose descriptors were pushed into `self.parts`
-    /// (`shape` is the result of pushing them).
-    pub fn serve<M: GuestMemory + Bytes<GuestAddress>>(
+    /// Serves one chain taken from the request queue: its request is
+    /// applied to `device` (its changes published through `publisher`) and
+    /// its reply written, or it is returned with used length 0.
+    pub fn serve(
         &mut self,
-        shape: Result<(), ChainError>,
-        mem: &M,
+        chain: &Chain,
+        mem: &RamAccess,
         device: &mut Device,
         publisher: &mut dyn TablePublisher,
     ) -> Served {
@@ -57,6 +58,14 @@ impl RequestServer {
             used_len: 0,
             needs_grace: false,
         };
+        if let Some(e) = &chain.malformed {
+            debug!(error = %e, "descriptor chain cannot be walked, returned with used length 0");
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return unused;
+        }
+        let shape = self
+            .parts
+            .fill(chain.segments.iter().map(|s| (s.addr, s.len, s.writable)));
         if let Err(e) = shape {
             debug!(error = %e, "malformed request chain, returned with used length 0");
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -84,35 +93,6 @@ impl RequestServer {
         let mut sink = Publishing::new(publisher);
         let reply = device.process(&readable[..got], writable_len, &mut sink);
         let needs_grace = sink.needs_grace;
-        if let Some(Change::MappingAdded { domain, mapping }) = sink.failed.take().map(|f| f.change)
-        {
-            // The table is full: take the mapping back out of the model so
-            // both agree, and answer NOMEM (a limit, like the model's own).
-            let mut undo = Publishing::new(publisher);
-            let unmap = Request::Unmap(Unmap {
-                domain,
-                virt_start: mapping.virt_start,
-                virt_end: mapping.virt_end,
-                reserved: [0; 4],
-            });
-            let undone = device.handle(&unmap, &mut undo);
-            debug!(domain, iova = mapping.virt_start, %undone, "MAP refused: the shared table is full");
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            let needs_grace = needs_grace || undo.needs_grace;
-            if let Err(e) = self.parts.scatter(mem, &encode_tail(Status::NoMem)) {
-                debug!(error = %e, "cannot write the reply, returned with used length 0");
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                return Served {
-                    used_len: 0,
-                    needs_grace,
-                };
-            }
-            self.stats.completed.fetch_add(1, Ordering::Relaxed);
-            return Served {
-                used_len: TAIL_LEN as u32,
-                needs_grace,
-            };
-        }
         let Reply::Complete { status, .. } = reply else {
             debug!(
                 readable = got,

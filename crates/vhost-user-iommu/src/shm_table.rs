@@ -185,8 +185,11 @@ impl TablePublisher for ShmPublisher {
         GraceWait(self.send_invalidations()).wait();
         let mut sink = Publishing::new(self);
         device.publish_state(&mut sink);
-        if let Some(e) = sink.failed {
-            tracing::error!(error = %e, "the shared table cannot hold the device's initial state");
+        if sink.refused > 0 {
+            tracing::error!(
+                refused = sink.refused,
+                "the shared table cannot hold the device's initial state"
+            );
         }
     }
 }

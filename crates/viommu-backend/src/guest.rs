@@ -1,5 +1,8 @@
 //! Host addresses of guest-physical ranges, from the VMM's memory table.
 
+use std::sync::Arc;
+
+use iotlb_shm::Access;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
@@ -35,6 +38,82 @@ pub fn push_host_pieces(
     Ok(())
 }
 
+/// Guest RAM reached without translation, for a device in front of no
+/// IOMMU (the IOMMU itself): host addresses of guest-physical ranges,
+/// each checked against the memory table once. Keeps the mapping alive.
+#[derive(Debug, Clone)]
+pub struct RamAccess {
+    ram: Arc<GuestRam>,
+    /// `(guest-physical start, length, host address)` per region, sorted.
+    regions: Vec<(u64, u64, usize)>,
+}
+
+impl RamAccess {
+    /// Access to `ram`.
+    pub fn new(ram: Arc<GuestRam>) -> RamAccess {
+        let regions = ram
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some((r.start_addr().0, r.len(), host as usize))
+            })
+            .collect();
+        RamAccess { ram, regions }
+    }
+
+    /// The memory table this reads.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The host address of `[gpa, gpa + len)`, which must lie inside one
+    /// region (an empty range at a region's end included).
+    #[inline]
+    pub fn host(&self, gpa: u64, len: u64) -> Result<*mut u8, DmaError> {
+        for &(start, size, host) in &self.regions {
+            let Some(offset) = gpa.checked_sub(start) else {
+                continue;
+            };
+            if offset < size || (len == 0 && offset == size) {
+                if len > size - offset {
+                    return Err(DmaError::NotContiguous { addr: gpa, len });
+                }
+                return Ok((host + offset as usize) as *mut u8);
+            }
+        }
+        Err(DmaError::OutsideRam { gpa, len })
+    }
+
+    /// Copies guest memory at `gpa` into `buf` (volatile loads: the guest
+    /// may write it concurrently).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let src = self.host(gpa, buf.len() as u64)?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `src..src + buf.len()` lies inside one mapped region
+            // (checked by `host`), kept mapped by `self.ram`.
+            *b = unsafe { std::ptr::read_volatile(src.add(i)) };
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `gpa` (volatile stores).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaError> {
+        let dst = self.host(gpa, data.len() as u64)?;
+        for (i, &b) in data.iter().enumerate() {
+            // SAFETY: `dst..dst + data.len()` lies inside one mapped region
+            // (checked by `host`), kept mapped by `self.ram`.
+            unsafe { std::ptr::write_volatile(dst.add(i), b) };
+        }
+        Ok(())
+    }
+}
+
+impl crate::ring::RingMemory for RamAccess {
+    fn host_range(&self, addr: u64, len: u64, _access: Access) -> Result<*mut u8, DmaError> {
+        self.host(addr, len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +144,43 @@ mod tests {
         let mut empty = Vec::new();
         push_host_pieces(&m, 0x1000, 0, &mut empty).unwrap();
         assert!(empty.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod ram_access_tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve_inside_one_region_only() {
+        let m = Arc::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0x1000), 0x2000),
+                (GuestAddress(0x8000), 0x1000),
+            ])
+            .unwrap(),
+        );
+        let a = RamAccess::new(Arc::clone(&m));
+        a.write(0x2ffe, &[1, 2]).unwrap();
+        let mut two = [0u8; 2];
+        a.read(0x2ffe, &mut two).unwrap();
+        assert_eq!(two, [1, 2]);
+        assert_eq!(
+            a.host(0x8000, 0x10).unwrap() as usize,
+            m.get_host_address(GuestAddress(0x8000)).unwrap() as usize
+        );
+        // Crossing a region's end, between regions, past the last one.
+        assert!(matches!(
+            a.read(0x2fff, &mut two),
+            Err(DmaError::NotContiguous { .. })
+        ));
+        assert!(matches!(
+            a.host(0x4000, 1),
+            Err(DmaError::OutsideRam { .. })
+        ));
+        assert!(a.host(0x9000, 1).is_err());
+        assert!(a.host(u64::MAX, 2).is_err());
+        assert!(a.host(0x0fff, 1).is_err());
+        assert!(a.host(0x3000, 0).is_ok());
     }
 }

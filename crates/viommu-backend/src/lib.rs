@@ -27,6 +27,7 @@ pub mod ring;
 
 pub use dma::{Batch, Dma, DmaOptions, IoHold, QueueDma, SetupError};
 pub use error::DmaError;
+pub use guest::RamAccess;
 pub use iotlb_shm::{Access, Fault, FaultKind};
 pub use mode::IommuMode;
-pub use ring::{Chain, RingAddrs, RingError, RingView, Segment, SplitQueue};
+pub use ring::{Chain, RingAddrs, RingError, RingMemory, RingView, Segment, SplitQueue};

@@ -15,6 +15,21 @@ use iotlb_shm::Access;
 use crate::dma::Batch;
 use crate::error::DmaError;
 
+/// Memory a queue's rings and buffers live in, as host addresses of device
+/// ranges: a [`Batch`] (translated), or [`crate::guest::RamAccess`] (guest
+/// RAM as it is, for a device that sits in front of no IOMMU).
+pub trait RingMemory {
+    /// The host address of the device range `[addr, addr + len)`, which
+    /// must be contiguous in host memory and allow `access`.
+    fn host_range(&self, addr: u64, len: u64, access: Access) -> Result<*mut u8, DmaError>;
+}
+
+impl RingMemory for Batch<'_> {
+    fn host_range(&self, addr: u64, len: u64, access: Access) -> Result<*mut u8, DmaError> {
+        Batch::host_range(self, addr, len, access)
+    }
+}
+
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_DESC_F_INDIRECT: u16 = 4;
@@ -137,6 +152,26 @@ impl SplitQueue {
         })
     }
 
+    /// A queue at `addrs` whose indices are both known: a device that
+    /// reads its rings at guest-physical addresses takes the used index
+    /// that its transport read at SET_VRING_ADDR.
+    pub fn resume(
+        addrs: RingAddrs,
+        next_avail: u16,
+        next_used: u16,
+        event_idx: bool,
+    ) -> Result<SplitQueue, RingError> {
+        let mut q = SplitQueue::new(addrs, next_avail, event_idx)?;
+        q.next_used = next_used;
+        q.used_unknown = false;
+        Ok(q)
+    }
+
+    /// Whether EVENT_IDX is in use.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
     /// Next available entry to take.
     pub fn next_avail(&self) -> u16 {
         self.next_avail
@@ -153,7 +188,10 @@ impl SplitQueue {
     }
 
     /// The rings of this batch.
-    pub fn view<'v>(&'v mut self, batch: &'v Batch<'v>) -> Result<RingView<'v>, RingError> {
+    pub fn view<'v, M: RingMemory>(
+        &'v mut self,
+        batch: &'v M,
+    ) -> Result<RingView<'v, M>, RingError> {
         let n = u64::from(self.addrs.size);
         let desc = batch.host_range(self.addrs.desc, 16 * n, Access::READ)?;
         let avail = batch.host_range(self.addrs.avail, 6 + 2 * n, Access::READ)?;
@@ -178,15 +216,15 @@ impl SplitQueue {
 }
 
 /// The rings of a queue, translated for one batch.
-pub struct RingView<'v> {
+pub struct RingView<'v, M: RingMemory = Batch<'v>> {
     q: &'v mut SplitQueue,
-    batch: &'v Batch<'v>,
+    batch: &'v M,
     desc: *mut u8,
     avail: *mut u8,
     used: *mut u8,
 }
 
-impl RingView<'_> {
+impl<M: RingMemory> RingView<'_, M> {
     fn size(&self) -> u16 {
         self.q.addrs.size
     }
@@ -209,6 +247,16 @@ impl RingView<'_> {
     /// visible after this load).
     fn avail_idx(&self) -> u16 {
         u16::from_le(self.atomic_u16(self.avail, 2).load(Ordering::Acquire))
+    }
+
+    /// Next available entry to take.
+    pub fn next_avail(&self) -> u16 {
+        self.q.next_avail
+    }
+
+    /// Next used entry to write.
+    pub fn next_used(&self) -> u16 {
+        self.q.next_used
     }
 
     /// Whether the driver has published entries not taken yet.

@@ -65,11 +65,26 @@ impl Change {
     }
 }
 
+/// A sink could not take a mapping in (its table is full): the model
+/// keeps nothing of the MAP, which answers NOMEM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the published table has no room for the mapping")]
+pub struct Refused;
+
 /// Receives the model's changes as they happen.
 pub trait ChangeSink {
     /// One change; called in the order the changes are made, before the
     /// request that made them returns its status.
     fn change(&mut self, change: Change);
+
+    /// A mapping about to be added ([`Change::MappingAdded`]), offered
+    /// before the model takes it: a sink whose copy has no room refuses it,
+    /// and the model then answers NOMEM with nothing changed. By default
+    /// the change is taken like any other.
+    fn try_add(&mut self, change: Change) -> Result<(), Refused> {
+        self.change(change);
+        Ok(())
+    }
 }
 
 /// A sink that drops everything.

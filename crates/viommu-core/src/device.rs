@@ -614,12 +614,15 @@ impl Device {
             phys_start: m.phys_start,
             flags: m.flags,
         };
-        dom.mappings.insert(mapping);
-        self.total_mappings += 1;
-        sink.change(Change::MappingAdded {
+        let added = Change::MappingAdded {
             domain: m.domain,
             mapping,
-        });
+        };
+        if sink.try_add(added).is_err() {
+            return Status::NoMem;
+        }
+        dom.mappings.insert(mapping);
+        self.total_mappings += 1;
         Status::Ok
     }
 

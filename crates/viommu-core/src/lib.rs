@@ -19,7 +19,7 @@ pub mod mappings;
 pub mod reply;
 pub mod translate;
 
-pub use change::{Change, ChangeLog, ChangeSink, EndpointState, NullSink};
+pub use change::{Change, ChangeLog, ChangeSink, EndpointState, NullSink, Refused};
 pub use config::{ConfigError, DeviceConfig, EndpointRange, Limits};
 pub use device::{ConfigWriteError, Device, FeatureError};
 pub use mappings::Mapping;

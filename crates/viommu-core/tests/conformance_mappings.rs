@@ -4,9 +4,9 @@
 mod common;
 
 use common::*;
-use viommu_core::{Access, Change, TranslateError};
+use viommu_core::{Access, Change, ChangeLog, ChangeSink, Refused, TranslateError};
 use virtio_iommu_proto::features::{VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO};
-use virtio_iommu_proto::{FaultFlags, FaultReason, MapFlags, Request, Status, Unmap};
+use virtio_iommu_proto::{FaultFlags, FaultReason, Map, MapFlags, Request, Status, Unmap};
 
 /// A device with endpoint 0 attached to translated domain 1.
 fn attached() -> Harness {
@@ -450,4 +450,38 @@ fn limits_mapping_counts_answer_nomem() {
     );
     assert_eq!(h.detach(1, 0), Status::Ok);
     assert_eq!(h.dev.mapping_count(), 2, "domain 1's mapping went with it");
+}
+
+/// A sink whose copy of the mappings is full refuses every new mapping.
+#[derive(Default)]
+struct FullTable(ChangeLog);
+
+impl ChangeSink for FullTable {
+    fn change(&mut self, change: Change) {
+        self.0.change(change);
+    }
+    fn try_add(&mut self, _change: Change) -> Result<(), Refused> {
+        Err(Refused)
+    }
+}
+
+#[test]
+fn a_mapping_the_published_table_refuses_is_nomem_and_leaves_nothing() {
+    let mut h = attached();
+    let map = Request::Map(Map {
+        domain: 1,
+        virt_start: 0x4000,
+        virt_end: 0x4fff,
+        phys_start: 0x8000,
+        flags: RW,
+    });
+    let mut full = FullTable::default();
+    assert_eq!(h.dev.handle(&map, &mut full), Status::NoMem);
+    assert!(full.0.changes.is_empty(), "nothing announced");
+    assert_eq!(h.dev.mapping_count(), 0);
+    assert_eq!(h.gpa(0, 0x4000, Access::Read), None);
+    // Room again: the same MAP goes through and is announced once.
+    assert_eq!(h.send(map), Status::Ok);
+    assert_eq!(h.dev.mapping_count(), 1);
+    assert_eq!(h.gpa(0, 0x4010, Access::Read), Some(0x8010));
 }

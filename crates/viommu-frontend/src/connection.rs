@@ -154,6 +154,30 @@ impl Connection {
         Ok(conn)
     }
 
+    /// The process at the other end of the socket (SO_PEERCRED), if the
+    /// kernel tells.
+    pub fn peer_pid(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which
+        // lives across the call; the descriptor is the connection's own.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.frontend.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0 && cred.pid > 0).then_some(cred.pid)
+    }
+
     /// Features the backend offered (GET_FEATURES).
     pub fn offered_features(&self) -> u64 {
         self.offered

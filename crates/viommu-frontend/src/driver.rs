@@ -78,6 +78,12 @@ pub enum DriverError {
         /// Chains still in flight.
         in_flight: usize,
     },
+    /// A batch needs more free descriptors than the ring has now.
+    #[error("a batch needs {needed} descriptors, more than the request ring has free")]
+    RingFull {
+        /// Descriptors the batch needs.
+        needed: usize,
+    },
     /// The feature set to ack is missing something the driver needs.
     #[error("the device does not offer {0}, which the driver requires")]
     MissingFeature(&'static str),
@@ -214,16 +220,31 @@ impl Queue {
         &mut self,
         mem: &Mem,
         timeout: Duration,
+        sink: impl FnMut(Used),
+    ) -> Result<(), DriverError> {
+        self.collect(mem, timeout, self.ring.in_flight(), sink)
+    }
+
+    /// Polls the used ring (spin, then sleep on the call eventfd) until at
+    /// least `min` chains were used (or nothing is in flight), handing each
+    /// used chain to `sink`.
+    fn collect(
+        &mut self,
+        mem: &Mem,
+        timeout: Duration,
+        min: usize,
         mut sink: impl FnMut(Used),
     ) -> Result<(), DriverError> {
         let mut last_progress = Instant::now();
+        let mut got = 0usize;
         while self.ring.in_flight() > 0 {
             let mut progressed = false;
             while let Some(u) = self.ring.pop_used(mem)? {
                 sink(u);
+                got += 1;
                 progressed = true;
             }
-            if self.ring.in_flight() == 0 {
+            if self.ring.in_flight() == 0 || got >= min {
                 break;
             }
             if progressed {
@@ -239,7 +260,7 @@ impl Queue {
             if self.ring.has_used(mem)? {
                 continue;
             }
-            let waiting = u16::try_from(self.ring.in_flight()).unwrap_or(u16::MAX);
+            let waiting = u16::try_from((min - got).min(self.ring.in_flight())).unwrap_or(u16::MAX);
             self.ring.arm_used_event(mem, waiting)?;
             if self.ring.has_used(mem)? {
                 continue;
@@ -432,6 +453,54 @@ impl Driver {
         done.ok_or(DriverError::Timeout {
             waited: self.opts.timeout,
             in_flight: 0,
+        })
+    }
+
+    /// Queues `reqs` and kicks once, without waiting: the driver keeps
+    /// several batches in flight (collect them with [`Self::collect`]).
+    /// Each request is known by `first` + its position in `reqs`. Fails
+    /// with nothing queued if the ring has no room for all of them.
+    pub fn post_batch(&mut self, reqs: &[Request], first: usize) -> Result<(), DriverError> {
+        let specs: Vec<ChainSpec> = reqs
+            .iter()
+            .map(|r| chain_for(r, self.config.probe_size, self.opts.layout))
+            .collect();
+        let needed: usize = specs.iter().map(SplitRing::descriptors_needed).sum();
+        if needed > self.reqq.ring.free_descriptors() {
+            return Err(DriverError::RingFull { needed });
+        }
+        for (i, spec) in specs.iter().enumerate() {
+            let head = self.reqq.ring.add(self.ram.mem(), spec)?;
+            self.slots[usize::from(head)] = first + i;
+        }
+        self.reqq.publish_and_kick(self.ram.mem())
+    }
+
+    /// Requests posted with [`Self::post_batch`] and not collected yet.
+    pub fn in_flight(&self) -> usize {
+        self.reqq.ring.in_flight()
+    }
+
+    /// Waits until at least `min` posted requests completed (fewer if fewer
+    /// are in flight), calling `done(index, outcome)` for each completed
+    /// one, in completion order.
+    pub fn collect(
+        &mut self,
+        min: usize,
+        mut done: impl FnMut(usize, Outcome),
+    ) -> Result<(), DriverError> {
+        let mem = self.ram.mem();
+        let slots = &self.slots;
+        self.reqq.collect(mem, self.opts.timeout, min, |u| {
+            if let Some(&i) = slots.get(usize::from(u.head)) {
+                done(
+                    i,
+                    Outcome {
+                        used_len: u.len,
+                        writable: u.writable,
+                    },
+                );
+            }
         })
     }
 

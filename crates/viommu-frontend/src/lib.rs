@@ -32,6 +32,7 @@ pub mod blk;
 pub mod blk_load;
 pub mod blk_queue;
 pub mod connection;
+pub mod device_cpu;
 pub mod driver;
 pub mod guest_dma;
 pub mod memory;

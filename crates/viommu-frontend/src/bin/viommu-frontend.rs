@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use viommu_frontend::driver::{DEFAULT_QUEUE_SIZE, Driver, DriverOptions, Outcome};
-use viommu_frontend::{Layout, replay, trace};
+use viommu_frontend::{Layout, device_cpu, replay, trace};
 use virtio_iommu_proto::probe::{Property, parse_properties};
 use virtio_iommu_proto::{Attach, Detach, Map, MapFlags, Probe, Request, Unmap};
 
@@ -139,9 +139,15 @@ enum Command {
         /// The trace file.
         #[arg(long, value_name = "FILE")]
         trace: PathBuf,
-        /// Requests queued per kick (the driver then waits for all of them).
+        /// Requests queued per kick.
         #[arg(long, value_name = "N", default_value_t = 1)]
         batch: usize,
+        /// Batches posted before the oldest one completed. 1 (the default)
+        /// waits for each batch before the next, as Linux's driver waits
+        /// for its synchronous requests; more keeps the device busy, so
+        /// that its own rate shows rather than the round trip's.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        in_flight: usize,
     },
     /// Drive a vhost-user-blk backend as QEMU plus a Linux guest would, its
     /// DMA mapped through the daemon at --socket by the chosen policy, and
@@ -275,10 +281,20 @@ fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     if let Command::Blk(b) = &cli.command {
         return run_blk(&cli, b);
     }
-    if let Command::Replay { trace: path, batch } = &cli.command {
+    if let Command::Replay {
+        trace: path,
+        batch,
+        in_flight,
+    } = &cli.command
+    {
         let requests = trace::load(path)?;
         let mut driver = Driver::connect(&cli.socket, opts)?;
-        let report = replay::replay(&mut driver, &requests, *batch)?;
+        let meter = driver
+            .connection()
+            .peer_pid()
+            .and_then(device_cpu::CpuMeter::start);
+        let mut report = replay::replay_pipelined(&mut driver, &requests, *batch, *in_flight)?;
+        report.device_cpu = meter.and_then(|m| m.used());
         println!("{report}");
         return Ok(report.non_ok == 0);
     }

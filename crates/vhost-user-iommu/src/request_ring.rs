@@ -1,0 +1,169 @@
+//! The request queue's ring, served in passes.
+//!
+//! vhost-user-backend keeps the queue's set-up (addresses, size, indices)
+//! in its vring, which the VMM's messages change. A pass copies that set-up
+//! into a [`SplitQueue`] (kept while it does not change), reads the rings
+//! and request buffers through host pointers resolved once per pass
+//! ([`RamAccess`], volatile accesses), serves every available chain, writes
+//! the used entries and publishes the used index once per run of
+//! completions, and writes the indices back into the vring for
+//! GET_VRING_BASE.
+
+use crate::publish::TablePublisher;
+use crate::requestq::{RequestServer, Served};
+use viommu_backend::{Chain, RamAccess, RingAddrs, RingError, RingView, SplitQueue};
+use viommu_core::Device;
+use virtio_queue::{Queue, QueueT};
+
+/// What the request queue's thread keeps between passes.
+#[derive(Debug, Default)]
+pub struct RequestRing {
+    /// Guest RAM, and the memory-table generation it came from.
+    ram: Option<(u64, RamAccess)>,
+    queue: Option<SplitQueue>,
+    /// Chains taken in the current pass (their buffers are reused).
+    chains: Vec<Chain>,
+    /// `(head, outcome)` of the chains served in the current pass.
+    completions: Vec<(u16, Served)>,
+    /// Serves one chain; keeps the request counters.
+    pub server: RequestServer,
+}
+
+/// The rings of one pass.
+pub type PassView<'a> = RingView<'a, RamAccess>;
+
+impl RequestRing {
+    /// Takes guest RAM from the latest memory table, if it is newer than
+    /// the one in use.
+    pub fn use_memory(&mut self, generation: u64, ram: impl FnOnce() -> Option<RamAccess>) {
+        if self.ram.as_ref().is_some_and(|(g, _)| *g == generation) {
+            return;
+        }
+        self.ram = ram().map(|r| (generation, r));
+    }
+
+    /// Brings the ring state in line with the vring's set-up (which the
+    /// VMM may have changed since the last pass). False when the queue is
+    /// not ready, or guest memory is not known yet.
+    pub fn sync(&mut self, q: &Queue) -> Result<bool, RingError> {
+        if !q.ready() || self.ram.is_none() {
+            return Ok(false);
+        }
+        let addrs = RingAddrs {
+            size: q.size(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+        };
+        let event_idx = q.event_idx_enabled();
+        let current = self.queue.as_ref().is_some_and(|sq| {
+            sq.addrs() == addrs
+                && sq.next_avail() == q.next_avail()
+                && sq.next_used() == q.next_used()
+                && sq.event_idx() == event_idx
+        });
+        if !current {
+            self.queue = Some(SplitQueue::resume(
+                addrs,
+                q.next_avail(),
+                q.next_used(),
+                event_idx,
+            )?);
+        }
+        Ok(true)
+    }
+
+    /// The rings and guest RAM of a pass, and what is kept for its chains
+    /// (after a successful [`Self::sync`]).
+    pub fn parts(&mut self) -> Result<Pass<'_>, RingError> {
+        let (Some((_, ram)), Some(queue)) = (&self.ram, &mut self.queue) else {
+            return Err(RingError::Setup("request queue not set up"));
+        };
+        let addrs = queue.addrs();
+        let view = queue.view(ram)?;
+        Ok(Pass {
+            addrs,
+            view,
+            ram,
+            chains: &mut self.chains,
+            completions: &mut self.completions,
+            server: &mut self.server,
+        })
+    }
+}
+
+/// One pass over the request queue.
+pub struct Pass<'a> {
+    addrs: RingAddrs,
+    /// The rings.
+    pub view: PassView<'a>,
+    /// Guest RAM.
+    pub ram: &'a RamAccess,
+    chains: &'a mut Vec<Chain>,
+    /// `(head, outcome)` per chain served.
+    pub completions: &'a mut Vec<(u16, Served)>,
+    /// Serves one chain.
+    pub server: &'a mut RequestServer,
+}
+
+impl Pass<'_> {
+    /// Takes every available chain (at most a queue's worth) and serves
+    /// them in order, recording each outcome in [`Self::completions`]. A
+    /// ring that cannot be read sanely is an error, after the chains taken
+    /// before it were served.
+    pub fn serve_available(
+        &mut self,
+        device: &mut Device,
+        publisher: &mut dyn TablePublisher,
+    ) -> Result<usize, RingError> {
+        self.completions.clear();
+        let mut taken = 0;
+        let mut result = Ok(());
+        loop {
+            if taken == self.chains.len() {
+                self.chains.push(Chain::default());
+            }
+            match self.view.pop(&mut self.chains[taken]) {
+                Ok(true) => taken += 1,
+                Ok(false) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        for chain in &self.chains[..taken] {
+            let served = self.server.serve(chain, self.ram, device, publisher);
+            self.completions.push((chain.head, served));
+        }
+        match result {
+            Err(e) if taken == 0 => Err(e),
+            _ => Ok(taken),
+        }
+    }
+
+    /// Whether the vring still describes the queue this pass works on (the
+    /// VMM may have stopped or moved it while the pass waited for a grace
+    /// period).
+    pub fn in_step(&self, q: &Queue) -> bool {
+        q.ready()
+            && q.desc_table() == self.addrs.desc
+            && q.avail_ring() == self.addrs.avail
+            && q.used_ring() == self.addrs.used
+            && q.next_avail() == self.view.next_avail()
+            && q.next_used() == self.view.next_used()
+    }
+
+    /// Writes back the indices the VMM reads at GET_VRING_BASE (and
+    /// vhost-user-backend's own checks use).
+    pub fn write_back(&self, q: &mut Queue) {
+        q.set_next_avail(self.view.next_avail());
+        q.set_next_used(self.view.next_used());
+    }
+}
+
+/// Guest RAM of a memory table, for the request ring.
+pub fn ram_access(mem: &crate::backend::GuestMem) -> RamAccess {
+    use vm_memory::GuestAddressSpace;
+    RamAccess::new(mem.memory().into_inner())
+}
