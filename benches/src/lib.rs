@@ -4,6 +4,7 @@
 //! criterion groups give the detailed numbers, and [`ratio::SideBySide`]
 //! prints the ratios the performance targets are stated in.
 
+pub mod in_process;
 pub mod lookup_baselines;
 pub mod model_baselines;
 pub mod ratio;
