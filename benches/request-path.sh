@@ -157,6 +157,7 @@ declare -A LABEL=(
     [in-process]="in-process Device::process, RwLock<BTreeMap> (no queue, no daemon)"
 )
 declare -A RPS P50
+read -r load _ </proc/loadavg
 for c in "${CONFIGS[@]}"; do
     for b in "${BATCHES[@]}"; do
         median_of "$c" "$b"
@@ -166,18 +167,19 @@ done
 
 requests=$(zcat -f "$TRACE" | grep -c '^virtio_iommu_')
 echo "Replay of $TRACE ($requests requests), queue size $QUEUE_SIZE,"
-echo "median of $RUNS runs per figure; every daemon started fresh for each run."
+echo "median of $RUNS runs per figure; every daemon started fresh for each run;"
+echo "$(nproc) CPUs, 1-minute load average $load before the first replay."
 echo "ratio = requests/s / requests/s of naive-viommu at the same batch."
 echo
-printf '%-70s %6s %12s %22s %18s\n' "device" "batch" "requests/s" "ratio to naive device" "p50 batch (µs)"
+printf '%-70s %6s %12s %22s %22s\n' "device" "batch" "requests/s" "ratio to naive device" "p50 at batch 1 (µs)"
 for c in "${CONFIGS[@]}"; do
     for b in "${BATCHES[@]}"; do
         ratio=$(awk -v a="${RPS[$c.$b]}" -v n="${RPS[naive.$b]}" 'BEGIN { printf "%.2f", a / n }')
         p50=-
         [[ $b -eq 1 ]] && p50=${P50[$c.$b]}
-        printf '%-70s %6s %12s %22s %18s\n' "${LABEL[$c]}" "$b" "${RPS[$c.$b]}" "${ratio}x" "$p50"
+        printf '%-70s %6s %12s %22s %22s\n' "${LABEL[$c]}" "$b" "${RPS[$c.$b]}" "${ratio}x" "$p50"
     done
 done
 echo
-echo "p50 batch: median round trip of one batch (queue, kick, all used) at batch 1;"
-echo "in-process, the time Device::process takes for it."
+echo "p50 at batch 1: median round trip of one request (queue, kick, used) as the"
+echo "frontend times it; in-process, the time Device::process takes for it."
