@@ -10,7 +10,7 @@ use viommu_benches::in_process::{LockedTables, encode, linux_device, replay};
 use viommu_frontend::replay::replay as replay_socket;
 use viommu_frontend::split_ring::ChainSpec;
 use viommu_frontend::{Driver, DriverOptions, trace};
-use virtio_iommu_proto::{Attach, Map, MapFlags, Request, Status};
+use virtio_iommu_proto::{Attach, Map, MapFlags, Probe, Request, Status};
 
 fn trace_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -114,6 +114,7 @@ fn naive_device_returns_bad_chains_untouched_and_keeps_serving() {
         phys_start: 0x10_0000,
         flags: MapFlags(3),
     });
+    let probe = Request::Probe(Probe { endpoint: 8 });
     let chain = |readable: Vec<u8>, writable_len| ChainSpec {
         readable,
         writable_len,
@@ -124,19 +125,23 @@ fn naive_device_returns_bad_chains_untouched_and_keeps_serving() {
     };
     let out = driver
         .send_chains(&[
-            chain(attach.encode(), 0),             // no room for a tail
-            chain(vec![9, 0, 0, 0, 0, 0], 4),      // unknown type
-            chain(vec![1, 0], 4),                  // no head
-            chain(map.encode()[..12].to_vec(), 4), // MAP cut short
+            chain(attach.encode(), 0),                // no room for a tail
+            chain(vec![9, 0, 0, 0, 0, 0], 4),         // unknown type
+            chain(vec![1, 0], 4),                     // no head
+            chain(map.encode()[..12].to_vec(), 4),    // MAP cut short
+            chain(probe.encode()[..6].to_vec(), 516), // PROBE cut short
         ])
         .unwrap();
     let used: Vec<u32> = out.iter().map(|o| o.used_len).collect();
-    assert_eq!(used, [0, 0, 0, 4]);
+    assert_eq!(used, [0, 0, 0, 4, 516]);
     assert_eq!(out[3].status(), Some(Status::Inval));
+    assert_eq!(out[4].status(), Some(Status::Inval));
+    assert!(out[4].properties().iter().all(|&b| b == 0));
     for (req, want) in [
         (attach, Status::Ok),
         (map, Status::Ok),
         (map, Status::Inval),
+        (probe, Status::Ok),
     ] {
         assert_eq!(driver.send_one(&req).unwrap().status(), Some(want));
     }

@@ -32,8 +32,8 @@ use virtio_iommu_proto::request::{
     ATTACH_FLAGS_KNOWN, MAX_READABLE_LEN, TAIL_LEN, VIRTIO_IOMMU_ATTACH_F_BYPASS, encode_tail,
 };
 use virtio_iommu_proto::{
-    Attach, ConfigSpace, Detach, DomainRange, InputRange, Map, MapFlags, NUM_QUEUES, Request,
-    Status, Unmap, parse_request,
+    Attach, ConfigSpace, Detach, DomainRange, InputRange, Map, MapFlags, NUM_QUEUES, ParseError,
+    Request, RequestType, Status, Unmap, parse_request,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{
@@ -207,8 +207,21 @@ impl NaiveIommu {
         if writable_len < TAIL_LEN {
             return 0;
         }
+        let parsed = parse_request(&readable);
         let mut reply = Vec::new();
-        let status = match parse_request(&readable) {
+        let probe_area = PROBE_SIZE as usize;
+        if matches!(
+            parsed,
+            Ok(Request::Probe(_))
+                | Err(ParseError::TooShort {
+                    req_type: RequestType::Probe,
+                    ..
+                })
+        ) {
+            // No property: a zeroed area (a NONE head ends the list).
+            reply.resize((writable_len - TAIL_LEN).min(probe_area), 0);
+        }
+        let status = match parsed {
             Err(e) => match e.status() {
                 Some(status) => status,
                 None => return 0,
@@ -217,18 +230,9 @@ impl NaiveIommu {
             Ok(Request::Detach(d)) => self.detach(&d),
             Ok(Request::Map(m)) => self.map(&m),
             Ok(Request::Unmap(u)) => self.unmap(&u),
-            Ok(Request::Probe(p)) => {
-                // No property: a zeroed area (a NONE head ends the list).
-                let area = PROBE_SIZE as usize;
-                reply.resize((writable_len - TAIL_LEN).min(area), 0);
-                if writable_len < area + TAIL_LEN {
-                    Status::Inval
-                } else if p.endpoint > LAST_ENDPOINT {
-                    Status::NoEnt
-                } else {
-                    Status::Ok
-                }
-            }
+            Ok(Request::Probe(_)) if writable_len < probe_area + TAIL_LEN => Status::Inval,
+            Ok(Request::Probe(p)) if p.endpoint > LAST_ENDPOINT => Status::NoEnt,
+            Ok(Request::Probe(_)) => Status::Ok,
         };
         reply.extend_from_slice(&encode_tail(status));
         // Scatter the reply over the writable descriptors.
