@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# The request path beside its baselines, in one run (issue 11): requests/s
+# replaying the Linux guest trace at --batch 1, 8 and 32 through
+#
+#   - vhost-user-iommu, the real daemon, publishing its table
+#     (--backend-socket), once as is and once with --poll-us 50;
+#   - naive-viommu, what rust-vmm gives in an afternoon (vhost-user-backend's
+#     epoll loop, vm-memory copies, a BTreeMap), over its socket
+#     (benches/src/bin/naive_viommu.rs);
+#   - replay-in-process, the same device model fed the same request bytes
+#     with no virtqueue and no daemon, changes mirrored into
+#     RwLock<BTreeMap>s (benches/src/in_process.rs): what the queue and the
+#     process boundary cost;
+#
+# with each figure's ratio to the naive device and the median batch round
+# trip at batch 1. Every daemon is started fresh for each replay, its
+# sockets in a temporary directory. A replay with any non-OK status fails
+# the run.
+#
+# Usage: benches/request-path.sh
+# Environment: CARGO_TARGET_DIR (default ./target), RUNS (replays per
+# figure, the median is shown; default 3), TRACE, QUEUE_SIZE (default 1024).
+
+set -euo pipefail
+shopt -s inherit_errexit
+
+cd "$(dirname "$0")/.."
+TRACE=${TRACE:-crates/viommu-frontend/traces/linux612-virtio-blk-lazy-mixed.trace.gz}
+QUEUE_SIZE=${QUEUE_SIZE:-1024}
+RUNS=${RUNS:-3}
+BATCHES=(1 8 32)
+
+cargo build --release -q -p vhost-user-iommu -p viommu-frontend -p viommu-benches --bins
+BIN=${CARGO_TARGET_DIR:-target}/release
+
+tmp=$(mktemp -d)
+daemon_pid=
+cleanup() {
+    if [[ -n $daemon_pid ]]; then
+        kill "$daemon_pid" 2>/dev/null || true
+        wait "$daemon_pid" 2>/dev/null || true
+    fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+fail() {
+    echo "request-path.sh: $*" >&2
+    exit 1
+}
+
+# start_daemon SOCKET COMMAND...: starts a daemon listening on SOCKET and
+# waits (up to 10 s) for the socket to appear.
+start_daemon() {
+    local sock=$1
+    shift
+    rm -f "$sock"
+    "$@" 2>"$tmp/daemon.log" &
+    daemon_pid=$!
+    for _ in $(seq 200); do
+        [[ -S $sock ]] && return 0
+        kill -0 "$daemon_pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    cat "$tmp/daemon.log" >&2
+    fail "$* did not listen on $sock"
+}
+
+# stop_daemon: SIGTERM (the naive device has usually exited already, at
+# the frontend's disconnect), then wait.
+stop_daemon() {
+    kill "$daemon_pid" 2>/dev/null || true
+    wait "$daemon_pid" 2>/dev/null || true
+    daemon_pid=
+}
+
+# check OUTPUT STATUS WHAT: fails unless the replay ended well with zero
+# non-OK statuses.
+check() {
+    if [[ $2 -ne 0 ]] || ! grep -q '^non-OK statuses: 0$' <<<"$1"; then
+        echo "$1" >&2
+        fail "$3: the replay failed or had non-OK statuses"
+    fi
+}
+
+# figures OUTPUT: prints "REQUESTS_PER_S P50_US" from a replay's output.
+figures() {
+    awk '
+        /^throughput:/ { rps = $2 }
+        /p50 / {
+            for (i = 1; i < NF; i++) if ($i == "p50") v = $(i + 1)
+            n = v + 0
+            if (v ~ /ns$/) n /= 1000
+            else if (v ~ /ms$/) n *= 1000
+            else if (v ~ /[0-9]s$/) n *= 1000000
+            p50 = n
+        }
+        END {
+            if (rps == "" || p50 == "") exit 1
+            printf "%s %.2f\n", rps, p50
+        }' <<<"$1" || fail "cannot read the figures of: $1"
+}
+
+# replay_socket SOCKET BATCH: one frontend replay; sets FIG.
+replay_socket() {
+    local out rc=0
+    out=$("$BIN/viommu-frontend" --socket "$1" --queue-size "$QUEUE_SIZE" \
+        replay --trace "$TRACE" --batch "$2" 2>&1) || rc=$?
+    check "$out" "$rc" "viommu-frontend replay --batch $2 on $1"
+    FIG=$(figures "$out")
+}
+
+# measure CONFIG BATCH: one replay of CONFIG at BATCH; sets FIG to
+# "REQUESTS_PER_S P50_US". Runs in this shell, so the trap sees the daemon.
+measure() {
+    local sock=$tmp/vmm.sock
+    case $1 in
+    daemon | daemon-poll)
+        local extra=()
+        [[ $1 == daemon-poll ]] && extra=(--poll-us 50)
+        start_daemon "$sock" "$BIN/vhost-user-iommu" --socket-path "$sock" \
+            --backend-socket "$tmp/backends.sock" --log-level error "${extra[@]}"
+        replay_socket "$sock" "$2"
+        stop_daemon
+        ;;
+    naive)
+        start_daemon "$sock" "$BIN/naive-viommu" --socket-path "$sock"
+        replay_socket "$sock" "$2"
+        stop_daemon
+        ;;
+    in-process)
+        local out rc=0
+        out=$("$BIN/replay-in-process" --trace "$TRACE" --batch "$2" 2>&1) || rc=$?
+        check "$out" "$rc" "replay-in-process --batch $2"
+        FIG=$(figures "$out")
+        ;;
+    esac
+}
+
+# median_of CONFIG BATCH: RUNS replays; sets FIG to the run with the
+# median requests/s.
+median_of() {
+    local runs=()
+    for _ in $(seq "$RUNS"); do
+        measure "$1" "$2"
+        runs+=("$FIG")
+    done
+    FIG=$(printf '%s\n' "${runs[@]}" | sort -n -k1,1 | sed -n "$(((RUNS + 1) / 2))p")
+}
+
+CONFIGS=(daemon daemon-poll naive in-process)
+declare -A LABEL=(
+    [daemon]="vhost-user-iommu --backend-socket"
+    [daemon-poll]="vhost-user-iommu --backend-socket --poll-us 50"
+    [naive]="naive-viommu (rust-vmm, BTreeMap)"
+    [in-process]="in-process Device::process, RwLock<BTreeMap> (no queue, no daemon)"
+)
+declare -A RPS P50
+read -r load _ </proc/loadavg
+for c in "${CONFIGS[@]}"; do
+    for b in "${BATCHES[@]}"; do
+        median_of "$c" "$b"
+        read -r "RPS[$c.$b]" "P50[$c.$b]" <<<"$FIG"
+    done
+done
+
+requests=$(zcat -f "$TRACE" | grep -c '^virtio_iommu_')
+echo "Replay of $TRACE ($requests requests), queue size $QUEUE_SIZE,"
+echo "median of $RUNS runs per figure; every daemon started fresh for each run;"
+echo "$(nproc) CPUs, 1-minute load average $load before the first replay."
+echo "ratio = requests/s / requests/s of naive-viommu at the same batch."
+echo
+printf '%-70s %6s %12s %22s %22s\n' "device" "batch" "requests/s" "ratio to naive device" "p50 at batch 1 (µs)"
+for c in "${CONFIGS[@]}"; do
+    for b in "${BATCHES[@]}"; do
+        ratio=$(awk -v a="${RPS[$c.$b]}" -v n="${RPS[naive.$b]}" 'BEGIN { printf "%.2f", a / n }')
+        p50=-
+        [[ $b -eq 1 ]] && p50=${P50[$c.$b]}
+        printf '%-70s %6s %12s %22s %22s\n' "${LABEL[$c]}" "$b" "${RPS[$c.$b]}" "${ratio}x" "$p50"
+    done
+done
+echo
+echo "p50 at batch 1: median round trip of one request (queue, kick, used) as the"
+echo "frontend times it; in-process, the time Device::process takes for it."
