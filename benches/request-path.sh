@@ -3,17 +3,23 @@
 # replaying the Linux guest trace at --batch 1, 8 and 32 through
 #
 #   - vhost-user-iommu, the real daemon, publishing its table
-#     (--backend-socket), once as is and once with --poll-us 50;
+#     (--backend-socket), once as is, once with --poll-us 50, and once with
+#     8 batches kept in flight (replay --in-flight 8: the device always
+#     finds work, so its own rate shows rather than the round trip's);
 #   - naive-viommu, what rust-vmm gives in an afternoon (vhost-user-backend's
 #     epoll loop, vm-memory copies, a BTreeMap), over its socket
-#     (benches/src/bin/naive_viommu.rs);
+#     (benches/src/bin/naive_viommu.rs), synchronous and with 8 batches in
+#     flight;
 #   - replay-in-process, the same device model fed the same request bytes
 #     with no virtqueue and no daemon, changes mirrored into
 #     RwLock<BTreeMap>s (benches/src/in_process.rs): what the queue and the
 #     process boundary cost;
 #
-# with each figure's ratio to the naive device and the median batch round
-# trip at batch 1. Every daemon is started fresh for each replay, its
+# with each figure's ratio to the naive device, the device process's CPU
+# time per request (all its threads, from /proc: what a request costs the
+# device whatever the frontend costs) and the requests per second one core
+# of the device would serve at that cost, and the median batch round trip
+# at batch 1. Every daemon is started fresh for each replay, its
 # sockets in a temporary directory. A replay with any non-OK status fails
 # the run.
 #
@@ -84,10 +90,12 @@ check() {
     fi
 }
 
-# figures OUTPUT: prints "REQUESTS_PER_S P50_US" from a replay's output.
+# figures OUTPUT: prints "REQUESTS_PER_S P50_US DEVICE_NS" from a replay's
+# output (DEVICE_NS: the device's CPU per request, "-" if not reported).
 figures() {
     awk '
         /^throughput:/ { rps = $2 }
+        /^device CPU:/ { dev = $3 }
         /p50 / {
             for (i = 1; i < NF; i++) if ($i == "p50") v = $(i + 1)
             n = v + 0
@@ -98,35 +106,39 @@ figures() {
         }
         END {
             if (rps == "" || p50 == "") exit 1
-            printf "%s %.2f\n", rps, p50
+            if (dev == "") dev = "-"
+            printf "%s %.2f %s\n", rps, p50, dev
         }' <<<"$1" || fail "cannot read the figures of: $1"
 }
 
-# replay_socket SOCKET BATCH: one frontend replay; sets FIG.
+# replay_socket SOCKET BATCH [IN_FLIGHT]: one frontend replay; sets FIG.
 replay_socket() {
     local out rc=0
     out=$("$BIN/viommu-frontend" --socket "$1" --queue-size "$QUEUE_SIZE" \
-        replay --trace "$TRACE" --batch "$2" 2>&1) || rc=$?
-    check "$out" "$rc" "viommu-frontend replay --batch $2 on $1"
+        replay --trace "$TRACE" --batch "$2" --in-flight "${3:-1}" 2>&1) || rc=$?
+    check "$out" "$rc" "viommu-frontend replay --batch $2 --in-flight ${3:-1} on $1"
     FIG=$(figures "$out")
 }
 
 # measure CONFIG BATCH: one replay of CONFIG at BATCH; sets FIG to
 # "REQUESTS_PER_S P50_US". Runs in this shell, so the trap sees the daemon.
 measure() {
-    local sock=$tmp/vmm.sock
+    local sock=$tmp/vmm.sock in_flight=1
     case $1 in
-    daemon | daemon-poll)
+    *-pipelined) in_flight=8 ;;
+    esac
+    case $1 in
+    daemon | daemon-poll | daemon-pipelined)
         local extra=()
         [[ $1 == daemon-poll ]] && extra=(--poll-us 50)
         start_daemon "$sock" "$BIN/vhost-user-iommu" --socket-path "$sock" \
             --backend-socket "$tmp/backends.sock" --log-level error "${extra[@]}"
-        replay_socket "$sock" "$2"
+        replay_socket "$sock" "$2" "$in_flight"
         stop_daemon
         ;;
-    naive)
+    naive | naive-pipelined)
         start_daemon "$sock" "$BIN/naive-viommu" --socket-path "$sock"
-        replay_socket "$sock" "$2"
+        replay_socket "$sock" "$2" "$in_flight"
         stop_daemon
         ;;
     in-process)
@@ -134,6 +146,11 @@ measure() {
         out=$("$BIN/replay-in-process" --trace "$TRACE" --batch "$2" 2>&1) || rc=$?
         check "$out" "$rc" "replay-in-process --batch $2"
         FIG=$(figures "$out")
+        # One thread does all the work: its CPU per request is the wall time.
+        local rps
+        read -r rps _ <<<"$FIG"
+        FIG="$FIG $(awk -v r="$rps" 'BEGIN { printf "%.0f", 1e9 / r }')"
+        FIG=$(awk '{ print $1, $2, $4 }' <<<"$FIG")
         ;;
     esac
 }
@@ -149,19 +166,21 @@ median_of() {
     FIG=$(printf '%s\n' "${runs[@]}" | sort -n -k1,1 | sed -n "$(((RUNS + 1) / 2))p")
 }
 
-CONFIGS=(daemon daemon-poll naive in-process)
+CONFIGS=(daemon daemon-poll daemon-pipelined naive naive-pipelined in-process)
 declare -A LABEL=(
     [daemon]="vhost-user-iommu --backend-socket"
     [daemon-poll]="vhost-user-iommu --backend-socket --poll-us 50"
+    [daemon-pipelined]="vhost-user-iommu --backend-socket, 8 batches in flight"
     [naive]="naive-viommu (rust-vmm, BTreeMap)"
+    [naive-pipelined]="naive-viommu, 8 batches in flight"
     [in-process]="in-process Device::process, RwLock<BTreeMap> (no queue, no daemon)"
 )
-declare -A RPS P50
+declare -A RPS P50 DEV
 read -r load _ </proc/loadavg
 for c in "${CONFIGS[@]}"; do
     for b in "${BATCHES[@]}"; do
         median_of "$c" "$b"
-        read -r "RPS[$c.$b]" "P50[$c.$b]" <<<"$FIG"
+        read -r "RPS[$c.$b]" "P50[$c.$b]" "DEV[$c.$b]" <<<"$FIG"
     done
 done
 
@@ -171,15 +190,20 @@ echo "median of $RUNS runs per figure; every daemon started fresh for each run;"
 echo "$(nproc) CPUs, 1-minute load average $load before the first replay."
 echo "ratio = requests/s / requests/s of naive-viommu at the same batch."
 echo
-printf '%-70s %6s %12s %22s %22s\n' "device" "batch" "requests/s" "ratio to naive device" "p50 at batch 1 (µs)"
+printf '%-62s %5s %11s %9s %14s %16s %10s\n' "device" "batch" "requests/s" "vs naive" "device ns/req" "M req/s per core" "p50 b=1 µs"
 for c in "${CONFIGS[@]}"; do
     for b in "${BATCHES[@]}"; do
         ratio=$(awk -v a="${RPS[$c.$b]}" -v n="${RPS[naive.$b]}" 'BEGIN { printf "%.2f", a / n }')
+        dev=${DEV[$c.$b]}
+        core=-
+        [[ $dev != - ]] && core=$(awk -v d="$dev" 'BEGIN { printf "%.2f", 1e3 / d }')
         p50=-
         [[ $b -eq 1 ]] && p50=${P50[$c.$b]}
-        printf '%-70s %6s %12s %22s %22s\n' "${LABEL[$c]}" "$b" "${RPS[$c.$b]}" "${ratio}x" "$p50"
+        printf '%-62s %5s %11s %9s %14s %16s %10s\n' "${LABEL[$c]}" "$b" "${RPS[$c.$b]}" "${ratio}x" "$dev" "$core" "$p50"
     done
 done
 echo
-echo "p50 at batch 1: median round trip of one request (queue, kick, used) as the"
-echo "frontend times it; in-process, the time Device::process takes for it."
+echo "device ns/req: CPU time of the device process (all threads) per request;"
+echo "M req/s per core = 1000 / that. p50 at batch 1: median round trip of one"
+echo "request (queue, kick, used) as the frontend times it; in-process, the time"
+echo "Device::process takes for it."

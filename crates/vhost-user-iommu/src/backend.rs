@@ -320,32 +320,52 @@ impl IommuBackend {
         });
         let mut total = 0;
         loop {
-            let served = self.pass(&mut ring, vring)?;
-            total += served.taken;
-            if served.more {
-                continue; // More arrived while notifications were off.
+            // Kicks stay off while requests keep coming and while polling:
+            // a driver that sees them off does not kick, which saves it a
+            // system call and this thread a wake-up per batch.
+            let taken = self.pass(&mut ring, vring)?;
+            total += taken;
+            if taken > 0 || self.poll_for_more(&mut ring) {
+                continue;
             }
-            if served.taken == 0 && !self.poll_for_more(&mut ring) {
+            // Going to sleep: ask for kicks, then look once more (a request
+            // published before the driver saw kicks on finds no kick).
+            if !self.enable_kicks(&mut ring, vring)? {
                 return Ok(total);
             }
         }
     }
 
-    /// One pass: takes and serves what is available, completes it.
-    fn pass(&self, ring: &mut RequestRing, vring: &VringRwLock) -> io::Result<PassOutcome> {
-        let idle = PassOutcome {
-            taken: 0,
-            more: false,
-        };
-        let mut vstate = vring.get_mut();
+    /// Asks the driver to kick for its next request; true if requests
+    /// arrived meanwhile (serve them before sleeping).
+    fn enable_kicks(&self, ring: &mut RequestRing, vring: &VringRwLock) -> io::Result<bool> {
+        let vstate = vring.get_mut();
         if !ring.sync(vstate.get_queue()).map_err(io::Error::other)? {
-            return Ok(idle);
+            return Ok(false);
         }
         let mut pass = ring.parts().map_err(io::Error::other)?;
-        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
-        if event_idx {
-            pass.view.disable_notification();
+        let more = pass.view.enable_notification();
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(
+                next_avail = pass.view.next_avail(),
+                next_used = pass.view.next_used(),
+                event_idx = virtio_queue::QueueT::event_idx_enabled(vstate.get_queue()),
+                more,
+                "request queue: kicks enabled"
+            );
         }
+        Ok(more)
+    }
+
+    /// One pass: takes and serves what is available, completes it, with
+    /// kicks off. Returns how many chains it took.
+    fn pass(&self, ring: &mut RequestRing, vring: &VringRwLock) -> io::Result<usize> {
+        let mut vstate = vring.get_mut();
+        if !ring.sync(vstate.get_queue()).map_err(io::Error::other)? {
+            return Ok(0);
+        }
+        let mut pass = ring.parts().map_err(io::Error::other)?;
+        pass.view.disable_notification();
         let mut guard = self.state()?;
         let st = &mut *guard;
         let taken = pass
@@ -375,7 +395,7 @@ impl IommuBackend {
                 debug!(
                     "the request queue was stopped during a grace period; its last requests are not completed"
                 );
-                return Ok(PassOutcome { taken, more: false });
+                return Ok(taken);
             }
             for &(head, s) in &pass.completions[split..] {
                 pass.view.push_used(head, s.used_len);
@@ -388,8 +408,7 @@ impl IommuBackend {
         if taken > 0 && pass.view.needs_notification() {
             vstate.signal_used_queue()?;
         }
-        let more = event_idx && pass.view.enable_notification();
-        Ok(PassOutcome { taken, more })
+        Ok(taken)
     }
 
     /// Busy-polls the avail ring for up to the configured window; true if
@@ -414,14 +433,6 @@ impl IommuBackend {
         }
         false
     }
-}
-
-/// What one pass over the request queue did.
-struct PassOutcome {
-    /// Chains taken.
-    taken: usize,
-    /// More became available while notifications were off: pass again.
-    more: bool,
 }
 
 impl VhostUserBackend for IommuBackend {

@@ -3,6 +3,7 @@
 //! scattered to those segments only, never beyond them.
 
 use viommu_backend::RamAccess;
+use viommu_backend::guest::copy_from_guest;
 
 /// One buffer of a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,12 +103,10 @@ impl ChainParts {
                 .host(seg.addr, u64::from(seg.len))
                 .map_err(|_| outside(seg))?;
             let take = (buf.len() - done).min(seg.len as usize);
-            for (i, b) in buf[done..done + take].iter_mut().enumerate() {
-                // SAFETY: `src` starts `seg.len` bytes of mapped guest RAM
-                // (checked by `host`, kept mapped by `mem`) and
-                // `i < take <= seg.len`; volatile: the guest shares them.
-                *b = unsafe { std::ptr::read_volatile(src.add(i)) };
-            }
+            // SAFETY: `src` starts `seg.len` bytes of mapped guest RAM
+            // (checked by `host`, kept mapped by `mem`) and `take <=
+            // seg.len`.
+            unsafe { copy_from_guest(src, &mut buf[done..done + take]) };
             done += take;
         }
         Ok(done)

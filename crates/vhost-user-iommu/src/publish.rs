@@ -37,11 +37,25 @@ pub struct PublishError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-/// A published copy of the translation state that other processes read.
-pub trait TablePublisher: Send {
+/// Mirrors changes, one at a time, into a published table.
+pub trait Publish {
     /// Mirrors one change; a new translation is visible to readers when
     /// this returns. On error the table is as it was before the change.
     fn publish(&mut self, change: &Change) -> Result<(), PublishError>;
+}
+
+/// A published copy of the translation state that other processes read.
+pub trait TablePublisher: Publish + Send {
+    /// Runs `f` with the table ready to take a batch of changes, so that
+    /// what a batch costs once (the shared table's lock) is not paid per
+    /// change. Changes published through [`Publish::publish`] directly
+    /// cost it each time.
+    fn batch(&mut self, f: &mut dyn FnMut(&mut dyn Publish)) {
+        f(self.as_publish())
+    }
+
+    /// This publisher as a [`Publish`].
+    fn as_publish(&mut self) -> &mut dyn Publish;
 
     /// Runs the grace period of the shared table: returns once no table
     /// reader can still use a translation taken away by the changes
@@ -62,9 +76,15 @@ pub trait TablePublisher: Send {
 #[derive(Debug, Default)]
 pub struct NoTable;
 
-impl TablePublisher for NoTable {
+impl Publish for NoTable {
     fn publish(&mut self, _change: &Change) -> Result<(), PublishError> {
         Ok(())
+    }
+}
+
+impl TablePublisher for NoTable {
+    fn as_publish(&mut self) -> &mut dyn Publish {
+        self
     }
     fn synchronize(&mut self) -> GraceWait {
         GraceWait::default()
@@ -77,7 +97,7 @@ impl TablePublisher for NoTable {
 /// A change sink that publishes each change and remembers whether any of
 /// them needs a grace period.
 pub struct Publishing<'a> {
-    publisher: &'a mut dyn TablePublisher,
+    publisher: &'a mut dyn Publish,
     /// Whether a published change took access away.
     pub needs_grace: bool,
     /// Changes the table refused outside [`ChangeSink::try_add`].
@@ -86,7 +106,7 @@ pub struct Publishing<'a> {
 
 impl<'a> Publishing<'a> {
     /// Starts publishing through `publisher`.
-    pub fn new(publisher: &'a mut dyn TablePublisher) -> Self {
+    pub fn new(publisher: &'a mut dyn Publish) -> Self {
         Publishing {
             publisher,
             needs_grace: false,
@@ -125,10 +145,16 @@ mod tests {
     #[derive(Default)]
     struct Recorder(Vec<Change>, usize);
 
-    impl TablePublisher for Recorder {
+    impl Publish for Recorder {
         fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
             self.0.push(*change);
             Ok(())
+        }
+    }
+
+    impl TablePublisher for Recorder {
+        fn as_publish(&mut self) -> &mut dyn Publish {
+            self
         }
         fn synchronize(&mut self) -> GraceWait {
             self.1 += 1;

@@ -132,10 +132,19 @@ impl Pass<'_> {
                 }
             }
         }
-        for chain in &self.chains[..taken] {
-            let served = self.server.serve(chain, self.ram, device, publisher);
-            self.completions.push((chain.head, served));
-        }
+        // The table is locked once for the whole batch.
+        let (chains, ram, server, completions) = (
+            &self.chains[..taken],
+            self.ram,
+            &mut *self.server,
+            &mut *self.completions,
+        );
+        publisher.batch(&mut |table| {
+            for chain in chains {
+                let served = server.serve(chain, ram, device, table);
+                completions.push((chain.head, served));
+            }
+        });
         match result {
             Err(e) if taken == 0 => Err(e),
             _ => Ok(taken),

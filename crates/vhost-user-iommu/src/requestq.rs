@@ -2,8 +2,7 @@
 //! let the model answer, scatter the reply into its writable part.
 
 use crate::chain::ChainParts;
-use crate::publish::{Publishing, TablePublisher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::publish::{Publish, Publishing};
 use std::time::Instant;
 use tracing::{Level, debug};
 use viommu_backend::{Chain, RamAccess};
@@ -20,18 +19,18 @@ pub struct Served {
     pub needs_grace: bool,
 }
 
-/// Counters for the request queue.
-#[derive(Debug, Default)]
+/// Counters for the request queue (kept by its one thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RequestStats {
     /// Requests answered with a status.
-    pub completed: AtomicU64,
+    pub completed: u64,
     /// Chains returned with used length 0 (unparseable, unknown type).
-    pub unparsed: AtomicU64,
+    pub unparsed: u64,
     /// Chains refused for their shape (readable after writable, outside
     /// guest memory).
-    pub malformed: AtomicU64,
+    pub malformed: u64,
     /// Requests answered with a status other than OK.
-    pub failed: AtomicU64,
+    pub failed: u64,
 }
 
 /// Reusable buffers for serving chains without allocating.
@@ -52,7 +51,7 @@ impl RequestServer {
         chain: &Chain,
         mem: &RamAccess,
         device: &mut Device,
-        publisher: &mut dyn TablePublisher,
+        publisher: &mut dyn Publish,
     ) -> Served {
         let unused = Served {
             used_len: 0,
@@ -60,7 +59,7 @@ impl RequestServer {
         };
         if let Some(e) = &chain.malformed {
             debug!(error = %e, "descriptor chain cannot be walked, returned with used length 0");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.stats.malformed += 1;
             return unused;
         }
         let shape = self
@@ -68,7 +67,7 @@ impl RequestServer {
             .fill(chain.segments.iter().map(|s| (s.addr, s.len, s.writable)));
         if let Err(e) = shape {
             debug!(error = %e, "malformed request chain, returned with used length 0");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.stats.malformed += 1;
             return unused;
         }
         let mut readable = [0u8; MAX_READABLE_LEN];
@@ -76,7 +75,7 @@ impl RequestServer {
             Ok(n) => n,
             Err(e) => {
                 debug!(error = %e, "request chain unreadable, returned with used length 0");
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.stats.malformed += 1;
                 return unused;
             }
         };
@@ -84,7 +83,7 @@ impl RequestServer {
             // Nothing is applied when the reply could not be written: used
             // length 0 means the request had no effect.
             debug!(error = %e, "reply buffer outside guest memory, returned with used length 0");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.stats.malformed += 1;
             return unused;
         }
         let writable_len = usize::try_from(self.parts.writable_len()).unwrap_or(usize::MAX);
@@ -98,7 +97,7 @@ impl RequestServer {
                 readable = got,
                 writable_len, "request not parsed, returned with used length 0"
             );
-            self.stats.unparsed.fetch_add(1, Ordering::Relaxed);
+            self.stats.unparsed += 1;
             return Served {
                 used_len: 0,
                 needs_grace,
@@ -118,15 +117,15 @@ impl RequestServer {
         };
         if let Err(e) = self.parts.scatter(mem, bytes) {
             debug!(error = %e, "cannot write the reply, returned with used length 0");
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.stats.malformed += 1;
             return Served {
                 used_len: 0,
                 needs_grace,
             };
         }
-        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        self.stats.completed += 1;
         if status != virtio_iommu_proto::Status::Ok {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.stats.failed += 1;
         }
         if let Some(started) = started {
             log_request(&readable[..got], status, started);

@@ -11,7 +11,7 @@ use viommu_core::{Change, Device, DeviceConfig, EndpointState};
 use virtio_iommu_proto::MapFlags;
 
 use crate::iotlb_msg::{AckWait, Invalidation, Subscribers};
-use crate::publish::{GraceWait, PublishError, Publishing, TablePublisher};
+use crate::publish::{GraceWait, Publish, PublishError, Publishing, TablePublisher};
 use crate::settings::TableSettings;
 
 /// The table, shared by the request path and the backend socket.
@@ -88,33 +88,13 @@ impl ShmPublisher {
         }
     }
 
-    /// What a narrowing change takes away, for message-mode backends.
-    fn record_invalidation(&mut self, change: &Change) {
-        if self.subscribers.is_none() || !change.requires_grace_period() {
-            return;
-        }
-        let inv = match *change {
-            Change::MappingRemoved { mapping, .. } => Invalidation {
-                first: mapping.virt_start,
-                last: mapping.virt_end,
-                ..Invalidation::ALL
-            },
-            Change::Endpoint { endpoint, .. } => Invalidation {
-                endpoint,
-                ..Invalidation::ALL
-            },
-            _ => Invalidation::ALL,
-        };
-        self.invalidations.push(inv);
-    }
-
     fn send_invalidations(&mut self) -> Option<AckWait> {
-        let list = std::mem::take(&mut self.invalidations);
+        // Cleared, not taken: the list keeps its capacity for the next batch.
         let subs = self.subscribers.as_ref()?;
-        if list.is_empty() || subs.is_empty() {
-            return None;
-        }
-        Some(subs.invalidate(&list))
+        let wait = (!self.invalidations.is_empty() && !subs.is_empty())
+            .then(|| subs.invalidate(&self.invalidations));
+        self.invalidations.clear();
+        wait
     }
 }
 
@@ -126,38 +106,92 @@ fn target(state: EndpointState) -> EndpointTarget {
     }
 }
 
-impl TablePublisher for ShmPublisher {
-    fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
-        self.record_invalidation(change);
-        let mut w = lock(&self.writer);
-        let result: Result<(), WriterError> = match *change {
-            Change::DomainCreated { domain } => w.create_domain(domain),
-            Change::Endpoint { endpoint, to, .. } => w.set_endpoint(endpoint, target(to)),
-            Change::MappingAdded { domain, mapping } => w.map(
-                domain,
-                mapping.virt_start,
-                mapping.virt_end,
-                mapping.phys_start,
-                Perms {
-                    read: mapping.flags.contains(MapFlags::READ),
-                    write: mapping.flags.contains(MapFlags::WRITE),
-                    mmio: mapping.flags.contains(MapFlags::MMIO),
-                },
-            ),
-            Change::MappingRemoved { domain, mapping } => {
-                w.unmap(domain, mapping.virt_start, mapping.virt_end)
-            }
-            Change::DomainDestroyed { domain } => w.destroy_domain(domain),
-        };
-        if let (Err(_), Change::Endpoint { endpoint, .. }) = (&result, change) {
-            // Fail closed: an endpoint the table cannot point at its domain
-            // must not keep its previous (possibly wider) access.
-            let _ = w.set_endpoint(*endpoint, EndpointTarget::Blocked);
+/// What a narrowing change takes away, for message-mode backends (only
+/// recorded when there may be some).
+fn record_invalidation(list: &mut Vec<Invalidation>, subscribed: bool, change: &Change) {
+    if !subscribed || !change.requires_grace_period() {
+        return;
+    }
+    let inv = match *change {
+        Change::MappingRemoved { mapping, .. } => Invalidation {
+            first: mapping.virt_start,
+            last: mapping.virt_end,
+            ..Invalidation::ALL
+        },
+        Change::Endpoint { endpoint, .. } => Invalidation {
+            endpoint,
+            ..Invalidation::ALL
+        },
+        _ => Invalidation::ALL,
+    };
+    list.push(inv);
+}
+
+/// Mirrors one change into the locked table.
+fn apply(w: &mut TableWriter, change: &Change) -> Result<(), PublishError> {
+    let result: Result<(), WriterError> = match *change {
+        Change::DomainCreated { domain } => w.create_domain(domain),
+        Change::Endpoint { endpoint, to, .. } => w.set_endpoint(endpoint, target(to)),
+        Change::MappingAdded { domain, mapping } => w.map(
+            domain,
+            mapping.virt_start,
+            mapping.virt_end,
+            mapping.phys_start,
+            Perms {
+                read: mapping.flags.contains(MapFlags::READ),
+                write: mapping.flags.contains(MapFlags::WRITE),
+                mmio: mapping.flags.contains(MapFlags::MMIO),
+            },
+        ),
+        Change::MappingRemoved { domain, mapping } => {
+            w.unmap(domain, mapping.virt_start, mapping.virt_end)
         }
-        result.map_err(|e| PublishError {
-            change: *change,
-            source: Box::new(e),
-        })
+        Change::DomainDestroyed { domain } => w.destroy_domain(domain),
+    };
+    if let (Err(_), Change::Endpoint { endpoint, .. }) = (&result, change) {
+        // Fail closed: an endpoint the table cannot point at its domain
+        // must not keep its previous (possibly wider) access.
+        let _ = w.set_endpoint(*endpoint, EndpointTarget::Blocked);
+    }
+    result.map_err(|e| PublishError {
+        change: *change,
+        source: Box::new(e),
+    })
+}
+
+/// The table locked for one batch of changes.
+struct Locked<'a> {
+    writer: &'a mut TableWriter,
+    invalidations: &'a mut Vec<Invalidation>,
+    subscribed: bool,
+}
+
+impl Publish for Locked<'_> {
+    fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
+        record_invalidation(self.invalidations, self.subscribed, change);
+        apply(self.writer, change)
+    }
+}
+
+impl Publish for ShmPublisher {
+    fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
+        record_invalidation(&mut self.invalidations, self.subscribers.is_some(), change);
+        apply(&mut lock(&self.writer), change)
+    }
+}
+
+impl TablePublisher for ShmPublisher {
+    fn batch(&mut self, f: &mut dyn FnMut(&mut dyn Publish)) {
+        let mut writer = lock(&self.writer);
+        f(&mut Locked {
+            writer: &mut writer,
+            invalidations: &mut self.invalidations,
+            subscribed: self.subscribers.is_some(),
+        });
+    }
+
+    fn as_publish(&mut self) -> &mut dyn Publish {
+        self
     }
 
     fn synchronize(&mut self) -> GraceWait {

@@ -456,24 +456,42 @@ impl Driver {
         })
     }
 
-    /// Queues `reqs` and kicks once, without waiting: the driver keeps
-    /// several batches in flight (collect them with [`Self::collect`]).
-    /// Each request is known by `first` + its position in `reqs`. Fails
-    /// with nothing queued if the ring has no room for all of them.
-    pub fn post_batch(&mut self, reqs: &[Request], first: usize) -> Result<(), DriverError> {
-        let specs: Vec<ChainSpec> = reqs
-            .iter()
-            .map(|r| chain_for(r, self.config.probe_size, self.opts.layout))
-            .collect();
-        let needed: usize = specs.iter().map(SplitRing::descriptors_needed).sum();
-        if needed > self.reqq.ring.free_descriptors() {
-            return Err(DriverError::RingFull { needed });
-        }
-        for (i, spec) in specs.iter().enumerate() {
+    /// The chain `req` becomes with the current layout.
+    pub fn chain_spec(&self, req: &Request) -> ChainSpec {
+        chain_for(req, self.config.probe_size, self.opts.layout)
+    }
+
+    /// Queues as many of `chains` as the ring has room for, in order, and
+    /// kicks once, without waiting: the driver keeps several batches in
+    /// flight (collect them with [`Self::collect`]). Each chain is known
+    /// by `first` + its position in `chains`. Returns how many were queued;
+    /// fails with nothing queued if not even the first one fits.
+    pub fn post_batch(&mut self, chains: &[ChainSpec], first: usize) -> Result<usize, DriverError> {
+        let mut posted = 0;
+        for spec in chains {
+            let needed = SplitRing::descriptors_needed(spec);
+            if needed > self.reqq.ring.free_descriptors() {
+                if posted == 0 {
+                    return Err(DriverError::RingFull { needed });
+                }
+                break;
+            }
             let head = self.reqq.ring.add(self.ram.mem(), spec)?;
-            self.slots[usize::from(head)] = first + i;
+            self.slots[usize::from(head)] = first + posted;
+            posted += 1;
         }
-        self.reqq.publish_and_kick(self.ram.mem())
+        self.reqq.publish_and_kick(self.ram.mem())?;
+        Ok(posted)
+    }
+
+    /// Descriptors `chains` take in the request ring.
+    pub fn descriptors_needed(chains: &[ChainSpec]) -> usize {
+        chains.iter().map(SplitRing::descriptors_needed).sum()
+    }
+
+    /// Free descriptors in the request ring.
+    pub fn free_descriptors(&self) -> usize {
+        self.reqq.ring.free_descriptors()
     }
 
     /// Requests posted with [`Self::post_batch`] and not collected yet.
