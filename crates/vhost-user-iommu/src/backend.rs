@@ -471,7 +471,7 @@ impl VhostUserBackend for IommuBackend {
             ),
             Err(e) => warn!(error = %e, "feature negotiation refused"),
         }
-        if sink.needs_grace {
+        if st.publisher.needs_grace() {
             let wait = st.publisher.synchronize();
             drop(guard);
             wait.wait();
@@ -525,8 +525,7 @@ impl VhostUserBackend for IommuBackend {
         let st = &mut *guard;
         let mut sink = Publishing::new(st.publisher.as_mut());
         let result = st.device.write_config(offset as usize, buf, &mut sink);
-        let needs_grace = sink.needs_grace;
-        if needs_grace {
+        if st.publisher.needs_grace() {
             let wait = st.publisher.synchronize();
             drop(guard);
             wait.wait();

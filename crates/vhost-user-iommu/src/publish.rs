@@ -42,6 +42,13 @@ pub trait Publish {
     /// Mirrors one change; a new translation is visible to readers when
     /// this returns. On error the table is as it was before the change.
     fn publish(&mut self, change: &Change) -> Result<(), PublishError>;
+
+    /// Whether what was published since the last grace period took access
+    /// away from a reader that may still be using it: the requests that did
+    /// it complete only after [`TablePublisher::synchronize`]. The table's
+    /// own bookkeeping answers — the one place that decides, so the request
+    /// path and the grace period cannot disagree.
+    fn needs_grace(&self) -> bool;
 }
 
 /// A published copy of the translation state that other processes read.
@@ -80,6 +87,10 @@ impl Publish for NoTable {
     fn publish(&mut self, _change: &Change) -> Result<(), PublishError> {
         Ok(())
     }
+    /// Nobody reads a table that does not exist.
+    fn needs_grace(&self) -> bool {
+        false
+    }
 }
 
 impl TablePublisher for NoTable {
@@ -94,12 +105,9 @@ impl TablePublisher for NoTable {
     }
 }
 
-/// A change sink that publishes each change and remembers whether any of
-/// them needs a grace period.
+/// A change sink that publishes each change.
 pub struct Publishing<'a> {
     publisher: &'a mut dyn Publish,
-    /// Whether a published change took access away.
-    pub needs_grace: bool,
     /// Changes the table refused outside [`ChangeSink::try_add`].
     pub refused: usize,
 }
@@ -109,7 +117,6 @@ impl<'a> Publishing<'a> {
     pub fn new(publisher: &'a mut dyn Publish) -> Self {
         Publishing {
             publisher,
-            needs_grace: false,
             refused: 0,
         }
     }
@@ -117,7 +124,6 @@ impl<'a> Publishing<'a> {
 
 impl ChangeSink for Publishing<'_> {
     fn change(&mut self, change: Change) {
-        self.needs_grace |= change.requires_grace_period();
         // Only additions can fail (they come through `try_add`); anything
         // else refused means the table is out of step with the model.
         if let Err(e) = self.publisher.publish(&change) {
@@ -129,7 +135,6 @@ impl ChangeSink for Publishing<'_> {
     /// A mapping the table has no room for is refused before the model
     /// takes it: the MAP answers NOMEM and both copies stay as they were.
     fn try_add(&mut self, change: Change) -> Result<(), Refused> {
-        self.needs_grace |= change.requires_grace_period();
         self.publisher.publish(&change).map_err(|e| {
             tracing::debug!(error = %e, cause = %e.source, "MAP refused: the shared table is full");
             Refused
@@ -150,6 +155,9 @@ mod tests {
             self.0.push(*change);
             Ok(())
         }
+        fn needs_grace(&self) -> bool {
+            self.0.iter().any(Change::requires_grace_period)
+        }
     }
 
     impl TablePublisher for Recorder {
@@ -166,17 +174,17 @@ mod tests {
     }
 
     #[test]
-    fn publishing_forwards_changes_and_tracks_narrowing() {
+    fn publishing_forwards_changes_in_order() {
         let mut rec = Recorder::default();
         let mut sink = Publishing::new(&mut rec);
         sink.change(Change::DomainCreated { domain: 1 });
-        assert!(!sink.needs_grace);
-        sink.change(Change::Endpoint {
+        let leave = Change::Endpoint {
             endpoint: 0,
             from: EndpointState::Domain(1),
             to: EndpointState::Blocked,
-        });
-        assert!(sink.needs_grace);
-        assert_eq!(rec.0.len(), 2);
+        };
+        sink.change(leave);
+        assert_eq!(sink.refused, 0);
+        assert_eq!(rec.0, vec![Change::DomainCreated { domain: 1 }, leave]);
     }
 }

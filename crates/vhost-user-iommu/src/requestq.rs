@@ -15,7 +15,8 @@ use virtio_iommu_proto::{Request, Status};
 pub struct Served {
     /// The used length to report.
     pub used_len: u32,
-    /// The request narrowed access: complete it only after a grace period.
+    /// Access taken away by this request or an earlier one of its batch
+    /// awaits a grace period: complete it only after one.
     pub needs_grace: bool,
 }
 
@@ -89,9 +90,12 @@ impl RequestServer {
         let writable_len = usize::try_from(self.parts.writable_len()).unwrap_or(usize::MAX);
         // Per-request logs cost a parse and a clock read, only at debug.
         let started = tracing::enabled!(Level::DEBUG).then(Instant::now);
-        let mut sink = Publishing::new(publisher);
-        let reply = device.process(&readable[..got], writable_len, &mut sink);
-        let needs_grace = sink.needs_grace;
+        let reply = device.process(
+            &readable[..got],
+            writable_len,
+            &mut Publishing::new(&mut *publisher),
+        );
+        let needs_grace = publisher.needs_grace();
         let Reply::Complete { status, .. } = reply else {
             debug!(
                 readable = got,

@@ -171,12 +171,18 @@ impl Publish for Locked<'_> {
         record_invalidation(self.invalidations, self.subscribed, change);
         apply(self.writer, change)
     }
+    fn needs_grace(&self) -> bool {
+        self.writer.needs_grace() || !self.invalidations.is_empty()
+    }
 }
 
 impl Publish for ShmPublisher {
     fn publish(&mut self, change: &Change) -> Result<(), PublishError> {
         record_invalidation(&mut self.invalidations, self.subscribers.is_some(), change);
         apply(&mut lock(&self.writer), change)
+    }
+    fn needs_grace(&self) -> bool {
+        lock(&self.writer).needs_grace() || !self.invalidations.is_empty()
     }
 }
 
