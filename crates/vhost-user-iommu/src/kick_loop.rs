@@ -54,6 +54,8 @@ const WATCHDOG_NS: u32 = 100_000_000;
 /// How often a kick that came before its queue was enabled is retried.
 const NOT_ENABLED_RETRY_NS: u32 = 1_000_000;
 const CANCEL: u64 = 2;
+/// The watchdog's timeout request.
+const WATCHDOG: u64 = 3;
 /// Kick reads carry `KICK | generation`.
 const KICK: u64 = 1 << 32;
 
@@ -175,10 +177,31 @@ struct Loop {
     /// address is stable while a read is in flight.
     wake_buf: Box<[u8; 8]>,
     kick_buf: Box<[u8; 8]>,
+    /// The watchdog's interval, read by the kernel when the timeout is
+    /// submitted.
+    watchdog: Box<types::Timespec>,
     in_flight: Vec<u64>,
+    /// Completions of one wake-up, reused.
+    done: Vec<(u64, i32)>,
 }
 
 impl Loop {
+    /// Arms the watchdog: a timeout request that completes after
+    /// [`WATCHDOG_NS`] unless cancelled. A standing request rather than a
+    /// timeout on every wait, which would arm and cancel a timer on every
+    /// kick.
+    fn arm_watchdog(&mut self) -> io::Result<()> {
+        let sqe = opcode::Timeout::new(&*self.watchdog)
+            .build()
+            .user_data(WATCHDOG);
+        // SAFETY: the timespec is owned by `self` and outlives the request
+        // (the kernel reads it when the request is submitted; it is
+        // cancelled and reaped before `self` drops, see `drain`).
+        unsafe { self.ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+        self.in_flight.push(WATCHDOG);
+        Ok(())
+    }
+
     fn read(&mut self, fd: i32, user_data: u64) -> io::Result<()> {
         let buf = if user_data == WAKE {
             self.wake_buf.as_mut_ptr()
@@ -226,49 +249,46 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
         ring,
         wake_buf: Box::new([0; 8]),
         kick_buf: Box::new([0; 8]),
+        watchdog: Box::new(types::Timespec::new().nsec(WATCHDOG_NS)),
         in_flight: Vec::new(),
+        done: Vec::new(),
     };
     let mut kick: Option<(OwnedFd, VringRwLock)> = None;
     let mut generation = 0u64;
     l.read(control.wake.as_raw_fd(), WAKE)?;
+    l.arm_watchdog()?;
     debug!("request-queue io_uring loop running");
-    // Kernels before 5.11 cannot time out a wait: no watchdog there.
+    // Kernels before 5.11 cannot time out a wait: no quick retry there
+    // (the watchdog still serves, after its interval).
     let ext_arg = l.ring.params().is_feature_ext_arg();
-    let watchdog = types::Timespec::new().nsec(WATCHDOG_NS);
     let retry = types::Timespec::new().nsec(NOT_ENABLED_RETRY_NS);
+    let retry_args = types::SubmitArgs::new().timespec(&retry);
     // A kick read while the queue was not enabled yet: after a restart the
     // guest may kick before the daemon has processed SET_VRING_ENABLE (QEMU
     // does not wait for it), and the kick eventfd is the same as before the
     // stop. Served as soon as the queue is enabled.
     let mut kick_before_enable = false;
+    // A pass ran since the watchdog last fired.
+    let mut woken_since_watchdog = false;
     let result = loop {
-        let args = types::SubmitArgs::new().timespec(if kick_before_enable {
-            &retry
-        } else {
-            &watchdog
-        });
-        let waited = if ext_arg {
-            l.ring.submitter().submit_with_args(1, &args)
+        let waited = if kick_before_enable && ext_arg {
+            l.ring.submitter().submit_with_args(1, &retry_args)
         } else {
             l.ring.submit_and_wait(1)
         };
         match waited {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                // The quick retry of a kick that came before its queue was
+                // enabled.
                 if let Some((_, vring)) = &kick {
                     if vring.get_ref().is_enabled() {
                         let served = serve(vring);
-                        if kick_before_enable {
-                            // Expected around a restart: not a lost kick.
-                            debug!(
-                                served,
-                                "a kick that came before the queue was enabled, served"
-                            );
-                        } else if served > 0 {
-                            // Nothing completed for a while, yet requests
-                            // were waiting: a kick went missing.
-                            warn!("request queue had requests but no kick; served by the watchdog");
-                        }
+                        // Expected around a restart: not a lost kick.
+                        debug!(
+                            served,
+                            "a kick that came before the queue was enabled, served"
+                        );
                         kick_before_enable = false;
                     }
                 }
@@ -277,19 +297,25 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => break Err(e),
         }
-        let done: Vec<(u64, i32)> = l
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        l.done.clear();
+        l.done
+            .extend(l.ring.completion().map(|c| (c.user_data(), c.result())));
         let mut pass = false;
         let mut exit = false;
-        for (ud, res) in done {
+        let mut watchdog_fired = false;
+        for i in 0..l.done.len() {
+            let (ud, res) = l.done[i];
             if ud == CANCEL {
                 continue;
             }
             l.in_flight.retain(|x| *x != ud);
-            if ud == WAKE {
+            if ud == WATCHDOG {
+                if res == -libc::ECANCELED {
+                    continue; // Cancelled at exit.
+                }
+                watchdog_fired = true;
+                l.arm_watchdog()?;
+            } else if ud == WAKE {
                 let cmd = std::mem::take(
                     &mut *control.cmd.lock().unwrap_or_else(PoisonError::into_inner),
                 );
@@ -326,6 +352,29 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
         if exit {
             break Ok(());
         }
+        if watchdog_fired && !pass {
+            if woken_since_watchdog {
+                // The queue was active during the interval: nothing to
+                // check (a pass follows every kick).
+                woken_since_watchdog = false;
+            } else if let Some((_, vring)) = &kick {
+                // A whole interval without a kick: look at the ring anyway.
+                if vring.get_ref().is_enabled() {
+                    let served = serve(vring);
+                    if kick_before_enable {
+                        debug!(
+                            served,
+                            "a kick that came before the queue was enabled, served"
+                        );
+                    } else if served > 0 {
+                        // Requests were waiting, yet no kick came.
+                        warn!("request queue had requests but no kick; served by the watchdog");
+                    }
+                    kick_before_enable = false;
+                }
+            }
+        }
+        woken_since_watchdog |= pass;
         if pass {
             if let Some((_, vring)) = &kick {
                 if vring.get_ref().is_enabled() {
