@@ -115,8 +115,10 @@ impl ChainSpec {
         }
     }
 
-    fn pieces(len: usize, cuts: &[usize]) -> Vec<(usize, usize)> {
-        let mut out = Vec::with_capacity(cuts.len() + 1);
+    /// The `(offset, length)` pieces of `len` bytes cut at `cuts`, into
+    /// `out` (cleared first, so its buffer is reused).
+    fn pieces_into(len: usize, cuts: &[usize], out: &mut Vec<(usize, usize)>) {
+        out.clear();
         let mut start = 0;
         for &c in cuts.iter().chain(std::iter::once(&len)) {
             if c > start {
@@ -124,7 +126,19 @@ impl ChainSpec {
                 start = c;
             }
         }
-        out
+    }
+
+    /// How many pieces [`Self::pieces_into`] gives, without building them.
+    fn piece_count(len: usize, cuts: &[usize]) -> usize {
+        let mut start = 0;
+        let mut n = 0;
+        for &c in cuts.iter().chain(std::iter::once(&len)) {
+            if c > start {
+                n += 1;
+                start = c;
+            }
+        }
+        n
     }
 }
 
@@ -260,6 +274,18 @@ pub struct SplitRing {
     avail_idx: u16,
     kicked_idx: u16,
     last_used: u16,
+    /// Buffers reused from one chain to the next, so that posting and
+    /// collecting a request allocates (almost) nothing.
+    scratch: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    rpieces: Vec<(usize, usize)>,
+    wpieces: Vec<(usize, usize)>,
+    descs: Vec<Descriptor>,
+    /// Chain bookkeeping of chains the device returned, for reuse.
+    spare: Vec<InFlight>,
 }
 
 fn access(
@@ -300,6 +326,7 @@ impl SplitRing {
             avail_idx: 0,
             kicked_idx: 0,
             last_used: 0,
+            scratch: Scratch::default(),
         })
     }
 
@@ -328,8 +355,8 @@ impl SplitRing {
         if spec.indirect {
             1
         } else {
-            ChainSpec::pieces(spec.readable.len(), &spec.readable_cuts).len()
-                + ChainSpec::pieces(spec.writable_len, &spec.writable_cuts).len()
+            ChainSpec::piece_count(spec.readable.len(), &spec.readable_cuts)
+                + ChainSpec::piece_count(spec.writable_len, &spec.writable_cuts)
         }
     }
 
@@ -344,23 +371,59 @@ impl SplitRing {
     }
 
     fn take_ids(&mut self, n: usize) -> Result<Vec<u16>, RingError> {
+        let mut flight = self.spare_flight();
+        self.take_ids_into(n, &mut flight.ids)?;
+        Ok(flight.ids)
+    }
+
+    /// Bookkeeping for a new chain, reusing a returned chain's buffers.
+    fn spare_flight(&mut self) -> InFlight {
+        let mut f = self.scratch.spare.pop().unwrap_or(InFlight {
+            ids: Vec::new(),
+            writable: Vec::new(),
+        });
+        f.ids.clear();
+        f.writable.clear();
+        f
+    }
+
+    /// Takes `n` free descriptor IDs into `ids` (cleared first), head first.
+    fn take_ids_into(&mut self, n: usize, ids: &mut Vec<u16>) -> Result<(), RingError> {
         if n > self.free.len() {
             return Err(RingError::Full {
                 need: n,
                 free: self.free.len(),
             });
         }
+        ids.clear();
         let at = self.free.len() - n;
-        let mut ids = self.free.split_off(at);
-        ids.reverse();
-        Ok(ids)
+        ids.extend(self.free.drain(at..).rev());
+        Ok(())
     }
 
     /// Writes a chain's buffers and descriptors and queues its head in the
     /// avail ring (not yet visible to the device: see [`SplitRing::publish`]).
     pub fn add(&mut self, mem: &Mem, spec: &ChainSpec) -> Result<u16, RingError> {
-        let rpieces = ChainSpec::pieces(spec.readable.len(), &spec.readable_cuts);
-        let wpieces = ChainSpec::pieces(spec.writable_len, &spec.writable_cuts);
+        let mut rpieces = std::mem::take(&mut self.scratch.rpieces);
+        let mut wpieces = std::mem::take(&mut self.scratch.wpieces);
+        let mut descs = std::mem::take(&mut self.scratch.descs);
+        ChainSpec::pieces_into(spec.readable.len(), &spec.readable_cuts, &mut rpieces);
+        ChainSpec::pieces_into(spec.writable_len, &spec.writable_cuts, &mut wpieces);
+        let added = self.add_pieces(mem, spec, &rpieces, &wpieces, &mut descs);
+        self.scratch.rpieces = rpieces;
+        self.scratch.wpieces = wpieces;
+        self.scratch.descs = descs;
+        added
+    }
+
+    fn add_pieces(
+        &mut self,
+        mem: &Mem,
+        spec: &ChainSpec,
+        rpieces: &[(usize, usize)],
+        wpieces: &[(usize, usize)],
+        descs: &mut Vec<Descriptor>,
+    ) -> Result<u16, RingError> {
         let total = rpieces.len() + wpieces.len();
         if spec.indirect && total > MAX_INDIRECT {
             return Err(RingError::TooBig("too many pieces for the indirect table"));
@@ -371,13 +434,18 @@ impl SplitRing {
         if wpieces.iter().map(|p| p.1 as u64 + GAP).sum::<u64>() > INDIRECT_AREA - WRITE_AREA {
             return Err(RingError::TooBig("writable part"));
         }
-        let ids = self.take_ids(if spec.indirect { 1 } else { total })?;
+        let mut flight = self.spare_flight();
+        if let Err(e) = self.take_ids_into(if spec.indirect { 1 } else { total }, &mut flight.ids) {
+            self.scratch.spare.push(flight);
+            return Err(e);
+        }
+        let ids = &flight.ids;
         let head = ids[0];
         let slot = self.slot(head);
         // Buffers: readable pieces, then writable pieces pre-filled.
-        let mut descs = Vec::with_capacity(total);
+        descs.clear();
         let mut cursor = slot.0 + READ_AREA;
-        for &(off, len) in &rpieces {
+        for &(off, len) in rpieces {
             let at = GuestAddress(cursor);
             mem.write_slice(&spec.readable[off..off + len], at)
                 .map_err(access("request buffer", at))?;
@@ -389,20 +457,24 @@ impl SplitRing {
             });
             cursor += len as u64 + GAP;
         }
-        let mut writable = Vec::with_capacity(wpieces.len());
+        let fill = [spec.prefill; 64];
         let mut cursor = slot.0 + WRITE_AREA;
-        let fill = vec![spec.prefill; spec.writable_len];
-        for &(_, len) in &wpieces {
-            let at = GuestAddress(cursor);
-            mem.write_slice(&fill[..len], at)
-                .map_err(access("reply buffer", at))?;
+        for &(_, len) in wpieces {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(fill.len());
+                let at = GuestAddress(cursor + done as u64);
+                mem.write_slice(&fill[..n], at)
+                    .map_err(access("reply buffer", at))?;
+                done += n;
+            }
             descs.push(Descriptor {
                 addr: cursor,
                 len: len as u32,
                 flags: VRING_DESC_F_WRITE,
                 next: 0,
             });
-            writable.push((cursor, len as u32));
+            flight.writable.push((cursor, len as u32));
             cursor += len as u64 + GAP;
         }
         if spec.indirect {
@@ -415,7 +487,7 @@ impl SplitRing {
                 }
             }
             let table = GuestAddress(slot.0 + INDIRECT_AREA);
-            write_table(mem, table, &descs)?;
+            write_table(mem, table, descs)?;
             self.write_desc(
                 mem,
                 head,
@@ -436,7 +508,7 @@ impl SplitRing {
                 self.write_desc(mem, ids[i], *d)?;
             }
         }
-        self.queue_head(mem, head, InFlight { ids, writable })?;
+        self.queue_head(mem, head, flight)?;
         Ok(head)
     }
 
@@ -571,14 +643,19 @@ impl SplitRing {
             .ok_or(RingError::UnknownHead { id })?;
         self.last_used = self.last_used.wrapping_add(1);
         self.in_flight_count -= 1;
-        let mut writable = Vec::new();
+        let mut writable = Vec::with_capacity(flight.writable.iter().map(|w| w.1 as usize).sum());
         for &(addr, l) in &flight.writable {
-            let mut buf = vec![0u8; l as usize];
-            if mem.read_slice(&mut buf, GuestAddress(addr)).is_ok() {
-                writable.extend_from_slice(&buf);
+            let start = writable.len();
+            writable.resize(start + l as usize, 0);
+            if mem
+                .read_slice(&mut writable[start..], GuestAddress(addr))
+                .is_err()
+            {
+                writable.truncate(start);
             }
         }
         self.free.extend(flight.ids.iter().rev());
+        self.scratch.spare.push(flight);
         Ok(Some(Used {
             head: id as u16,
             len,
