@@ -143,6 +143,51 @@ impl std::fmt::Display for ReplayReport {
     }
 }
 
+/// A MAP/UNMAP stream like Linux's strict DMA mode under a steady block
+/// workload: endpoint `endpoint` attached to domain 1, then `pairs` one-page
+/// MAPs, each UNMAPped `live` MAPs later (the I/Os in flight), IOVAs handed
+/// out top-down as Linux's IOVA allocator does. `2 * pairs + 1` requests,
+/// every one valid.
+pub fn map_unmap_stream(endpoint: u32, pairs: usize, live: usize) -> Vec<Request> {
+    use virtio_iommu_proto::{Attach, Map, MapFlags, Unmap};
+    const PAGE: u64 = 0x1000;
+    /// IOVA slots reused round-robin (more than `live`, so none overlaps).
+    const SLOTS: u64 = 1 << 14;
+    let live = live.clamp(1, (SLOTS / 2) as usize);
+    let iova = |i: usize| 0xffff_f000 - (i as u64 % SLOTS) * PAGE;
+    let mut out = Vec::with_capacity(2 * pairs + 1);
+    out.push(Request::Attach(Attach {
+        domain: 1,
+        endpoint,
+        flags: 0,
+        reserved: [0; 4],
+    }));
+    let unmap = |i: usize| {
+        Request::Unmap(Unmap {
+            domain: 1,
+            virt_start: iova(i),
+            virt_end: iova(i) + PAGE - 1,
+            reserved: [0; 4],
+        })
+    };
+    for i in 0..pairs {
+        out.push(Request::Map(Map {
+            domain: 1,
+            virt_start: iova(i),
+            virt_end: iova(i) + PAGE - 1,
+            phys_start: 0x1000_0000 + (i as u64 % 4096) * PAGE,
+            flags: MapFlags(3),
+        }));
+        if i >= live {
+            out.push(unmap(i - live));
+        }
+    }
+    for i in pairs.saturating_sub(live)..pairs {
+        out.push(unmap(i));
+    }
+    out
+}
+
 /// Sends `requests` through `driver`, `batch` per kick, waiting for each
 /// batch before the next one (as Linux waits for its synchronous requests).
 pub fn replay(
@@ -263,6 +308,28 @@ pub fn replay_pipelined(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_map_unmap_stream_pairs_every_map_with_one_unmap() {
+        let reqs = map_unmap_stream(8, 1000, 32);
+        assert_eq!(reqs.len(), 2001);
+        assert!(matches!(reqs[0], Request::Attach(a) if a.endpoint == 8 && a.domain == 1));
+        let mut live = std::collections::BTreeSet::new();
+        let mut most = 0;
+        for r in &reqs[1..] {
+            match r {
+                Request::Map(m) => {
+                    assert!(live.insert(m.virt_start), "no MAP over a live one");
+                    assert_eq!(m.virt_end - m.virt_start, 0xfff);
+                }
+                Request::Unmap(u) => assert!(live.remove(&u.virt_start), "UNMAP of a live MAP"),
+                other => panic!("unexpected {other:?}"),
+            }
+            most = most.max(live.len());
+        }
+        assert!(live.is_empty(), "all unmapped at the end");
+        assert_eq!(most, 33, "32 in flight, plus the one just mapped");
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

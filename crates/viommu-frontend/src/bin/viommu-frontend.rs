@@ -137,8 +137,13 @@ enum Command {
     /// and print requests/s, batch latency percentiles and non-OK counts.
     Replay {
         /// The trace file.
-        #[arg(long, value_name = "FILE")]
-        trace: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "map_unmap")]
+        trace: Option<PathBuf>,
+        /// Instead of a trace: ATTACH endpoint 8, then N one-page MAPs each
+        /// UNMAPped 32 MAPs later (Linux's strict mode under a steady block
+        /// workload): 2N + 1 requests.
+        #[arg(long, value_name = "N", conflicts_with = "trace")]
+        map_unmap: Option<usize>,
         /// Requests queued per kick.
         #[arg(long, value_name = "N", default_value_t = 1)]
         batch: usize,
@@ -283,11 +288,16 @@ fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     }
     if let Command::Replay {
         trace: path,
+        map_unmap,
         batch,
         in_flight,
     } = &cli.command
     {
-        let requests = trace::load(path)?;
+        let requests = match (path, map_unmap) {
+            (_, Some(pairs)) => replay::map_unmap_stream(8, *pairs, 32),
+            (Some(path), None) => trace::load(path)?,
+            (None, None) => return Err("replay needs --trace FILE or --map-unmap N".into()),
+        };
         let mut driver = Driver::connect(&cli.socket, opts)?;
         let meter = driver
             .connection()
