@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The request path beside its baselines, in one run (issue 11): requests/s
-# replaying the Linux guest trace at --batch 1, 8 and 32 through
+# replaying the Linux guest trace, then a MAP/UNMAP-only stream (replay
+# --map-unmap: Linux's strict mode), at --batch 1, 8 and 32 through
 #
 #   - vhost-user-iommu, the real daemon, publishing its table
 #     (--backend-socket), once as is, once with --poll-us 50, and once with
@@ -25,7 +26,8 @@
 #
 # Usage: benches/request-path.sh
 # Environment: CARGO_TARGET_DIR (default ./target), RUNS (replays per
-# figure, the median is shown; default 3), TRACE, QUEUE_SIZE (default 1024).
+# figure, the median is shown; default 3), TRACE, PAIRS (MAP/UNMAP pairs of
+# the stream; default 200000), QUEUE_SIZE (default 1024).
 
 set -euo pipefail
 shopt -s inherit_errexit
@@ -33,6 +35,9 @@ shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 TRACE=${TRACE:-crates/viommu-frontend/traces/linux612-virtio-blk-lazy-mixed.trace.gz}
 QUEUE_SIZE=${QUEUE_SIZE:-1024}
+PAIRS=${PAIRS:-200000}
+# The requests replayed: set per workload below.
+SRC=()
 RUNS=${RUNS:-3}
 BATCHES=(1 8 32)
 
@@ -115,7 +120,7 @@ figures() {
 replay_socket() {
     local out rc=0
     out=$("$BIN/viommu-frontend" --socket "$1" --queue-size "$QUEUE_SIZE" \
-        replay --trace "$TRACE" --batch "$2" --in-flight "${3:-1}" 2>&1) || rc=$?
+        replay "${SRC[@]}" --batch "$2" --in-flight "${3:-1}" 2>&1) || rc=$?
     check "$out" "$rc" "viommu-frontend replay --batch $2 --in-flight ${3:-1} on $1"
     FIG=$(figures "$out")
 }
@@ -143,7 +148,7 @@ measure() {
         ;;
     in-process)
         local out rc=0
-        out=$("$BIN/replay-in-process" --trace "$TRACE" --batch "$2" 2>&1) || rc=$?
+        out=$("$BIN/replay-in-process" "${SRC[@]}" --batch "$2" 2>&1) || rc=$?
         check "$out" "$rc" "replay-in-process --batch $2"
         FIG=$(figures "$out")
         # One thread does all the work: its CPU per request is the wall time.
@@ -176,33 +181,44 @@ declare -A LABEL=(
     [in-process]="in-process Device::process, RwLock<BTreeMap> (no queue, no daemon)"
 )
 declare -A RPS P50 DEV
-read -r load _ </proc/loadavg
-for c in "${CONFIGS[@]}"; do
-    for b in "${BATCHES[@]}"; do
-        median_of "$c" "$b"
-        read -r "RPS[$c.$b]" "P50[$c.$b]" "DEV[$c.$b]" <<<"$FIG"
+
+# table TITLE: measures every configuration at every batch for the
+# requests in SRC and prints the table.
+table() {
+    local load c b
+    read -r load _ </proc/loadavg
+    for c in "${CONFIGS[@]}"; do
+        for b in "${BATCHES[@]}"; do
+            median_of "$c" "$b"
+            read -r "RPS[$c.$b]" "P50[$c.$b]" "DEV[$c.$b]" <<<"$FIG"
+        done
     done
-done
+    echo "$1, queue size $QUEUE_SIZE,"
+    echo "median of $RUNS runs per figure; every daemon started fresh for each run;"
+    echo "$(nproc) CPUs, 1-minute load average $load before the first replay."
+    echo "ratio = requests/s / requests/s of naive-viommu at the same batch."
+    echo
+    printf '%-62s %5s %11s %9s %14s %16s %10s\n' "device" "batch" "requests/s" "vs naive" "device ns/req" "M req/s per core" "p50 b=1 µs"
+    for c in "${CONFIGS[@]}"; do
+        for b in "${BATCHES[@]}"; do
+            local ratio dev core p50
+            ratio=$(awk -v a="${RPS[$c.$b]}" -v n="${RPS[naive.$b]}" 'BEGIN { printf "%.2f", a / n }')
+            dev=${DEV[$c.$b]}
+            core=-
+            [[ $dev != - ]] && core=$(awk -v d="$dev" 'BEGIN { printf "%.2f", 1e3 / d }')
+            p50=-
+            [[ $b -eq 1 ]] && p50=${P50[$c.$b]}
+            printf '%-62s %5s %11s %9s %14s %16s %10s\n' "${LABEL[$c]}" "$b" "${RPS[$c.$b]}" "${ratio}x" "$dev" "$core" "$p50"
+        done
+    done
+    echo
+}
 
 requests=$(zcat -f "$TRACE" | grep -c '^virtio_iommu_')
-echo "Replay of $TRACE ($requests requests), queue size $QUEUE_SIZE,"
-echo "median of $RUNS runs per figure; every daemon started fresh for each run;"
-echo "$(nproc) CPUs, 1-minute load average $load before the first replay."
-echo "ratio = requests/s / requests/s of naive-viommu at the same batch."
-echo
-printf '%-62s %5s %11s %9s %14s %16s %10s\n' "device" "batch" "requests/s" "vs naive" "device ns/req" "M req/s per core" "p50 b=1 µs"
-for c in "${CONFIGS[@]}"; do
-    for b in "${BATCHES[@]}"; do
-        ratio=$(awk -v a="${RPS[$c.$b]}" -v n="${RPS[naive.$b]}" 'BEGIN { printf "%.2f", a / n }')
-        dev=${DEV[$c.$b]}
-        core=-
-        [[ $dev != - ]] && core=$(awk -v d="$dev" 'BEGIN { printf "%.2f", 1e3 / d }')
-        p50=-
-        [[ $b -eq 1 ]] && p50=${P50[$c.$b]}
-        printf '%-62s %5s %11s %9s %14s %16s %10s\n' "${LABEL[$c]}" "$b" "${RPS[$c.$b]}" "${ratio}x" "$dev" "$core" "$p50"
-    done
-done
-echo
+SRC=(--trace "$TRACE")
+table "Replay of $TRACE ($requests requests)"
+SRC=(--map-unmap "$PAIRS")
+table "MAP/UNMAP-only stream (replay --map-unmap $PAIRS: $((2 * PAIRS + 1)) requests)"
 echo "device ns/req: CPU time of the device process (all threads) per request;"
 echo "M req/s per core = 1000 / that. p50 at batch 1: median round trip of one"
 echo "request (queue, kick, used) as the frontend times it; in-process, the time"

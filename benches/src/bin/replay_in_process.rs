@@ -5,14 +5,24 @@
 //! (see `viommu_benches::in_process`). Prints the replay's figures in the
 //! frontend's format; exit status 1 if any request was not OK.
 //!
-//! Usage: `replay-in-process --trace FILE [--batch N]` (default batch 1)
+//! Usage: `replay-in-process (--trace FILE | --map-unmap N) [--batch N]`
+//! (default batch 1; `--map-unmap` is the frontend's MAP/UNMAP-only stream)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use viommu_benches::in_process::{LockedTables, encode, linux_device, replay};
 
-fn run(trace: PathBuf, batch: usize) -> Result<bool, Box<dyn std::error::Error>> {
-    let requests = viommu_frontend::trace::load(&trace)?;
+/// Where the requests come from.
+enum Source {
+    Trace(PathBuf),
+    MapUnmap(usize),
+}
+
+fn run(source: Source, batch: usize) -> Result<bool, Box<dyn std::error::Error>> {
+    let requests = match source {
+        Source::Trace(path) => viommu_frontend::trace::load(&path)?,
+        Source::MapUnmap(pairs) => viommu_frontend::replay::map_unmap_stream(8, pairs, 32),
+    };
     let mut dev = linux_device()?;
     let mut posted = encode(&requests, dev.config_space().probe_size);
     let tables = LockedTables::default();
@@ -27,7 +37,10 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
-            ("--trace", Some(v)) => trace = Some(PathBuf::from(v)),
+            ("--trace", Some(v)) => trace = Some(Source::Trace(PathBuf::from(v))),
+            ("--map-unmap", Some(v)) => {
+                trace = v.parse().ok().map(Source::MapUnmap);
+            }
             ("--batch", Some(v)) => match v.parse() {
                 Ok(n) if n > 0 => batch = n,
                 _ => trace = None,
@@ -39,7 +52,7 @@ fn main() -> ExitCode {
         }
     }
     let Some(trace) = trace else {
-        eprintln!("usage: replay-in-process --trace FILE [--batch N]");
+        eprintln!("usage: replay-in-process (--trace FILE | --map-unmap N) [--batch N]");
         return ExitCode::from(2);
     };
     match run(trace, batch) {

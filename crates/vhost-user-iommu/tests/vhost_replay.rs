@@ -86,3 +86,15 @@ fn replay_linux612_trace_batches_larger_than_the_ring_all_ok() {
 fn replay_linux612_trace_more_in_flight_than_the_ring_holds_all_ok() {
     replay_whole_trace(8, 64);
 }
+
+/// The MAP/UNMAP-only stream (Linux's strict mode) is valid for the
+/// daemon's defaults: every request OK, pipelined.
+#[test]
+fn map_unmap_stream_all_ok() {
+    let requests = viommu_frontend::replay::map_unmap_stream(8, 20_000, 32);
+    let d = Daemon::start("mapunmap", &[]);
+    let mut drv = Driver::connect(&d.socket, DriverOptions::default()).unwrap();
+    let report = replay_pipelined(&mut drv, &requests, 32, 4).unwrap();
+    assert_eq!(report.requests, 40_001);
+    assert_eq!(report.non_ok, 0, "{report}");
+}

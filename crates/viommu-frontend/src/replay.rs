@@ -146,15 +146,17 @@ impl std::fmt::Display for ReplayReport {
 /// A MAP/UNMAP stream like Linux's strict DMA mode under a steady block
 /// workload: endpoint `endpoint` attached to domain 1, then `pairs` one-page
 /// MAPs, each UNMAPped `live` MAPs later (the I/Os in flight), IOVAs handed
-/// out top-down as Linux's IOVA allocator does. `2 * pairs + 1` requests,
-/// every one valid.
+/// out top-down as Linux's IOVA allocator does, below 4 GiB and clear of
+/// the x86 MSI window. `2 * pairs + 1` requests, every one valid for the
+/// daemon's default settings.
 pub fn map_unmap_stream(endpoint: u32, pairs: usize, live: usize) -> Vec<Request> {
     use virtio_iommu_proto::{Attach, Map, MapFlags, Unmap};
     const PAGE: u64 = 0x1000;
     /// IOVA slots reused round-robin (more than `live`, so none overlaps).
     const SLOTS: u64 = 1 << 14;
     let live = live.clamp(1, (SLOTS / 2) as usize);
-    let iova = |i: usize| 0xffff_f000 - (i as u64 % SLOTS) * PAGE;
+    // Below x86's MSI window (0xfee00000-0xfeefffff), which is reserved.
+    let iova = |i: usize| 0xefff_f000 - (i as u64 % SLOTS) * PAGE;
     let mut out = Vec::with_capacity(2 * pairs + 1);
     out.push(Request::Attach(Attach {
         domain: 1,
