@@ -344,11 +344,10 @@ impl IommuBackend {
             return Ok(false);
         }
         let mut pass = ring.parts().map_err(io::Error::other)?;
-        let more = pass.view.enable_notification();
+        let more = pass.kicks_on();
         if tracing::enabled!(tracing::Level::TRACE) {
             tracing::trace!(
-                next_avail = pass.view.next_avail(),
-                next_used = pass.view.next_used(),
+                state = %pass,
                 event_idx = virtio_queue::QueueT::event_idx_enabled(vstate.get_queue()),
                 more,
                 "request queue: kicks enabled"
@@ -365,25 +364,18 @@ impl IommuBackend {
             return Ok(0);
         }
         let mut pass = ring.parts().map_err(io::Error::other)?;
-        pass.view.disable_notification();
+        pass.kicks_off();
         let mut guard = self.state()?;
         let st = &mut *guard;
         let taken = pass
             .serve_available(&mut st.device, st.publisher.as_mut())
             .map_err(io::Error::other)?;
-        // In order: everything before the first narrowing request completes
-        // now; the rest after one grace period.
-        let first_grace = pass.completions.iter().position(|(_, s)| s.needs_grace);
-        let split = first_grace.unwrap_or(pass.completions.len());
-        for &(head, s) in &pass.completions[..split] {
-            pass.view.push_used(head, s.used_len);
-        }
-        pass.view.publish_used();
+        let waiting = pass.complete_ready();
         pass.write_back(vstate.get_queue_mut());
-        if first_grace.is_some() {
+        if waiting {
             let wait = st.publisher.synchronize();
             drop(guard);
-            if split > 0 && pass.view.needs_notification() {
+            if pass.needs_notification() {
                 vstate.signal_used_queue()?;
             }
             // Neither lock is held while a backend may still be finishing:
@@ -397,15 +389,12 @@ impl IommuBackend {
                 );
                 return Ok(taken);
             }
-            for &(head, s) in &pass.completions[split..] {
-                pass.view.push_used(head, s.used_len);
-            }
-            pass.view.publish_used();
+            pass.complete_rest();
             pass.write_back(vstate.get_queue_mut());
         } else {
             drop(guard);
         }
-        if taken > 0 && pass.view.needs_notification() {
+        if pass.needs_notification() {
             vstate.signal_used_queue()?;
         }
         Ok(taken)
@@ -422,7 +411,7 @@ impl IommuBackend {
         };
         let deadline = Instant::now() + self.inner.poll;
         while Instant::now() < deadline {
-            if pass.view.has_available() {
+            if pass.has_available() {
                 return true;
             }
             // Yield, not pause: with fewer cores than pollers, a pause-only

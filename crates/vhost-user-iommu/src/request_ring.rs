@@ -26,11 +26,11 @@ pub struct RequestRing {
     /// `(head, outcome)` of the chains served in the current pass.
     completions: Vec<(u16, Served)>,
     /// Serves one chain; keeps the request counters.
-    pub server: RequestServer,
+    server: RequestServer,
 }
 
 /// The rings of one pass.
-pub type PassView<'a> = RingView<'a, RamAccess>;
+type PassView<'a> = RingView<'a, RamAccess>;
 
 impl RequestRing {
     /// Takes guest RAM from the latest memory table, if it is newer than
@@ -87,7 +87,9 @@ impl RequestRing {
             ram,
             chains: &mut self.chains,
             completions: &mut self.completions,
+            completed: 0,
             server: &mut self.server,
+            unsignalled: false,
         })
     }
 }
@@ -95,15 +97,28 @@ impl RequestRing {
 /// One pass over the request queue.
 pub struct Pass<'a> {
     addrs: RingAddrs,
-    /// The rings.
-    pub view: PassView<'a>,
-    /// Guest RAM.
-    pub ram: &'a RamAccess,
+    view: PassView<'a>,
+    ram: &'a RamAccess,
     chains: &'a mut Vec<Chain>,
     /// `(head, outcome)` per chain served.
-    pub completions: &'a mut Vec<(u16, Served)>,
-    /// Serves one chain.
-    pub server: &'a mut RequestServer,
+    completions: &'a mut Vec<(u16, Served)>,
+    /// Chains of `completions` already used.
+    completed: usize,
+    server: &'a mut RequestServer,
+    /// Used entries written since the driver was last considered for a
+    /// notification.
+    unsignalled: bool,
+}
+
+impl std::fmt::Display for Pass<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "next_avail={} next_used={}",
+            self.view.next_avail(),
+            self.view.next_used()
+        )
+    }
 }
 
 impl Pass<'_> {
@@ -158,6 +173,55 @@ impl Pass<'_> {
             Err(e) if taken == 0 => Err(e),
             _ => Ok(taken),
         }
+    }
+
+    /// Completes, in order, the served chains up to the first one that
+    /// awaits a grace period, and publishes the used index once. True if
+    /// some still await it ([`Self::complete_rest`] after the grace period).
+    pub fn complete_ready(&mut self) -> bool {
+        let first_grace = self.completions.iter().position(|(_, s)| s.needs_grace);
+        let split = first_grace.unwrap_or(self.completions.len());
+        self.complete_until(split);
+        first_grace.is_some()
+    }
+
+    /// Completes the served chains left by [`Self::complete_ready`].
+    pub fn complete_rest(&mut self) {
+        self.complete_until(self.completions.len());
+    }
+
+    fn complete_until(&mut self, end: usize) {
+        if end <= self.completed {
+            return;
+        }
+        for &(head, s) in &self.completions[self.completed..end] {
+            self.view.push_used(head, s.used_len);
+        }
+        self.completed = end;
+        self.view.publish_used();
+        self.unsignalled = true;
+    }
+
+    /// Whether the driver wants a notification for the chains completed
+    /// since this was last asked (EVENT_IDX, or its NO_INTERRUPT flag).
+    pub fn needs_notification(&mut self) -> bool {
+        std::mem::take(&mut self.unsignalled) && self.view.needs_notification()
+    }
+
+    /// Asks the driver not to kick: this thread is looking at the ring.
+    pub fn kicks_off(&mut self) {
+        self.view.disable_notification();
+    }
+
+    /// Asks the driver to kick for its next request; true if requests
+    /// arrived meanwhile (serve them before sleeping).
+    pub fn kicks_on(&mut self) -> bool {
+        self.view.enable_notification()
+    }
+
+    /// Whether the driver published requests not taken yet.
+    pub fn has_available(&self) -> bool {
+        self.view.has_available()
     }
 
     /// Whether the vring still describes the queue this pass works on (the
