@@ -12,9 +12,11 @@
 #     (benches/src/bin/naive_viommu.rs), synchronous and with 8 batches in
 #     flight;
 #   - replay-in-process, the same device model fed the same request bytes
-#     with no virtqueue and no daemon, changes mirrored into
-#     RwLock<BTreeMap>s (benches/src/in_process.rs): what the queue and the
-#     process boundary cost;
+#     with no virtqueue and no daemon (benches/src/in_process.rs), its
+#     changes mirrored into RwLock<BTreeMap>s (cloud-hypervisor's structure),
+#     into the daemon's own shared table, or nowhere: what the queue and
+#     the process boundary cost, and what the table's second copy of the
+#     mappings costs over the model alone;
 #
 # with each figure's ratio to the naive device, the device process's CPU
 # time per request (all its threads, from /proc: what a request costs the
@@ -146,9 +148,11 @@ measure() {
         replay_socket "$sock" "$2" "$in_flight"
         stop_daemon
         ;;
-    in-process)
-        local out rc=0
-        out=$("$BIN/replay-in-process" "${SRC[@]}" --batch "$2" 2>&1) || rc=$?
+    in-process | in-process-table | in-process-model)
+        local out rc=0 sink=btree
+        [[ $1 == in-process-table ]] && sink=table
+        [[ $1 == in-process-model ]] && sink=none
+        out=$("$BIN/replay-in-process" "${SRC[@]}" --batch "$2" --sink "$sink" 2>&1) || rc=$?
         check "$out" "$rc" "replay-in-process --batch $2"
         FIG=$(figures "$out")
         # One thread does all the work: its CPU per request is the wall time.
@@ -171,14 +175,16 @@ median_of() {
     FIG=$(printf '%s\n' "${runs[@]}" | sort -n -k1,1 | sed -n "$(((RUNS + 1) / 2))p")
 }
 
-CONFIGS=(daemon daemon-poll daemon-pipelined naive naive-pipelined in-process)
+CONFIGS=(daemon daemon-poll daemon-pipelined naive naive-pipelined in-process in-process-table in-process-model)
 declare -A LABEL=(
     [daemon]="vhost-user-iommu --backend-socket"
     [daemon-poll]="vhost-user-iommu --backend-socket --poll-us 50"
     [daemon-pipelined]="vhost-user-iommu --backend-socket, 8 batches in flight"
     [naive]="naive-viommu (rust-vmm, BTreeMap)"
     [naive-pipelined]="naive-viommu, 8 batches in flight"
-    [in-process]="in-process Device::process, RwLock<BTreeMap> (no queue, no daemon)"
+    [in-process]="in-process model + RwLock<BTreeMap> (no queue, no daemon)"
+    [in-process-table]="in-process model + the daemon's shared table"
+    [in-process-model]="in-process model alone"
 )
 declare -A RPS P50 DEV
 

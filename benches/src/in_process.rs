@@ -171,24 +171,46 @@ pub fn replay(
     batch: usize,
     tables: &LockedTables,
 ) -> InProcessReport {
-    let batch = batch.max(1);
     let mut sink = LockedSink(tables);
+    let mut report = replay_batches(dev, posted, batch, &mut |dev, chunk| {
+        serve_chunk(dev, chunk, &mut sink)
+    });
+    report.mappings_left = tables.mapping_count();
+    report
+}
+
+/// Serves one batch, every change going to `sink`: the reply written into
+/// each request's writable buffer; returns the used lengths.
+pub fn serve_chunk(dev: &mut Device, chunk: &mut [Posted], sink: &mut impl ChangeSink) -> Vec<u32> {
+    let mut used = Vec::with_capacity(chunk.len());
+    for p in chunk.iter_mut() {
+        let reply = dev.process(&p.readable, p.writable.len(), sink);
+        used.push(reply.used_len());
+        if let Some((at, tail)) = reply.tail() {
+            if let viommu_core::Reply::Complete { area, .. } = reply {
+                p.writable[..at].copy_from_slice(area);
+            }
+            p.writable[at..at + TAIL_LEN].copy_from_slice(&tail);
+        }
+    }
+    used
+}
+
+/// Replays `posted` through `dev`, `batch` requests at a time, `serve`
+/// serving each batch (returning the used lengths); checks every reply.
+pub fn replay_batches(
+    dev: &mut Device,
+    posted: &mut [Posted],
+    batch: usize,
+    serve: &mut dyn FnMut(&mut Device, &mut [Posted]) -> Vec<u32>,
+) -> InProcessReport {
+    let batch = batch.max(1);
     let mut samples = Vec::with_capacity(posted.len().div_ceil(batch));
-    let mut used = vec![0u32; batch];
     let mut non_ok = 0u64;
     let start = Instant::now();
     for chunk in posted.chunks_mut(batch) {
         let t0 = Instant::now();
-        for (p, used_len) in chunk.iter_mut().zip(used.iter_mut()) {
-            let reply = dev.process(&p.readable, p.writable.len(), &mut sink);
-            *used_len = reply.used_len();
-            if let Some((at, tail)) = reply.tail() {
-                if let viommu_core::Reply::Complete { area, .. } = reply {
-                    p.writable[..at].copy_from_slice(area);
-                }
-                p.writable[at..at + TAIL_LEN].copy_from_slice(&tail);
-            }
-        }
+        let used = serve(dev, chunk);
         samples.push(t0.elapsed());
         for (p, &used_len) in chunk.iter().zip(used.iter()) {
             let ok = used_len as usize == p.writable.len()
@@ -209,6 +231,6 @@ pub fn replay(
         elapsed,
         p50,
         non_ok,
-        mappings_left: tables.mapping_count(),
+        mappings_left: dev.mapping_count() as usize,
     }
 }

@@ -146,3 +146,35 @@ fn naive_device_returns_bad_chains_untouched_and_keeps_serving() {
         assert_eq!(driver.send_one(&req).unwrap().status(), Some(want));
     }
 }
+
+/// Every sink of the in-process replay (the daemon's shared table, the
+/// model alone) answers both workloads all OK.
+#[test]
+fn in_process_replay_into_each_sink_is_all_ok() {
+    let trace = trace_path();
+    let trace = trace.to_str().unwrap();
+    for sink in ["table", "none", "btree"] {
+        for source in [["--trace", trace], ["--map-unmap", "20000"]] {
+            let out = Command::new(env!("CARGO_BIN_EXE_replay-in-process"))
+                .args(source)
+                .args(["--batch", "32", "--sink", sink])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{sink} {source:?}: {text}");
+            assert!(
+                text.contains("non-OK statuses: 0"),
+                "{sink} {source:?}: {text}"
+            );
+        }
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_replay-in-process"))
+        .args(["--map-unmap", "10", "--sink", "nowhere"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "an unknown sink is a usage error"
+    );
+}
