@@ -885,7 +885,8 @@ fn both_kick_loops_serve_the_request_queue_and_uring_owns_the_kick() {
     let (reqs, want) = layout_script();
     for (name, extra) in [
         ("epoll", &["--kick-loop", "epoll"][..]),
-        ("uring", &["--log-level", "debug"][..]),
+        ("uring", &["--log-level", "debug", "--poll-us", "0"][..]),
+        ("uringdefault", &["--log-level", "debug"][..]),
         (
             "uringpoll",
             &["--log-level", "debug", "--poll-us", "20", "--cpu", "0"][..],
