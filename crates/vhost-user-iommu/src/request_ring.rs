@@ -122,7 +122,7 @@ impl std::fmt::Display for Pass<'_> {
 }
 
 impl Pass<'_> {
-    /// Takes every available chain (at most a queue's worth) and serves
+    /// Takes the available chains (at most a queue's worth) and serves
     /// them in order, recording each outcome in [`Self::completions`]. A
     /// ring that cannot be read sanely is an error, after the chains taken
     /// before it were served.
@@ -134,7 +134,12 @@ impl Pass<'_> {
         self.completions.clear();
         let mut taken = 0;
         let mut result = Ok(());
-        loop {
+        // At most a queue's worth per pass: a driver that keeps publishing
+        // (a hostile one may republish the same descriptors forever) gets
+        // its requests completed between passes, and the used ring never
+        // holds more entries than it has slots.
+        let most = usize::from(self.addrs.size);
+        while taken < most {
             if taken == self.chains.len() {
                 self.chains.push(Chain::default());
             }
