@@ -103,7 +103,7 @@ session() {
     : > "$WORK/serial.log"
     truncate -s ${MIB}M "$S/disk.raw"
     local vmm_sock=$S/viommu.sock
-    RUST_LOG=debug "$BIN/vhost-user-iommu" --socket-path "$S/viommu.sock" \
+    RUST_LOG=${VIOMMU_GUEST_DAEMON_LOG:-debug} "$BIN/vhost-user-iommu" --socket-path "$S/viommu.sock" \
         --backend-socket "$S/backends.sock" --input-range $INPUT_RANGE > "$WORK/daemon.log" 2>&1 &
     PIDS+=($!)
     wait_for "$WORK/daemon.log" "waiting for a VMM" 10 || fail "$name: the daemon did not start"

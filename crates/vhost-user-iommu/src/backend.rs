@@ -162,7 +162,12 @@ impl IommuBackend {
                 0
             })
         });
-        let kick_loop = KickLoop::start(serve, cpu)?;
+        let weak = Arc::downgrade(&self.inner);
+        let pending = Box::new(move |vring: &VringRwLock| {
+            weak.upgrade()
+                .is_some_and(|inner| IommuBackend { inner }.has_requests(vring))
+        });
+        let kick_loop = KickLoop::start(serve, pending, cpu)?;
         *self.inner.kick_loop.lock().map_err(lock_error)? = Some(kick_loop);
         *self.inner.epoll.lock().map_err(lock_error)? = Some(handler);
         Ok(())
@@ -334,6 +339,18 @@ impl IommuBackend {
                 return Ok(total);
             }
         }
+    }
+
+    /// Whether requests wait in the request queue (looked at, not served).
+    fn has_requests(&self, vring: &VringRwLock) -> bool {
+        let Ok(mut ring) = self.inner.ring.lock() else {
+            return false;
+        };
+        let vstate = vring.get_mut();
+        if !ring.sync(vstate.get_queue()).unwrap_or(false) {
+            return false;
+        }
+        ring.parts().is_ok_and(|p| p.has_available())
     }
 
     /// Asks the driver to kick for its next request; true if requests

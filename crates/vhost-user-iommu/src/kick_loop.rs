@@ -29,6 +29,9 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EventFd};
 /// requests it completed.
 pub type Serve = Box<dyn Fn(&VringRwLock) -> usize + Send>;
 
+/// Whether requests wait in the queue (looked at, not served).
+pub type Pending = Box<dyn Fn(&VringRwLock) -> bool + Send>;
+
 #[derive(Default)]
 struct Command {
     new_kick: Option<(OwnedFd, VringRwLock)>,
@@ -48,8 +51,10 @@ pub struct KickLoop {
 }
 
 const WAKE: u64 = 1;
-/// How long the thread sleeps without any completion before it checks the
-/// avail ring itself (a safety net against a lost kick, which it logs).
+/// The watchdog's interval: a safety net against a lost kick. Requests
+/// found waiting at one tick, after an interval without a pass, are served
+/// at the next tick if their kick still has not come (and that is logged
+/// as a lost kick): between 100 and 200 ms late.
 const WATCHDOG_NS: u32 = 100_000_000;
 /// How often a kick that came before its queue was enabled is retried.
 const NOT_ENABLED_RETRY_NS: u32 = 1_000_000;
@@ -62,7 +67,7 @@ const KICK: u64 = 1 << 32;
 impl KickLoop {
     /// Starts the thread (pinned to `cpu` if given). Fails if io_uring is
     /// not available (old kernel, seccomp), so the caller can fall back.
-    pub fn start(serve: Serve, cpu: Option<usize>) -> io::Result<Self> {
+    pub fn start(serve: Serve, pending: Pending, cpu: Option<usize>) -> io::Result<Self> {
         let control = Arc::new(Control {
             wake: EventFd::new(EFD_CLOEXEC)?,
             cmd: Mutex::new(Command::default()),
@@ -85,7 +90,7 @@ impl KickLoop {
                     return;
                 }
             };
-            if let Err(e) = run(ring, &c, &serve) {
+            if let Err(e) = run(ring, &c, &serve, &pending) {
                 warn!(error = %e, "request-queue io_uring loop failed; the queue is no longer served");
             }
         })?;
@@ -244,7 +249,7 @@ impl Loop {
     }
 }
 
-fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
+fn run(ring: IoUring, control: &Control, serve: &Serve, pending: &Pending) -> io::Result<()> {
     let mut l = Loop {
         ring,
         wake_buf: Box::new([0; 8]),
@@ -270,6 +275,12 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
     let mut kick_before_enable = false;
     // A pass ran since the watchdog last fired.
     let mut woken_since_watchdog = false;
+    // The watchdog found requests after an interval without a kick: their
+    // kick gets one more interval to arrive (the driver publishes, then
+    // kicks, and the watchdog may fire in between; under TCG or on a busy
+    // host that gap is long) before they are served as requests whose kick
+    // went missing.
+    let mut suspect = false;
     let result = loop {
         let waited = if kick_before_enable && ext_arg {
             l.ring.submitter().submit_with_args(1, &retry_args)
@@ -279,8 +290,6 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
         match waited {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
-                // The quick retry of a kick that came before its queue was
-                // enabled.
                 if let Some((_, vring)) = &kick {
                     if vring.get_ref().is_enabled() {
                         let served = serve(vring);
@@ -360,21 +369,32 @@ fn run(ring: IoUring, control: &Control, serve: &Serve) -> io::Result<()> {
             } else if let Some((_, vring)) = &kick {
                 // A whole interval without a kick: look at the ring anyway.
                 if vring.get_ref().is_enabled() {
-                    let served = serve(vring);
                     if kick_before_enable {
+                        let served = serve(vring);
                         debug!(
                             served,
                             "a kick that came before the queue was enabled, served"
                         );
-                    } else if served > 0 {
-                        // Requests were waiting, yet no kick came.
-                        warn!("request queue had requests but no kick; served by the watchdog");
+                        kick_before_enable = false;
+                    } else if suspect {
+                        let served = serve(vring);
+                        suspect = false;
+                        if served > 0 {
+                            warn!(
+                                served,
+                                "request queue had requests but no kick for a whole watchdog interval; served by the watchdog"
+                            );
+                        }
+                    } else {
+                        suspect = pending(vring);
                     }
-                    kick_before_enable = false;
                 }
             }
         }
         woken_since_watchdog |= pass;
+        if pass {
+            suspect = false;
+        }
         if pass {
             if let Some((_, vring)) = &kick {
                 if vring.get_ref().is_enabled() {

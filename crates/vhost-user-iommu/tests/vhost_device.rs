@@ -876,6 +876,50 @@ fn dev_gen_3_nothing_is_used_before_the_ring_is_enabled() {
     assert_eq!((used.len, used.writable), (4, vec![0, 0, 0, 0]));
 }
 
+/// A request whose kick never comes (a driver or transport bug) is still
+/// served, by the io_uring thread's watchdog, and the daemon says so.
+#[test]
+fn a_request_without_a_kick_is_served_by_the_watchdog_and_logged() {
+    use viommu_frontend::connection::linux_driver_features;
+    use viommu_frontend::memory::GuestRam;
+    use viommu_frontend::split_ring::SplitRing;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    let d = Daemon::start("nokick", &["--log-level", "debug"]);
+    let mut conn = Connection::connect(&socket(&d)).unwrap();
+    let mut ram = GuestRam::new(16 << 20).unwrap();
+    let mut ring = SplitRing::new(&mut ram, 16, false).unwrap();
+    let (kick, call) = (
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    );
+    conn.set_features(linux_driver_features(conn.offered_features(), false))
+        .unwrap();
+    conn.set_mem_table(&ram).unwrap();
+    conn.setup_vring(0, &ram, &ring.addrs(), &kick, &call)
+        .unwrap();
+    conn.enable_vring(0, true).unwrap();
+    // Let the daemon take the kick eventfd over and go idle.
+    std::thread::sleep(Duration::from_millis(50));
+    ring.add(ram.mem(), &chain_for(&attach(1, 8), 512, Layout::Two))
+        .unwrap();
+    ring.publish(ram.mem()).unwrap(); // and no kick
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let used = loop {
+        if let Some(u) = ring.pop_used(ram.mem()).unwrap() {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "never served:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!((used.len, used.writable), (4, vec![0, 0, 0, 0]));
+    let log = d.log();
+    assert!(
+        log.contains("WARN") && log.contains("served by the watchdog"),
+        "{log}"
+    );
+}
+
 /// Both kick paths serve the same requests with the same results; with the
 /// default (`uring`) the request queue's kick eventfd really moves to the
 /// io_uring thread, including after a device reset and a reconnect, with
