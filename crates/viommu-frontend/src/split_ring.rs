@@ -277,6 +277,83 @@ pub struct SplitRing {
     /// Buffers reused from one chain to the next, so that posting and
     /// collecting a request allocates (almost) nothing.
     scratch: Scratch,
+    /// Where guest RAM's first region is mapped here, to reach the ring and
+    /// its buffers without a region lookup per access.
+    direct: Option<Direct>,
+}
+
+/// Guest RAM's first region as this process maps it.
+#[derive(Clone, Copy)]
+struct Direct {
+    /// Guest-physical start.
+    gpa: u64,
+    /// Length.
+    len: u64,
+    /// Host address of `gpa`.
+    host: usize,
+}
+
+impl Direct {
+    fn of(mem: &Mem) -> Option<Direct> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let r = mem.iter().next()?;
+        Some(Direct {
+            gpa: r.start_addr().0,
+            len: r.len(),
+            host: r.as_ptr() as usize,
+        })
+    }
+
+    /// The host address of `[gpa, gpa + len)` if it lies in this region and
+    /// `mem` is still the memory this was made from.
+    fn at(&self, mem: &Mem, gpa: u64, len: usize) -> Option<*mut u8> {
+        let same = Direct::of(mem).is_some_and(|d| d.host == self.host && d.len == self.len);
+        let off = gpa.checked_sub(self.gpa)?;
+        (same && off.checked_add(len as u64)? <= self.len)
+            .then(|| (self.host + off as usize) as *mut u8)
+    }
+}
+
+/// Copies `data` to `dst` with volatile stores, eight bytes at a time.
+///
+/// # Safety
+///
+/// `dst..dst + data.len()` must be mapped and writable.
+unsafe fn store_bytes(dst: *mut u8, data: &[u8]) {
+    let mut chunks = data.chunks_exact(8);
+    let mut at = dst;
+    for c in &mut chunks {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(c);
+        // SAFETY: inside the caller's range; `[u8; 8]` needs no alignment.
+        unsafe { std::ptr::write_volatile(at.cast::<[u8; 8]>(), v) };
+        // SAFETY: at most one past the end of the caller's range.
+        at = unsafe { at.add(8) };
+    }
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        // SAFETY: the remainder follows the chunks inside the range.
+        unsafe { std::ptr::write_volatile(at.add(i), b) };
+    }
+}
+
+/// Copies from `src` into `buf` with volatile loads, eight bytes at a time.
+///
+/// # Safety
+///
+/// `src..src + buf.len()` must be mapped and readable.
+unsafe fn load_bytes(src: *const u8, buf: &mut [u8]) {
+    let mut chunks = buf.chunks_exact_mut(8);
+    let mut at = src;
+    for c in &mut chunks {
+        // SAFETY: inside the caller's range; `[u8; 8]` needs no alignment.
+        c.copy_from_slice(&unsafe { std::ptr::read_volatile(at.cast::<[u8; 8]>()) });
+        // SAFETY: at most one past the end of the caller's range.
+        at = unsafe { at.add(8) };
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        // SAFETY: the remainder follows the chunks inside the range.
+        *b = unsafe { std::ptr::read_volatile(at.add(i)) };
+    }
 }
 
 #[derive(Default)]
@@ -327,6 +404,7 @@ impl SplitRing {
             kicked_idx: 0,
             last_used: 0,
             scratch: Scratch::default(),
+            direct: Direct::of(ram.mem()),
         })
     }
 
@@ -364,10 +442,39 @@ impl SplitRing {
         GuestAddress(self.slots.0 + u64::from(head) * SLOT_BYTES)
     }
 
+    /// Writes `data` at `at`: straight into the mapping when it lies in
+    /// guest RAM's first region, else through vm-memory.
+    fn write_bytes(
+        &self,
+        mem: &Mem,
+        data: &[u8],
+        at: GuestAddress,
+        what: &'static str,
+    ) -> Result<(), RingError> {
+        match self.direct.and_then(|d| d.at(mem, at.0, data.len())) {
+            // SAFETY: `Direct::at` checked that the range lies in the
+            // region `mem` maps, which outlives this call.
+            Some(p) => unsafe { store_bytes(p, data) },
+            None => mem.write_slice(data, at).map_err(access(what, at))?,
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `at`, as [`Self::write_bytes`] writes.
+    fn read_bytes(&self, mem: &Mem, buf: &mut [u8], at: GuestAddress) -> Result<(), RingError> {
+        match self.direct.and_then(|d| d.at(mem, at.0, buf.len())) {
+            // SAFETY: as in `write_bytes`.
+            Some(p) => unsafe { load_bytes(p, buf) },
+            None => mem
+                .read_slice(buf, at)
+                .map_err(access("guest memory", at))?,
+        }
+        Ok(())
+    }
+
     fn write_desc(&self, mem: &Mem, id: u16, d: Descriptor) -> Result<(), RingError> {
         let at = GuestAddress(self.addrs.desc.0 + u64::from(id) * DESC_LEN);
-        mem.write_slice(&d.to_bytes(), at)
-            .map_err(access("descriptor", at))
+        self.write_bytes(mem, &d.to_bytes(), at, "descriptor")
     }
 
     fn take_ids(&mut self, n: usize) -> Result<Vec<u16>, RingError> {
@@ -447,8 +554,7 @@ impl SplitRing {
         let mut cursor = slot.0 + READ_AREA;
         for &(off, len) in rpieces {
             let at = GuestAddress(cursor);
-            mem.write_slice(&spec.readable[off..off + len], at)
-                .map_err(access("request buffer", at))?;
+            self.write_bytes(mem, &spec.readable[off..off + len], at, "request buffer")?;
             descs.push(Descriptor {
                 addr: cursor,
                 len: len as u32,
@@ -464,8 +570,7 @@ impl SplitRing {
             while done < len {
                 let n = (len - done).min(fill.len());
                 let at = GuestAddress(cursor + done as u64);
-                mem.write_slice(&fill[..n], at)
-                    .map_err(access("reply buffer", at))?;
+                self.write_bytes(mem, &fill[..n], at, "reply buffer")?;
                 done += n;
             }
             descs.push(Descriptor {
@@ -549,7 +654,7 @@ impl SplitRing {
     fn queue_head(&mut self, mem: &Mem, head: u16, flight: InFlight) -> Result<(), RingError> {
         let pos = u64::from(self.avail_idx & (self.addrs.size - 1));
         let at = GuestAddress(self.addrs.avail.0 + 4 + 2 * pos);
-        mem.write_obj(head, at).map_err(access("avail ring", at))?;
+        self.write_bytes(mem, &head.to_le_bytes(), at, "avail ring")?;
         self.avail_idx = self.avail_idx.wrapping_add(1);
         if let Some(slot) = self.in_flight.get_mut(usize::from(head)) {
             *slot = Some(flight);
@@ -632,8 +737,11 @@ impl SplitRing {
         let pos = u64::from(self.last_used & (self.addrs.size - 1));
         let at = GuestAddress(self.addrs.used.0 + 4 + 8 * pos);
         let mut elem = [0u8; 8];
-        mem.read_slice(&mut elem, at)
-            .map_err(access("used element", at))?;
+        self.read_bytes(mem, &mut elem, at)
+            .map_err(|_| RingError::Access {
+                what: "used element",
+                addr: at.0,
+            })?;
         let id = u32::from_le_bytes([elem[0], elem[1], elem[2], elem[3]]);
         let len = u32::from_le_bytes([elem[4], elem[5], elem[6], elem[7]]);
         let flight = usize::try_from(id)
@@ -647,8 +755,8 @@ impl SplitRing {
         for &(addr, l) in &flight.writable {
             let start = writable.len();
             writable.resize(start + l as usize, 0);
-            if mem
-                .read_slice(&mut writable[start..], GuestAddress(addr))
+            if self
+                .read_bytes(mem, &mut writable[start..], GuestAddress(addr))
                 .is_err()
             {
                 writable.truncate(start);
