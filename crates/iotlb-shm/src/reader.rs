@@ -456,58 +456,74 @@ impl Session<'_> {
             Err(FaultKind::Detached)
         };
         let need = access.pte_bits();
-        let mut cache = self.last.get().filter(|c| c.endpoint == endpoint);
+        // The cached leaf as three words; `mask` all ones with `base` 1 is
+        // "none" (`iova & !mask` is then 0, never 1).
+        let (mut base, mut mask, mut entry) = match self.last.get() {
+            Some(c) if c.endpoint == endpoint => (c.base, c.mask, c.entry),
+            _ => (1, u64::MAX, 0),
+        };
+        let mut walked = false;
         let mut i = 0;
         while i < n {
-            // The run of IOVAs in the cached leaf: no walk, and the
-            // permission is checked once for the run.
-            if let Some(c) = cache {
-                let gpa_base = c.entry & pte::ADDR_MASK & !c.mask;
-                let mmio = c.entry & pte::MMIO != 0;
-                let allowed = c.entry & need == need;
-                while let (Some(&iova), Some(o)) = (iovas.get(i), out.get_mut(i)) {
-                    if iova & !c.mask != c.base {
-                        break;
-                    }
-                    let within = iova & c.mask;
-                    *o = if allowed {
-                        Ok(Piece {
-                            gpa: gpa_base | within,
-                            len: c.mask - within + 1,
-                            mmio,
-                        })
-                    } else {
-                        Err(fault(FaultKind::Permission, endpoint, iova, access))
-                    };
-                    i += 1;
+            // The run of IOVAs in the cached leaf, with what does not
+            // depend on the IOVA computed once for the run.
+            let gpa_base = entry & pte::ADDR_MASK & !mask;
+            let mmio = entry & pte::MMIO != 0;
+            let allowed = entry & need == need;
+            while let (Some(&iova), Some(o)) = (iovas.get(i), out.get_mut(i)) {
+                if iova & !mask != base {
+                    break;
                 }
+                let within = iova & mask;
+                *o = if allowed {
+                    Ok(Piece {
+                        gpa: gpa_base | within,
+                        len: mask - within + 1,
+                        mmio,
+                    })
+                } else {
+                    Err(fault(FaultKind::Permission, endpoint, iova, access))
+                };
+                i += 1;
             }
-            // One IOVA outside it.
+            // The IOVA after the run: walk, and if it finds a leaf, that is
+            // the new cached leaf, which the next run starts with.
             let (Some(&iova), Some(o)) = (iovas.get(i), out.get_mut(i)) else {
                 break;
             };
-            i += 1;
-            *o = match target {
-                Err(kind) => Err(fault(kind, endpoint, iova, access)),
-                Ok(Target::Bypass) => Ok(bypass_piece(iova)),
+            let kind = match target {
                 Ok(Target::Root(root)) => match self.table.walk_from(root, iova) {
-                    Ok(Walked::Leaf { entry, span }) => {
-                        let c = CachedLeaf {
-                            endpoint,
-                            base: iova & !(span - 1),
-                            mask: span - 1,
-                            entry,
-                        };
-                        cache = Some(c);
-                        c.piece(iova, access, endpoint)
+                    Ok(Walked::Leaf { entry: e, span }) => {
+                        mask = span - 1;
+                        base = iova & !mask;
+                        entry = e;
+                        walked = true;
+                        continue;
                     }
-                    Ok(Walked::Bypass) => Ok(bypass_piece(iova)),
-                    Err(kind) => Err(fault(kind, endpoint, iova, access)),
+                    Ok(Walked::Bypass) => {
+                        *o = Ok(bypass_piece(iova));
+                        i += 1;
+                        continue;
+                    }
+                    Err(kind) => kind,
                 },
+                Ok(Target::Bypass) => {
+                    *o = Ok(bypass_piece(iova));
+                    i += 1;
+                    continue;
+                }
+                Err(kind) => kind,
             };
+            *o = Err(fault(kind, endpoint, iova, access));
+            i += 1;
         }
-        if let Some(c) = cache {
-            self.last.set(Some(c));
+        if walked {
+            self.last.set(Some(CachedLeaf {
+                endpoint,
+                base,
+                mask,
+                entry,
+            }));
         }
         n
     }
