@@ -286,6 +286,14 @@ struct CachedLeaf {
 }
 
 impl CachedLeaf {
+    /// No leaf: `iova & !mask` is 0 for every IOVA, never `base`.
+    const NONE: Self = Self {
+        endpoint: 0,
+        base: 1,
+        mask: u64::MAX,
+        entry: 0,
+    };
+
     #[inline]
     fn piece(&self, iova: u64, access: Access, endpoint: u32) -> Result<Piece, Fault> {
         let need = access.pte_bits();
@@ -343,7 +351,7 @@ impl ReaderSlot {
             slot: self,
             epoch,
             live,
-            last: std::cell::Cell::new(None),
+            last: std::cell::Cell::new(CachedLeaf::NONE),
         }
     }
 }
@@ -365,7 +373,9 @@ pub struct Session<'a> {
     /// The writer was alive when the session began (checked after the
     /// fence); if not, every translation of the session faults.
     live: bool,
-    last: std::cell::Cell<Option<CachedLeaf>>,
+    /// The last leaf of the session ([`CachedLeaf::NONE`] before the
+    /// first walk).
+    last: std::cell::Cell<CachedLeaf>,
 }
 
 /// Failure to pin a range.
@@ -395,10 +405,9 @@ impl Session<'_> {
     /// address and how many bytes follow it in the same leaf.
     #[inline]
     pub fn translate_one(&self, endpoint: u32, iova: u64, access: Access) -> Result<Piece, Fault> {
-        if let Some(c) = self.last.get() {
-            if c.endpoint == endpoint && iova & !c.mask == c.base {
-                return c.piece(iova, access, endpoint);
-            }
+        let c = self.last.get();
+        if iova & !c.mask == c.base && c.endpoint == endpoint {
+            return c.piece(iova, access, endpoint);
         }
         if !self.live {
             return Err(Fault {
@@ -417,7 +426,7 @@ impl Session<'_> {
                     mask: span - 1,
                     entry,
                 };
-                self.last.set(Some(c));
+                self.last.set(c);
                 c.piece(iova, access, endpoint)
             }
             Err(kind) => Err(Fault {
@@ -456,11 +465,11 @@ impl Session<'_> {
             Err(FaultKind::Detached)
         };
         let need = access.pte_bits();
-        // The cached leaf as three words; `mask` all ones with `base` 1 is
-        // "none" (`iova & !mask` is then 0, never 1).
+        // The cached leaf as three words (those of `CachedLeaf::NONE` if
+        // the session has none for this endpoint).
         let (mut base, mut mask, mut entry) = match self.last.get() {
-            Some(c) if c.endpoint == endpoint => (c.base, c.mask, c.entry),
-            _ => (1, u64::MAX, 0),
+            c if c.endpoint == endpoint => (c.base, c.mask, c.entry),
+            _ => (CachedLeaf::NONE.base, CachedLeaf::NONE.mask, 0),
         };
         let mut walked = false;
         let mut i = 0;
@@ -518,12 +527,12 @@ impl Session<'_> {
             i += 1;
         }
         if walked {
-            self.last.set(Some(CachedLeaf {
+            self.last.set(CachedLeaf {
                 endpoint,
                 base,
                 mask,
                 entry,
-            }));
+            });
         }
         n
     }
