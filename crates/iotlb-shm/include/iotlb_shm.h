@@ -103,7 +103,8 @@ int iotlb_translate(const struct iotlb_session *session, uint32_t endpoint, uint
  * iotlb_translate when they are in different pages): for each i,
  * results[i] = 0 and pieces[i] as iotlb_translate gives it, or
  * results[i] = IOTLB_FAULT_* (pieces[i] untouched). Returns the number of
- * IOVAs that faulted (0: all translated), or -EINVAL (nothing written). */
+ * IOVAs that faulted (0: all translated; at most INT_MAX), or -EINVAL
+ * (nothing written). */
 int iotlb_translate_burst(const struct iotlb_session *session, uint32_t endpoint, const uint64_t *iovas, size_t n, uint8_t access, struct iotlb_piece *pieces, int *results);
 /* Translates [iova, iova + len) into at most max_pieces merged pieces;
  * *n_pieces = pieces written. 0: whole range; IOTLB_FAULT_*: fault right

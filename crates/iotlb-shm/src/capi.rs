@@ -486,9 +486,9 @@ pub unsafe extern "C" fn iotlb_translate(
 /// `results[i]` is the positive `IOTLB_FAULT_*` code (`pieces[i]`
 /// untouched).
 ///
-/// Returns the number of IOVAs that faulted (0: all translated), or
-/// `-EINVAL` (null pointer with `n` > 0, session exited, bad `access`;
-/// nothing written).
+/// Returns the number of IOVAs that faulted (0: all translated; saturated
+/// at `INT_MAX`), or `-EINVAL` (null pointer with `n` > 0, session exited,
+/// bad `access`; nothing written).
 ///
 /// # Safety
 /// `session` as for `iotlb_session_exit`; `iovas` is valid for `n` reads
