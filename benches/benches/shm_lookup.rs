@@ -15,7 +15,9 @@
 //! - a flat `Vec<u64>` indexed by IOVA page (the floor, unsynchronized);
 //! - iotlb-shm `Session::translate_one`, one session per burst of 32
 //!   lookups (the intended use) and one session per lookup (worst case:
-//!   enter, SeqCst fence, translate, exit for every lookup).
+//!   enter, SeqCst fence, translate, exit for every lookup);
+//! - iotlb-shm `Session::translate_burst`, the 32 lookups of a burst in
+//!   one call, one session per burst.
 //!
 //! Every operation timed is a burst of 32 lookups; the figures below are
 //! per lookup. Random cases walk one precomputed IOVA sequence (2^20
@@ -31,7 +33,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use iotlb_shm::{Access, ReaderSlot, SlotFile, TableReader};
+use iotlb_shm::{Access, Fault, Piece, ReaderSlot, SlotFile, TableReader};
 use viommu_benches::lookup_baselines::{
     BTreeLookup, FlatTable, IotlbLookup, baselines, consecutive_iova, random_iovas, scattered_gpa,
 };
@@ -93,6 +95,17 @@ impl Setup {
             let p = session.translate_one(EP, iova, Access::READ).expect("maps");
             assert_eq!(p.gpa, want);
         }
+        let mut out = [Ok(Piece {
+            gpa: 0,
+            len: 0,
+            mmio: false,
+        }); BURST];
+        for w in self.seq.chunks(BURST).take(128) {
+            session.translate_burst(EP, w, Access::READ, &mut out);
+            for (&iova, r) in w.iter().zip(&out) {
+                assert_eq!(*r, session.translate_one(EP, iova, Access::READ));
+            }
+        }
         assert_eq!(
             self.rig.writer.stats().nodes_in_use,
             expected_nodes(self.live)
@@ -143,6 +156,28 @@ fn burst_shm(table: &TableReader, slot: &mut ReaderSlot, w: &[u64]) -> u64 {
     })
 }
 
+/// Where `translate_burst` puts its results: allocated once per candidate
+/// (a backend keeps its burst arrays), not per burst.
+type Out = [Result<Piece, Fault>; BURST];
+
+fn new_out() -> Out {
+    [Err(Fault {
+        kind: iotlb_shm::FaultKind::Mapping,
+        endpoint: EP,
+        iova: 0,
+        access: Access::READ,
+    }); BURST]
+}
+
+/// One session, the 32 lookups in one `translate_burst` call.
+#[inline]
+fn bulk_shm(table: &TableReader, slot: &mut ReaderSlot, w: &[u64], out: &mut Out) -> u64 {
+    let session = slot.enter(table);
+    session.translate_burst(EP, black_box(w), Access::READ, out);
+    out.iter()
+        .fold(0, |acc, r| acc ^ r.as_ref().map_or(u64::MAX, |p| p.gpa))
+}
+
 /// One session per lookup.
 #[inline]
 fn each_shm(table: &TableReader, slot: &mut ReaderSlot, w: &[u64]) -> u64 {
@@ -173,12 +208,13 @@ impl<'a> Cursor<'a> {
     }
 }
 
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 6] = [
     "RwLock<BTreeMap> range lookup",
     "vm-memory Iotlb (RwLock, Iotlb::lookup)",
     "flat Vec<u64> by IOVA page (floor)",
     "iotlb-shm, session per 32 lookups",
     "iotlb-shm, session per lookup",
+    "iotlb-shm, translate_burst of 32",
 ];
 
 fn criterion_group_for(c: &mut Criterion, s: &Setup, case: &str, hot: bool) {
@@ -208,6 +244,11 @@ fn criterion_group_for(c: &mut Criterion, s: &Setup, case: &str, hot: bool) {
     g.bench_function(BenchmarkId::from_parameter(NAMES[4]), |b| {
         b.iter(|| each_shm(&s.rig.table, &mut slot, cur.next()))
     });
+    let mut cur = Cursor::new(src);
+    let mut out = new_out();
+    g.bench_function(BenchmarkId::from_parameter(NAMES[5]), |b| {
+        b.iter(|| bulk_shm(&s.rig.table, &mut slot, cur.next(), &mut out))
+    });
     g.finish();
 }
 
@@ -215,14 +256,16 @@ fn criterion_group_for(c: &mut Criterion, s: &Setup, case: &str, hot: bool) {
 fn side_by_side(s: &Setup, title: &str, hot: bool, bursts: u64, rounds: usize) -> Vec<Figure> {
     let hot_w = [hot_iova(); BURST];
     let src: &[u64] = if hot { &hot_w } else { &s.seq };
-    let (mut w0, mut w1, mut w2, mut w3, mut w4) = (
+    let (mut w0, mut w1, mut w2, mut w3, mut w4, mut w5) = (
+        Cursor::new(src),
         Cursor::new(src),
         Cursor::new(src),
         Cursor::new(src),
         Cursor::new(src),
         Cursor::new(src),
     );
-    let (mut slot3, mut slot4) = (s.slot(), s.slot());
+    let (mut slot3, mut slot4, mut slot5) = (s.slot(), s.slot(), s.slot());
+    let mut out5 = new_out();
     SideBySide::new(format!("{title} — per burst of {BURST} lookups"))
         .add(NAMES[0], |_| {
             black_box(burst_bt(&s.bt, w0.next()));
@@ -238,6 +281,9 @@ fn side_by_side(s: &Setup, title: &str, hot: bool, bursts: u64, rounds: usize) -
         })
         .add(NAMES[4], |_| {
             black_box(each_shm(&s.rig.table, &mut slot4, w4.next()));
+        })
+        .add(NAMES[5], |_| {
+            black_box(bulk_shm(&s.rig.table, &mut slot5, w5.next(), &mut out5));
         })
         .run(bursts, rounds)
 }
@@ -461,7 +507,7 @@ fn main() {
     );
 
     // Targets (architecture.md, "Performance anchors").
-    let (bt, tlb, flat, burst, each) = (0, 1, 2, 3, 4);
+    let (bt, tlb, flat, burst, each, bulk) = (0, 1, 2, 3, 4, 5);
     let sp = |v: &[Figure], a: usize, b: usize| v[a].ns_per_op / v[b].ns_per_op;
     let checks = [
         Check {
@@ -521,7 +567,31 @@ fn main() {
         Check {
             what: "random 1M: shm (burst) / floor, ≤",
             got: sp(&r1m, burst, flat),
+            target: 2.5,
+            higher_is_better: false,
+        },
+        Check {
+            what: "hot: shm (translate_burst) vs BTreeMap, ≥",
+            got: sp(&hot, bt, bulk),
+            target: 10.0,
+            higher_is_better: true,
+        },
+        Check {
+            what: "random 64K: shm (translate_burst) vs BTreeMap, ≥",
+            got: sp(&r64, bt, bulk),
+            target: 20.0,
+            higher_is_better: true,
+        },
+        Check {
+            what: "hot: shm (translate_burst) / floor, ≤",
+            got: sp(&hot, bulk, flat),
             target: 1.5,
+            higher_is_better: false,
+        },
+        Check {
+            what: "random 1M: shm (translate_burst) / floor, ≤",
+            got: sp(&r1m, bulk, flat),
+            target: 2.5,
             higher_is_better: false,
         },
         Check {

@@ -4,15 +4,12 @@
 //! Workers set themselves up, then call [`Gate::run`]: all of them start on
 //! the same signal, each counts the operations it completes until the stop
 //! signal and times itself; the aggregate rate is the sum of the workers'
-//! own rates. The signals and results live in a `MAP_SHARED` memfd so the
+//! own rates. The signals and results live in an anonymous `MAP_SHARED` page so the
 //! same code serves threads and forked children.
 
-use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use iotlb_shm::memfd::{self, SharedMapping};
 
 use crate::shm_rig::SetupError;
 
@@ -23,22 +20,43 @@ const RESULTS: usize = 256;
 /// Most workers one run supports.
 pub const MAX_WORKERS: usize = 48;
 
-/// The start/stop signals and the result words of one run.
+/// The start/stop signals and the result words of one run: an anonymous
+/// `MAP_SHARED` page, which forked children share with the parent (a
+/// `memfd::SharedMapping` would not do: it is `MADV_DONTFORK`).
 #[derive(Debug)]
 pub struct Board {
-    map: SharedMapping,
-    _fd: std::os::fd::OwnedFd,
+    base: std::ptr::NonNull<u8>,
 }
+
+const BOARD_BYTES: usize = 4096;
 
 impl Board {
     fn new() -> Result<Self, SetupError> {
-        let fd = memfd::create(c"bench-board", 4096)?;
-        let map = SharedMapping::map(fd.as_fd(), 4096, true)?;
-        Ok(Self { map, _fd: fd })
+        // SAFETY: a fresh anonymous mapping chosen by the kernel cannot
+        // alias any Rust object; failure is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                BOARD_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let base = std::ptr::NonNull::new(p.cast::<u8>()).ok_or("mmap returned null")?;
+        Ok(Self { base })
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
-        self.map.word(offset)
+        assert!(offset % 8 == 0 && offset < BOARD_BYTES);
+        // SAFETY: in bounds and aligned (checked; the base is page-aligned);
+        // the page stays mapped while `self` lives and is only accessed
+        // atomically, by this process and its forked children.
+        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast::<u64>()) }
     }
 
     fn gate(&self, index: usize) -> Gate<'_> {
@@ -77,6 +95,20 @@ impl Board {
             .sum()
     }
 }
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no reference into it outlives
+        // `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), BOARD_BYTES) };
+    }
+}
+
+// SAFETY: the page is only accessed through atomics; the pointer is valid
+// until `Drop`, whichever thread runs it.
+unsafe impl Sync for Board {}
+// SAFETY: as above.
+unsafe impl Send for Board {}
 
 /// A worker's view of the run.
 #[derive(Debug)]

@@ -480,6 +480,81 @@ pub unsafe extern "C" fn iotlb_translate(
     })
 }
 
+/// Translates `n` IOVAs of `endpoint` at once (see
+/// [`Session::translate_burst`]): for each `i < n`, `results[i]` is 0 and
+/// `pieces[i]` holds what `iotlb_translate` would give for `iovas[i]`, or
+/// `results[i]` is the positive `IOTLB_FAULT_*` code (`pieces[i]`
+/// untouched).
+///
+/// Returns the number of IOVAs that faulted (0: all translated; saturated
+/// at `INT_MAX`), or `-EINVAL` (null pointer with `n` > 0, session exited,
+/// bad `access`; nothing written).
+///
+/// # Safety
+/// `session` as for `iotlb_session_exit`; `iovas` is valid for `n` reads
+/// and `pieces` and `results` for `n` writes (any of them may be null if
+/// `n` is 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iotlb_translate_burst(
+    session: *const IotlbSession,
+    endpoint: u32,
+    iovas: *const u64,
+    n: usize,
+    access: u8,
+    pieces: *mut IotlbPiece,
+    results: *mut c_int,
+) -> c_int {
+    /// Translations per call of the Rust API (a stack buffer).
+    const CHUNK: usize = 32;
+    ffi(|| {
+        // SAFETY: forwarded from this function's contract.
+        let Some(s) = (unsafe { open_session(session) }) else {
+            return -libc::EINVAL;
+        };
+        let Some(access) = Access::from_bits(access) else {
+            return -libc::EINVAL;
+        };
+        if n == 0 {
+            return 0;
+        }
+        if iovas.is_null() || pieces.is_null() || results.is_null() {
+            return -libc::EINVAL;
+        }
+        // SAFETY: non-null (checked), valid for `n` reads (caller), and not
+        // written while this slice lives (the output arrays are others).
+        let iovas = unsafe { std::slice::from_raw_parts(iovas, n) };
+        let unset = Err(Fault {
+            kind: FaultKind::Detached,
+            endpoint,
+            iova: 0,
+            access,
+        });
+        let mut buf = [unset; CHUNK];
+        let mut faults: c_int = 0;
+        for (c, chunk) in iovas.chunks(CHUNK).enumerate() {
+            let done = s.translate_burst(endpoint, chunk, access, &mut buf);
+            for (k, r) in buf.iter().take(done).enumerate() {
+                let i = c * CHUNK + k;
+                let rc = match r {
+                    Ok(p) => {
+                        // SAFETY: i < n and `pieces` is valid for n writes
+                        // (caller).
+                        unsafe { pieces.add(i).write((*p).into()) };
+                        0
+                    }
+                    Err(f) => {
+                        faults = faults.saturating_add(1);
+                        fault_code(f)
+                    }
+                };
+                // SAFETY: i < n and `results` is valid for n writes (caller).
+                unsafe { results.add(i).write(rc) };
+            }
+        }
+        faults
+    })
+}
+
 /// Translates `[iova, iova + len)` into guest-physical pieces (physically
 /// contiguous leaves merged), writing at most `max_pieces` to `pieces` and
 /// their number to `*n_pieces`.

@@ -457,6 +457,12 @@ fn a_c_reader_process_translates_checks_and_pins() {
         "t:9:0x1000:r:fault=domain",
         "t:70000:0x1000:r:fault=domain",
         "r:8:0x10800+0x2100:r:0x50800+0x1800,0x90000+0x900",
+        // Mapped, same page again, huge leaf, read-only, MMIO, holes, and
+        // more than one lane group; then faulting endpoints.
+        "b:8:w:0x1234,0x1238,0x212345,0x5008,0x7010,0x9000,0x10008,0x11ff8,0x12000,0x13000,0x1000,0x3fffff",
+        "b:8:r:0x5008,0x1234,0x200000,0x7010,0x9000",
+        "b:9:r:0x1000,0x2000",
+        "b:70000:rw:0x1000",
         "p:8:0x1000+0x1000:rw",
     ];
     let mut cmd = Command::new(&exe);
@@ -551,8 +557,19 @@ fn a_c_reader_process_translates_checks_and_pins() {
         "bad-access",
         "null-piece",
         "exited-session",
+        "burst-misuse",
+        "exited-session-burst",
     ] {
         assert!(all.contains(&format!("abi {what} ok\n")), "{what}: {all}");
+    }
+
+    for burst in [
+        "burst ep=8 n=12 faults=3 ok\n",
+        "burst ep=8 n=5 faults=1 ok\n",
+        "burst ep=9 n=2 faults=2 ok\n",
+        "burst ep=70000 n=1 faults=1 ok\n",
+    ] {
+        assert!(all.contains(burst), "{burst}: {all}");
     }
 
     // Parse what C printed and check it here too (not only in C).

@@ -708,3 +708,135 @@ fn unmapping_above_the_input_range_never_aliases_lower_addresses() {
     t.w.unmap(1, 0, u64::MAX).unwrap();
     assert_eq!(t.one(1, 0x10, Access::READ), Err(FaultKind::Mapping));
 }
+
+/// `translate_burst` gives, address by address, what `translate_one` gives:
+/// mapped (4 KiB, 2 MiB and 1 GiB leaves), unmapped, read-only, above the
+/// input range, the same leaf twice in a row, and whole bursts for a
+/// bypassed, a blocked and an unknown endpoint — across lane groups and
+/// with a cached leaf of another endpoint in the session.
+#[test]
+fn a_burst_translates_exactly_as_one_at_a_time() {
+    let mut t = rig_with(Geometry {
+        input_bits: 39,
+        ..Geometry::default()
+    });
+    t.w.create_domain(1).unwrap();
+    t.w.create_domain(2).unwrap();
+    t.w.set_endpoint(8, EndpointTarget::Domain(1)).unwrap();
+    t.w.set_endpoint(9, EndpointTarget::Domain(2)).unwrap();
+    t.w.set_endpoint(10, EndpointTarget::Bypass).unwrap();
+    for i in 0..40u64 {
+        let iova = 0x10_0000 + i * 3 * KIB4;
+        let perms = if i % 5 == 0 { RO } else { RW };
+        t.w.map(1, iova, iova + KIB4 - 1, 0x7700_0000 - i * 2 * KIB4, perms)
+            .unwrap();
+    }
+    t.w.map(1, 4 * MIB2, 5 * MIB2 - 1, 0x2_0000_0000, RW)
+        .unwrap();
+    t.w.map(1, 3 * GIB1, 4 * GIB1 - 1, 0x40_0000_0000, RW)
+        .unwrap();
+    t.w.map(2, 0x10_0000, 0x10_0fff, 0x9000, RW).unwrap();
+
+    let mut iovas = vec![];
+    for i in 0..130u64 {
+        // Mapped, holes between them, neighbours in the same page.
+        iovas.push(0x10_0000 + i * KIB4 + (i * 0x38) % 0x1000);
+        if i % 7 == 0 {
+            iovas.push(0x10_0000 + i * KIB4 + 0x10);
+        }
+    }
+    iovas.extend([
+        4 * MIB2 + 0x1234,
+        4 * MIB2 + 0x1f_f000,
+        3 * GIB1 + 0x1234_5678,
+        3 * GIB1,
+        1 << 39,
+        u64::MAX,
+        0,
+        0x10_0000,
+    ]);
+    let access_kinds = [Access::READ, Access::WRITE, Access::READ_WRITE];
+    for ep in [8u32, 9, 10, 11, 0xffff_ffff] {
+        for access in access_kinds {
+            for len in [0usize, 1, 3, 8, 9, 17, iovas.len()] {
+                let mut slot = t.slots.claim_slot().unwrap();
+                let s = slot.enter(&t.r);
+                // A cached leaf of another endpoint must not be used.
+                let _ = s.translate_one(9, 0x10_0000, Access::READ);
+                let want: Vec<_> = iovas[..len]
+                    .iter()
+                    .map(|&i| s.translate_one(ep, i, access))
+                    .collect();
+                drop(s);
+                let s = slot.enter(&t.r);
+                let _ = s.translate_one(9, 0x10_0000, Access::READ);
+                let mut got = vec![
+                    Err(iotlb_shm::Fault {
+                        kind: FaultKind::Detached,
+                        endpoint: 0,
+                        iova: 0,
+                        access,
+                    });
+                    len + 2
+                ];
+                assert_eq!(s.translate_burst(ep, &iovas[..len], access, &mut got), len);
+                assert_eq!(
+                    &got[..len],
+                    &want[..],
+                    "endpoint {ep} access {access} len {len}"
+                );
+                // A second burst in the same session (cached leaf in use).
+                assert_eq!(
+                    s.translate_burst(ep, &iovas[..len], access, &mut got[..len]),
+                    len
+                );
+                assert_eq!(&got[..len], &want[..]);
+                // Output shorter than the input: translates that many.
+                if len > 1 {
+                    assert_eq!(
+                        s.translate_burst(ep, &iovas[..len], access, &mut got[..1]),
+                        1
+                    );
+                    assert_eq!(got[0], want[0]);
+                }
+            }
+        }
+    }
+    // Spot checks of the reference itself.
+    assert!(t.one(8, 0x10_0000 + 0x10, Access::WRITE).is_err());
+    assert_eq!(
+        t.one(8, 3 * GIB1 + 0x1234_5678, Access::READ)
+            .map(|p| p.gpa),
+        Ok(0x40_1234_5678)
+    );
+    assert_eq!(t.one(10, 0x5000, Access::READ).map(|p| p.gpa), Ok(0x5000));
+    assert_eq!(t.one(11, 0x5000, Access::READ), Err(FaultKind::Domain));
+}
+
+/// Once the writer is gone a burst faults `Detached`, like `translate_one`.
+#[test]
+fn a_burst_faults_detached_once_the_writer_is_gone() {
+    let mut t = rig();
+    t.w.create_domain(1).unwrap();
+    t.w.set_endpoint(8, EndpointTarget::Domain(1)).unwrap();
+    t.w.map(1, 0x1000, 0x1fff, 0x5000, RW).unwrap();
+    let Rig {
+        w,
+        r,
+        slots,
+        _slot_fd,
+    } = t;
+    drop(w);
+    let mut slot = slots.claim_slot().unwrap();
+    let s = slot.enter(&r);
+    let mut out = [Ok(Piece {
+        gpa: 0,
+        len: 0,
+        mmio: false,
+    }); 3];
+    s.translate_burst(8, &[0x1000, 0x1008, 0x9000], Access::READ, &mut out);
+    for (o, iova) in out.iter().zip([0x1000, 0x1008, 0x9000]) {
+        assert_eq!(o.map_err(|f| f.kind), Err(FaultKind::Detached));
+        assert_eq!(*o, s.translate_one(8, iova, Access::READ));
+    }
+}

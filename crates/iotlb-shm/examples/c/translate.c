@@ -17,6 +17,8 @@
  *   t:EP:IOVA:ACCESS:fault=KIND  it must fault (domain|mapping|permission)
  *   r:EP:IOVA+LEN:ACCESS:GPA+LEN,GPA+LEN...
  *                                iotlb_translate_range must give these pieces
+ *   b:EP:ACCESS:IOVA,IOVA...     iotlb_translate_burst must give, for each
+ *                                IOVA, what iotlb_translate gives
  *   p:EP:IOVA+LEN:ACCESS         pin the range, exit the session, print
  *                                "pinned", wait for a line on stdin, unpin,
  *                                print "unpinned"
@@ -142,6 +144,33 @@ static void check_range(const struct iotlb_session *s, char *spec) {
     failures += !ok;
 }
 
+static void check_burst(const struct iotlb_session *s, char *spec) {
+    char *end;
+    uint32_t ep = (uint32_t)num(field(&spec), &end);
+    char *acc = field(&spec);
+    uint8_t access = parse_access(acc, strlen(acc));
+    uint64_t iovas[64];
+    size_t n = 0;
+    for (char *p = spec; *p && n < 64;) {
+        iovas[n++] = num(p, &end);
+        p = *end == ',' ? end + 1 : end;
+    }
+    struct iotlb_piece got[64] = {{0}};
+    int rcs[64];
+    int faults = iotlb_translate_burst(s, ep, iovas, n, access, got, rcs);
+    int ok = faults >= 0, want_faults = 0;
+    for (size_t i = 0; i < n && ok; i++) {
+        struct iotlb_piece p = {0};
+        int rc = iotlb_translate(s, ep, iovas[i], access, &p);
+        want_faults += rc != 0;
+        if (rc != rcs[i] || (rc == 0 && (p.gpa != got[i].gpa || p.len != got[i].len || p.flags != got[i].flags)))
+            ok = 0;
+    }
+    ok = ok && faults == want_faults;
+    printf("burst ep=%" PRIu32 " n=%zu faults=%d %s\n", ep, n, faults, ok ? "ok" : "MISMATCH");
+    failures += !ok;
+}
+
 static void check_pin(struct iotlb_slot *slot, const struct iotlb_table *table, char *spec) {
     char *end;
     uint32_t ep = (uint32_t)num(field(&spec), &end);
@@ -216,6 +245,14 @@ int main(int argc, char **argv) {
     expect(iotlb_session_enter(slot, table, &s2) == -EBUSY && s2 == NULL, "nested-enter");
     expect(iotlb_translate(s, 0, 0, 0, &piece) == -EINVAL, "bad-access");
     expect(iotlb_translate(s, 0, 0, IOTLB_ACCESS_READ, NULL) == -EINVAL, "null-piece");
+    {
+        uint64_t iova = 0x1000;
+        int rcs[1] = {-1};
+        expect(iotlb_translate_burst(s, 8, &iova, 1, IOTLB_ACCESS_READ, NULL, rcs) == -EINVAL && rcs[0] == -1
+                   && iotlb_translate_burst(s, 8, &iova, 1, 0, &piece, rcs) == -EINVAL
+                   && iotlb_translate_burst(s, 8, NULL, 0, IOTLB_ACCESS_READ, NULL, NULL) == 0,
+               "burst-misuse");
+    }
 
     for (int i = 4; i < argc; i++) {
         char *spec = argv[i];
@@ -223,6 +260,8 @@ int main(int argc, char **argv) {
             check_translate(s, spec + 2);
         } else if (strncmp(spec, "r:", 2) == 0) {
             check_range(s, spec + 2);
+        } else if (strncmp(spec, "b:", 2) == 0) {
+            check_burst(s, spec + 2);
         } else if (strncmp(spec, "p:", 2) == 0) {
             iotlb_session_exit(s);
             check_pin(slot, table, spec + 2);
@@ -234,6 +273,11 @@ int main(int argc, char **argv) {
     }
     iotlb_session_exit(s);
     expect(iotlb_translate(s, 0, 0, IOTLB_ACCESS_READ, &piece) == -EINVAL, "exited-session");
+    {
+        uint64_t iova = 0x1000;
+        int rc0 = 0;
+        expect(iotlb_translate_burst(s, 8, &iova, 1, IOTLB_ACCESS_READ, &piece, &rc0) == -EINVAL, "exited-session-burst");
+    }
 
     /* The slot keeps the table alive: closing the handle first is fine. */
     iotlb_table_close(table);
