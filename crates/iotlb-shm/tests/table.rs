@@ -840,3 +840,55 @@ fn a_burst_faults_detached_once_the_writer_is_gone() {
         assert_eq!(*o, s.translate_one(8, iova, Access::READ));
     }
 }
+
+/// A mapping of many pages is published in runs (one walk per node): every
+/// page still translates on its own, across node boundaries, with huge
+/// leaves in the middle when both sides allow; UNMAPs of slices in the
+/// middle of a run and of the rest clear exactly their pages and give every
+/// node back.
+#[test]
+fn page_runs_across_nodes_translate_and_unmap_page_by_page() {
+    let mut t = rig();
+    t.w.create_domain(1).unwrap();
+    t.w.set_endpoint(1, EndpointTarget::Domain(1)).unwrap();
+    let baseline = t.w.stats().nodes_in_use;
+    // GPA off by one page from 2 MiB alignment: 4 KiB leaves only.
+    let (first, last, gpa) = (MIB2 - 3 * KIB4, 3 * MIB2 + 5 * KIB4 - 1, 0x4000_0000 + KIB4);
+    t.w.map(1, first, last, gpa, RW).unwrap();
+    // Aligned on both sides: 4 KiB run, one 2 MiB leaf, 4 KiB run.
+    let (afirst, alast, agpa) = (8 * MIB2 - 2 * KIB4, 9 * MIB2 + 3 * KIB4 - 1, 0x8000_0000 - 2 * KIB4);
+    t.w.map(1, afirst, alast, agpa, RO).unwrap();
+    let check = |t: &Rig, lo: u64, hi: u64, base: u64, gone: &dyn Fn(u64) -> bool| {
+        let mut iova = lo;
+        while iova <= hi {
+            let got = t.one(1, iova + 8, Access::READ).map(|p| p.gpa);
+            if gone(iova) {
+                assert_eq!(got, Err(FaultKind::Mapping), "{iova:#x} unmapped");
+            } else {
+                assert_eq!(got, Ok(base + (iova - lo) + 8), "{iova:#x}");
+            }
+            iova += KIB4;
+        }
+    };
+    check(&t, first, last, gpa, &|_| false);
+    check(&t, afirst, alast, agpa, &|_| false);
+    assert_eq!(t.one(1, first - KIB4, Access::READ), Err(FaultKind::Mapping));
+    assert_eq!(t.one(1, last + 1, Access::READ), Err(FaultKind::Mapping));
+    assert_eq!(t.one(1, alast + 1, Access::READ), Err(FaultKind::Mapping));
+    // A slice in the middle of the first mapping, across a node boundary.
+    let (cut_lo, cut_hi) = (2 * MIB2 - 7 * KIB4, 2 * MIB2 + 9 * KIB4 - 1);
+    t.w.unmap(1, cut_lo, cut_hi).unwrap();
+    check(&t, first, last, gpa, &|i| (cut_lo..=cut_hi).contains(&i));
+    // The 2 MiB leaf cannot be split; the runs around it can go.
+    assert!(matches!(
+        t.w.unmap(1, 8 * MIB2, 8 * MIB2 + KIB4 - 1),
+        Err(WriterError::SplitsLeaf(_))
+    ));
+    t.w.unmap(1, afirst, alast).unwrap();
+    t.w.unmap(1, first, cut_lo - 1).unwrap();
+    t.w.unmap(1, cut_hi + 1, last).unwrap();
+    check(&t, first, last, gpa, &|_| true);
+    check(&t, afirst, alast, agpa, &|_| true);
+    t.w.synchronize();
+    assert_eq!(t.w.stats().nodes_in_use, baseline, "every node given back");
+}

@@ -87,28 +87,62 @@ impl TableWriter {
                     iova % span == 0 && target % span == 0 && remaining >= span - 1
                 })
                 .unwrap_or(0);
-            if let Err(e) = self.set_leaf(root, iova, level, target | flags) {
+            let span = layout::entry_span(level);
+            // Leaves of one size that follow each other in one node are
+            // published in one walk: a run up to the node's end (where a
+            // larger leaf may start) or the range's end.
+            let in_node = layout::ENTRIES_PER_NODE - layout::entry_index(iova, level) as u64;
+            // Whole spans left: (remaining + 1) / span, without overflow.
+            let whole = remaining / span + u64::from(remaining % span == span - 1);
+            let count = whole.clamp(1, in_node);
+            if let Err(e) = self.set_leaves(root, iova, level, target | flags, count) {
                 if iova > first {
                     // Take back what this call already published.
                     let _ = self.unmap_range(domain, root, first, iova - 1, false);
                 }
                 return Err(e);
             }
-            let span = layout::entry_span(level);
-            match iova.checked_add(span) {
+            match iova.checked_add(span * count) {
                 Some(next) if next - 1 < last => iova = next,
                 _ => return Ok(()),
             }
         }
     }
 
-    fn set_leaf(
+    /// Publishes `count` leaves of `leaf_level` from `iova` on, in one node
+    /// (the caller keeps them there), the first with `value`, each next one
+    /// a span further. Nothing is published if any of them is taken.
+    fn set_leaves(
         &mut self,
         root: u32,
         iova: u64,
         leaf_level: u32,
         value: u64,
+        count: u64,
     ) -> Result<(), WriterError> {
+        if count == 1 {
+            return self.set_leaf(root, iova, leaf_level, value);
+        }
+        let node = self.leaf_node(root, iova, leaf_level)?;
+        let first = layout::entry_index(iova, leaf_level);
+        let span = layout::entry_span(leaf_level);
+        for k in 0..count as usize {
+            if self.entry(node, first + k).load(Ordering::Relaxed) & pte::PRESENT != 0 {
+                return Err(WriterError::Overlap(iova + k as u64 * span));
+            }
+        }
+        for k in 0..count as usize {
+            self.entry(node, first + k)
+                .store(value + k as u64 * span, Ordering::Release);
+        }
+        self.live[node as usize] += count as u16;
+        Ok(())
+    }
+
+    /// The node whose entries at `leaf_level` cover `iova`, created on the
+    /// way down if missing; an existing larger leaf on the way is an
+    /// overlap.
+    fn leaf_node(&mut self, root: u32, iova: u64, leaf_level: u32) -> Result<u32, WriterError> {
         let mut node = root;
         let mut level = self.levels - 1;
         while level > leaf_level {
@@ -129,6 +163,17 @@ impl TableWriter {
             };
             level -= 1;
         }
+        Ok(node)
+    }
+
+    fn set_leaf(
+        &mut self,
+        root: u32,
+        iova: u64,
+        leaf_level: u32,
+        value: u64,
+    ) -> Result<(), WriterError> {
+        let node = self.leaf_node(root, iova, leaf_level)?;
         let idx = layout::entry_index(iova, leaf_level);
         if self.entry(node, idx).load(Ordering::Relaxed) & pte::PRESENT != 0 {
             return Err(WriterError::Overlap(iova));
@@ -212,24 +257,41 @@ impl TableWriter {
         }
         let top = self.levels - 1;
         let mut iova = first;
-        let mut path: Vec<(u32, usize)> = Vec::with_capacity(self.levels as usize);
+        let mut path = [(0u32, 0usize); layout::MAX_LEVELS as usize];
         loop {
-            path.clear();
+            let mut depth = 0;
             let mut node = root;
             let mut level = top;
             let step = loop {
                 let idx = layout::entry_index(iova, level);
-                path.push((node, idx));
+                path[depth] = (node, idx);
+                depth += 1;
                 let e = self.entry(node, idx).load(Ordering::Relaxed);
                 let span = layout::entry_span(level);
+                let base = iova & !(span - 1);
                 if e & pte::PRESENT == 0 {
-                    break span - (iova & (span - 1));
+                    break span - (iova - base);
                 }
                 if e & pte::LEAF != 0 || level == 0 {
-                    self.entry(node, idx).store(0, Ordering::Release);
-                    self.live[node as usize] -= 1;
-                    self.prune(&path);
-                    break span - (iova & (span - 1));
+                    // This leaf and the leaves after it in this node, up to
+                    // `last`, in one walk; a child node ends the run.
+                    let room = layout::ENTRIES_PER_NODE as usize - idx;
+                    let wanted = usize::try_from((last - base) / span).map_or(room, |n| n + 1);
+                    let mut done = 0;
+                    while done < room.min(wanted) {
+                        let entry = self.entry(node, idx + done);
+                        let e = entry.load(Ordering::Relaxed);
+                        if e & pte::PRESENT != 0 {
+                            if e & pte::LEAF == 0 && level != 0 {
+                                break;
+                            }
+                            entry.store(0, Ordering::Release);
+                            self.live[node as usize] -= 1;
+                        }
+                        done += 1;
+                    }
+                    self.prune(&path[..depth]);
+                    break base.wrapping_add(done as u64 * span).wrapping_sub(iova);
                 }
                 node = (e >> pte::CHILD_SHIFT) as u32;
                 level -= 1;
