@@ -856,7 +856,11 @@ fn page_runs_across_nodes_translate_and_unmap_page_by_page() {
     let (first, last, gpa) = (MIB2 - 3 * KIB4, 3 * MIB2 + 5 * KIB4 - 1, 0x4000_0000 + KIB4);
     t.w.map(1, first, last, gpa, RW).unwrap();
     // Aligned on both sides: 4 KiB run, one 2 MiB leaf, 4 KiB run.
-    let (afirst, alast, agpa) = (8 * MIB2 - 2 * KIB4, 9 * MIB2 + 3 * KIB4 - 1, 0x8000_0000 - 2 * KIB4);
+    let (afirst, alast, agpa) = (
+        8 * MIB2 - 2 * KIB4,
+        9 * MIB2 + 3 * KIB4 - 1,
+        0x8000_0000 - 2 * KIB4,
+    );
     t.w.map(1, afirst, alast, agpa, RO).unwrap();
     let check = |t: &Rig, lo: u64, hi: u64, base: u64, gone: &dyn Fn(u64) -> bool| {
         let mut iova = lo;
@@ -872,7 +876,10 @@ fn page_runs_across_nodes_translate_and_unmap_page_by_page() {
     };
     check(&t, first, last, gpa, &|_| false);
     check(&t, afirst, alast, agpa, &|_| false);
-    assert_eq!(t.one(1, first - KIB4, Access::READ), Err(FaultKind::Mapping));
+    assert_eq!(
+        t.one(1, first - KIB4, Access::READ),
+        Err(FaultKind::Mapping)
+    );
     assert_eq!(t.one(1, last + 1, Access::READ), Err(FaultKind::Mapping));
     assert_eq!(t.one(1, alast + 1, Access::READ), Err(FaultKind::Mapping));
     // A slice in the middle of the first mapping, across a node boundary.
