@@ -73,7 +73,6 @@ struct Inner {
     ring: Mutex<RequestRing>,
     event_idx: AtomicBool,
     queue_size: u16,
-    poll: Duration,
     faults: Mutex<FaultQueue>,
     fault_wake: EventFd,
     /// Queue events that failed (logged up to [`LOGGED_EVENT_ERRORS`]).
@@ -131,10 +130,9 @@ impl IommuBackend {
                 epoll: Mutex::new(None),
                 mem: RwLock::new(None),
                 mem_generation: AtomicU64::new(0),
-                ring: Mutex::new(RequestRing::default()),
+                ring: Mutex::new(RequestRing::new(poll)),
                 event_idx: AtomicBool::new(false),
                 queue_size,
-                poll,
                 faults: Mutex::new(FaultQueue::default()),
                 fault_wake,
                 event_errors: AtomicU64::new(0),
@@ -323,6 +321,8 @@ impl IommuBackend {
             let mem = self.inner.mem.read().ok()?;
             mem.as_ref().map(request_ring::ram_access)
         });
+        let woken = Instant::now();
+        ring.poll.woken(woken);
         let mut total = 0;
         loop {
             // Kicks stay off while requests keep coming and while polling:
@@ -336,6 +336,7 @@ impl IommuBackend {
             // Going to sleep: ask for kicks, then look once more (a request
             // published before the driver saw kicks on finds no kick).
             if !self.enable_kicks(&mut ring, vring)? {
+                ring.poll.sleeping(Instant::now());
                 return Ok(total);
             }
         }
@@ -420,13 +421,14 @@ impl IommuBackend {
     /// Busy-polls the avail ring for up to the configured window; true if
     /// new requests arrived.
     fn poll_for_more(&self, ring: &mut RequestRing) -> bool {
-        if self.inner.poll.is_zero() {
+        let window = ring.poll.window();
+        if window.is_zero() {
             return false;
         }
         let Ok(pass) = ring.parts() else {
             return false;
         };
-        let deadline = Instant::now() + self.inner.poll;
+        let deadline = Instant::now() + window;
         while Instant::now() < deadline {
             if pass.has_available() {
                 return true;

@@ -5,8 +5,11 @@
 //!   validated [`viommu_core::DeviceConfig`] plus daemon options.
 //! - [`chain`]: splitting a descriptor chain into its readable and writable
 //!   parts, gathering and scattering bytes inside them only.
-//! - [`requestq`]: serving the request queue, with in-order completion and
-//!   one grace period per drained batch.
+//! - [`requestq`]: serving one request-queue chain.
+//! - [`request_ring`]: the request queue in passes: the ring read and
+//!   written through guest RAM pointers, in-order completion, one grace
+//!   period per drained batch, kicks off while serving.
+//! - [`poll_window`]: how long the request thread polls before it sleeps.
 //! - [`publish`]: where the model's changes go (the shared table).
 //! - [`eventq`]: fault records waiting for event-queue buffers.
 //! - [`backend`]: the `VhostUserBackend` implementation (features, config
@@ -27,6 +30,7 @@ pub mod chain;
 pub mod eventq;
 pub mod iotlb_msg;
 pub mod kick_loop;
+pub mod poll_window;
 pub mod publish;
 pub mod request_ring;
 pub mod requestq;

@@ -9,6 +9,7 @@
 //! completions, and writes the indices back into the vring for
 //! GET_VRING_BASE.
 
+use crate::poll_window::PollWindow;
 use crate::publish::TablePublisher;
 use crate::requestq::{RequestServer, Served};
 use viommu_backend::{Chain, RamAccess, RingAddrs, RingError, RingView, SplitQueue};
@@ -16,8 +17,10 @@ use viommu_core::Device;
 use virtio_queue::{Queue, QueueT};
 
 /// What the request queue's thread keeps between passes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestRing {
+    /// How long to poll before sleeping, learnt from past sleeps.
+    pub poll: PollWindow,
     /// Guest RAM, and the memory-table generation it came from.
     ram: Option<(u64, RamAccess)>,
     queue: Option<SplitQueue>,
@@ -33,6 +36,18 @@ pub struct RequestRing {
 type PassView<'a> = RingView<'a, RamAccess>;
 
 impl RequestRing {
+    /// Nothing set up yet; polls for at most `max_poll` before sleeping.
+    pub fn new(max_poll: std::time::Duration) -> RequestRing {
+        RequestRing {
+            poll: PollWindow::new(max_poll),
+            ram: None,
+            queue: None,
+            chains: Vec::new(),
+            completions: Vec::new(),
+            server: RequestServer::default(),
+        }
+    }
+
     /// Takes guest RAM from the latest memory table, if it is newer than
     /// the one in use.
     pub fn use_memory(&mut self, generation: u64, ram: impl FnOnce() -> Option<RamAccess>) {

@@ -12,11 +12,10 @@ use viommu_core::{ConfigError, DeviceConfig, EndpointRange, Limits};
 use virtio_iommu_proto::config::{DomainRange, InputRange};
 use virtio_iommu_proto::probe::{ResvMem, ResvSubtype};
 
-/// `--poll-us` when not given: about what the request thread spends on one
-/// sleep and wake-up, so polling this long costs no more CPU than sleeping
-/// at once when the guest's next request follows within it (measured in
-/// docs/performance.md).
-pub const DEFAULT_POLL_US: u64 = 5;
+/// `--poll-us` when not given: the longest polling window. Its shortest,
+/// a tenth, is about what one sleep and wake-up cost the request thread
+/// (measured in docs/performance.md).
+pub const DEFAULT_POLL_US: u64 = 50;
 
 /// Default maximum virtqueue size offered to the VMM.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
@@ -122,13 +121,15 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub queue_size: Option<u16>,
 
-    /// After the request queue runs dry, keep polling it this many
-    /// microseconds before sleeping on the kick (trades CPU for latency;
-    /// the loop yields the CPU between polls, so it never starves a guest
-    /// on a shared core). The default, 5, is shorter than what a sleep and
-    /// a wake-up cost the thread, so it saves CPU as well as latency when
-    /// the guest's next request follows within it; 0 always sleeps.
-    /// Default: 5.
+    /// After the request queue runs dry, the request thread polls it
+    /// before it sleeps on the kick, for at most this many microseconds.
+    /// The window adapts as KVM's halt-polling does: it doubles when the
+    /// guest's next request came within this bound of the thread going to
+    /// sleep (polling would have caught it without a wake-up), halves when
+    /// it was spent before a longer sleep, and stays between a tenth of the
+    /// bound and the bound. The loop yields the CPU between polls, so it
+    /// never starves a guest on a shared core. 0 always sleeps at once.
+    /// Default: 50.
     #[arg(long, value_name = "US")]
     pub poll_us: Option<u64>,
 
@@ -774,7 +775,7 @@ mod tests {
         assert_eq!(s.device, DeviceConfig::default());
         assert_eq!(s.listen, Some(Listen::Path("/tmp/x.sock".into())));
         assert_eq!(s.queue_size, 1024);
-        assert_eq!(s.poll, Duration::from_micros(5));
+        assert_eq!(s.poll, Duration::from_micros(50));
     }
 
     #[test]
