@@ -50,17 +50,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn this_process_uses_cpu_and_a_missing_one_is_none() {
-        let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
-        let meter = CpuMeter::start(me).expect("own /proc entry");
-        let mut x = 0u64;
-        let t = std::time::Instant::now();
-        while t.elapsed() < Duration::from_millis(2) {
-            x = x.wrapping_add(std::hint::black_box(1));
-        }
-        assert!(x > 0);
-        let used = meter.used().expect("still running");
-        assert!(used > Duration::ZERO, "a busy thread used no CPU");
+    fn a_busy_process_uses_cpu_and_a_missing_one_is_none() {
+        // Another process, as the device is: a shell spinning a while.
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 5",
+            ])
+            .spawn()
+            .expect("sh");
+        let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+        let meter = CpuMeter::start(pid).expect("the child's /proc entry");
+        assert_eq!(meter.pid(), pid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let used = loop {
+            let used = meter.used().expect("still running");
+            if used > Duration::ZERO || std::time::Instant::now() > deadline {
+                break used;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(used > Duration::ZERO, "a spinning process used no CPU");
         assert_eq!(process_cpu(i32::MAX), None);
     }
 }
