@@ -4,8 +4,9 @@
 # --map-unmap: Linux's strict mode), at --batch 1, 8 and 32 through
 #
 #   - vhost-user-iommu, the real daemon, publishing its table
-#     (--backend-socket), once as is, once with --poll-us 50, and once with
-#     8 batches kept in flight (replay --in-flight 8: the device always
+#     (--backend-socket), once as is (adaptive polling up to 50 µs), once
+#     with --poll-us 0 (sleeps as soon as the queue is empty, as the naive
+#     device does), and once with 8 batches kept in flight (replay --in-flight 8: the device always
 #     finds work, so its own rate shows rather than the round trip's);
 #   - naive-viommu, what rust-vmm gives in an afternoon (vhost-user-backend's
 #     epoll loop, vm-memory copies, a BTreeMap), over its socket
@@ -137,7 +138,7 @@ measure() {
     case $1 in
     daemon | daemon-poll | daemon-pipelined)
         local extra=()
-        [[ $1 == daemon-poll ]] && extra=(--poll-us 50)
+        [[ $1 == daemon-poll ]] && extra=(--poll-us 0)
         start_daemon "$sock" "$BIN/vhost-user-iommu" --socket-path "$sock" \
             --backend-socket "$tmp/backends.sock" --log-level error "${extra[@]}"
         replay_socket "$sock" "$2" "$in_flight"
@@ -178,7 +179,7 @@ median_of() {
 CONFIGS=(daemon daemon-poll daemon-pipelined naive naive-pipelined in-process in-process-table in-process-model)
 declare -A LABEL=(
     [daemon]="vhost-user-iommu --backend-socket"
-    [daemon-poll]="vhost-user-iommu --backend-socket --poll-us 50"
+    [daemon-poll]="vhost-user-iommu --backend-socket --poll-us 0 (no polling)"
     [daemon-pipelined]="vhost-user-iommu --backend-socket, 8 batches in flight"
     [naive]="naive-viommu (rust-vmm, BTreeMap)"
     [naive-pipelined]="naive-viommu, 8 batches in flight"
