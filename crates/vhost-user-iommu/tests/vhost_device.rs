@@ -836,17 +836,25 @@ fn notification_schemes_and_ring_wraparound() {
     }
 }
 
-#[test]
-fn dev_gen_3_nothing_is_used_before_the_ring_is_enabled() {
+/// A request queue driven by hand: features (no EVENT_IDX), memory table
+/// and a 16-entry ring set up, not enabled yet.
+struct RawQueue {
+    conn: Connection,
+    ram: viommu_frontend::memory::GuestRam,
+    ring: viommu_frontend::split_ring::SplitRing,
+    kick: vmm_sys_util::eventfd::EventFd,
+    _call: vmm_sys_util::eventfd::EventFd,
+}
+
+fn raw_queue(d: &Daemon) -> RawQueue {
     use viommu_frontend::connection::linux_driver_features;
     use viommu_frontend::memory::GuestRam;
     use viommu_frontend::split_ring::SplitRing;
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-    let d = Daemon::start("gen3", &[]);
-    let mut conn = Connection::connect(&socket(&d)).unwrap();
+    let mut conn = Connection::connect(&socket(d)).unwrap();
     let mut ram = GuestRam::new(16 << 20).unwrap();
-    let mut ring = SplitRing::new(&mut ram, 16, false).unwrap();
+    let ring = SplitRing::new(&mut ram, 16, false).unwrap();
     let (kick, call) = (
         EventFd::new(EFD_NONBLOCK).unwrap(),
         EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -856,6 +864,25 @@ fn dev_gen_3_nothing_is_used_before_the_ring_is_enabled() {
     conn.set_mem_table(&ram).unwrap();
     conn.setup_vring(0, &ram, &ring.addrs(), &kick, &call)
         .unwrap();
+    RawQueue {
+        conn,
+        ram,
+        ring,
+        kick,
+        _call: call,
+    }
+}
+
+#[test]
+fn dev_gen_3_nothing_is_used_before_the_ring_is_enabled() {
+    let d = Daemon::start("gen3", &[]);
+    let RawQueue {
+        mut conn,
+        ram,
+        mut ring,
+        kick,
+        ..
+    } = raw_queue(&d);
     // Posted and kicked while the ring is still disabled.
     ring.add(ram.mem(), &chain_for(&attach(1, 8), 512, Layout::Two))
         .unwrap();
@@ -880,24 +907,13 @@ fn dev_gen_3_nothing_is_used_before_the_ring_is_enabled() {
 /// served, by the io_uring thread's watchdog, and the daemon says so.
 #[test]
 fn a_request_without_a_kick_is_served_by_the_watchdog_and_logged() {
-    use viommu_frontend::connection::linux_driver_features;
-    use viommu_frontend::memory::GuestRam;
-    use viommu_frontend::split_ring::SplitRing;
-    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
     let d = Daemon::start("nokick", &["--log-level", "debug"]);
-    let mut conn = Connection::connect(&socket(&d)).unwrap();
-    let mut ram = GuestRam::new(16 << 20).unwrap();
-    let mut ring = SplitRing::new(&mut ram, 16, false).unwrap();
-    let (kick, call) = (
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-    );
-    conn.set_features(linux_driver_features(conn.offered_features(), false))
-        .unwrap();
-    conn.set_mem_table(&ram).unwrap();
-    conn.setup_vring(0, &ram, &ring.addrs(), &kick, &call)
-        .unwrap();
+    let RawQueue {
+        mut conn,
+        ram,
+        mut ring,
+        ..
+    } = raw_queue(&d);
     conn.enable_vring(0, true).unwrap();
     // Let the daemon take the kick eventfd over and go idle.
     std::thread::sleep(Duration::from_millis(50));
