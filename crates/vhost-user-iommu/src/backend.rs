@@ -328,9 +328,10 @@ impl IommuBackend {
             // Kicks stay off while requests keep coming and while polling:
             // a driver that sees them off does not kick, which saves it a
             // system call and this thread a wake-up per batch.
-            let taken = self.pass(&mut ring, vring)?;
-            total += taken;
-            if taken > 0 || self.poll_for_more(&mut ring) {
+            total += self.pass(&mut ring, vring)?;
+            // More already there, or arriving within the polling window:
+            // another pass (an empty pass costs more than a look).
+            if self.poll_for_more(&mut ring) {
                 continue;
             }
             // Going to sleep: ask for kicks, then look once more (a request

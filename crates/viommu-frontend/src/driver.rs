@@ -23,7 +23,9 @@ pub const DEFAULT_RAM_SIZE: u64 = 1 << 30;
 /// Default virtqueue size.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Polls of the used ring before sleeping on the call eventfd.
-const SPINS: u32 = 4000;
+const SPINS: u32 = 64_000;
+/// Polls between yields of the CPU while spinning.
+const YIELD_EVERY: u32 = 16;
 
 /// How to bring the device up.
 #[derive(Clone, Debug)]
@@ -253,8 +255,14 @@ impl Queue {
             }
             let mut spins = 0;
             while spins < SPINS && !self.ring.has_used(mem)? {
-                // Yield: the daemon being waited for may need this CPU.
-                std::thread::yield_now();
+                // Mostly pause, as Linux's driver spins on the used ring;
+                // yield now and then: the daemon being waited for may need
+                // this CPU.
+                if spins % YIELD_EVERY == YIELD_EVERY - 1 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 spins += 1;
             }
             if self.ring.has_used(mem)? {
