@@ -7,7 +7,7 @@ use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -71,7 +71,6 @@ struct Inner {
     mem_generation: AtomicU64,
     /// The request queue's ring state (its processing thread's alone).
     ring: Mutex<RequestRing>,
-    event_idx: AtomicBool,
     queue_size: u16,
     faults: Mutex<FaultQueue>,
     fault_wake: EventFd,
@@ -131,7 +130,6 @@ impl IommuBackend {
                 mem: RwLock::new(None),
                 mem_generation: AtomicU64::new(0),
                 ring: Mutex::new(RequestRing::new(poll)),
-                event_idx: AtomicBool::new(false),
                 queue_size,
                 faults: Mutex::new(FaultQueue::default()),
                 fault_wake,
@@ -506,9 +504,9 @@ impl VhostUserBackend for IommuBackend {
         );
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.inner.event_idx.store(enabled, Ordering::Relaxed);
-    }
+    /// Nothing to keep: the request ring takes EVENT_IDX from the vring's
+    /// queue, which the framework sets at SET_FEATURES.
+    fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let reason = self.state().ok().and_then(|mut st| st.watch.config_read());
