@@ -5,6 +5,7 @@ use crate::kick_loop::KickLoop;
 use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
+use crate::telemetry::Telemetry;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +77,8 @@ struct Inner {
     fault_wake: EventFd,
     /// Queue events that failed (logged up to [`LOGGED_EVENT_ERRORS`]).
     event_errors: AtomicU64,
+    /// The daemon's counters.
+    telemetry: Arc<Telemetry>,
 }
 
 /// Failed queue events logged per connection; the rest are only counted,
@@ -108,7 +111,20 @@ impl IommuBackend {
         config: DeviceConfig,
         queue_size: u16,
         poll: Duration,
+        publisher: Box<dyn TablePublisher>,
+    ) -> Result<Self, viommu_core::ConfigError> {
+        Self::with_telemetry(config, queue_size, poll, publisher, Arc::default())
+    }
+
+    /// A fresh device publishing its translations through `publisher` and
+    /// counting its work into `telemetry` (the daemon's, which outlives
+    /// VMM connections).
+    pub fn with_telemetry(
+        config: DeviceConfig,
+        queue_size: u16,
+        poll: Duration,
         mut publisher: Box<dyn TablePublisher>,
+        telemetry: Arc<Telemetry>,
     ) -> Result<Self, viommu_core::ConfigError> {
         let device = Device::new(config)?;
         publisher.start(&device);
@@ -129,7 +145,12 @@ impl IommuBackend {
                 epoll: Mutex::new(None),
                 mem: RwLock::new(None),
                 mem_generation: AtomicU64::new(0),
-                ring: Mutex::new(RequestRing::new(poll)),
+                ring: Mutex::new({
+                    let mut ring = RequestRing::new(poll);
+                    ring.count_into(Arc::clone(&telemetry));
+                    ring
+                }),
+                telemetry,
                 queue_size,
                 faults: Mutex::new(FaultQueue::default()),
                 fault_wake,
@@ -163,7 +184,8 @@ impl IommuBackend {
             weak.upgrade()
                 .is_some_and(|inner| IommuBackend { inner }.has_requests(vring))
         });
-        let kick_loop = KickLoop::start(serve, pending, cpu)?;
+        let lost_kicks = Arc::clone(&self.inner.telemetry);
+        let kick_loop = KickLoop::start(serve, pending, cpu, lost_kicks)?;
         *self.inner.kick_loop.lock().map_err(lock_error)? = Some(kick_loop);
         *self.inner.epoll.lock().map_err(lock_error)? = Some(handler);
         Ok(())
@@ -217,6 +239,7 @@ impl IommuBackend {
     /// Queues a fault record for the guest's event queue and wakes the
     /// worker to deliver it. Never blocks on the driver.
     pub fn report_fault(&self, record: FaultRecord) -> io::Result<()> {
+        self.inner.telemetry.fault_reported(&record);
         self.inner.faults.lock().map_err(lock_error)?.push(record);
         self.inner.fault_wake.write(1)
     }
@@ -262,6 +285,12 @@ impl IommuBackend {
             .lock()
             .map(|q| q.stats)
             .unwrap_or_default()
+    }
+
+    /// Calls `look` with the device model, under the device lock (keep it
+    /// short: the request queue waits meanwhile).
+    pub fn inspect<R>(&self, look: impl FnOnce(&viommu_core::Device) -> R) -> io::Result<R> {
+        Ok(look(&self.state()?.device))
     }
 
     /// Writes pending faults into the buffers the driver posted.
@@ -380,6 +409,7 @@ impl IommuBackend {
         if !ring.sync(vstate.get_queue()).map_err(io::Error::other)? {
             return Ok(0);
         }
+        let started = Instant::now();
         let mut pass = ring.parts().map_err(io::Error::other)?;
         pass.kicks_off();
         let mut guard = self.state()?;
@@ -413,6 +443,13 @@ impl IommuBackend {
         }
         if pass.needs_notification() {
             vstate.signal_used_queue()?;
+        }
+        if taken > 0 {
+            let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            ring.telemetry()
+                .requests
+                .latency
+                .observe_owned(ns, taken as u64);
         }
         Ok(taken)
     }

@@ -52,6 +52,14 @@ impl FaultRoute {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = device;
     }
 
+    /// The device of the current VMM connection, if any.
+    pub fn device(&self) -> Option<IommuBackend> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Hands a backend's fault to the guest's event queue.
     pub fn report(&self, fault: &Fault) {
         let record = FaultRecord {
@@ -158,8 +166,49 @@ impl FaultRoute {
     }
 }
 
+/// A backend as the admin socket shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// Its process ID (at connection).
+    pub pid: i32,
+    /// Its user ID.
+    pub uid: u32,
+    /// Session slots it was given.
+    pub slots: u32,
+    /// Pin records it was given.
+    pub pins: u32,
+    /// Whether its connection is still open (a backend that closed it
+    /// stays listed until it is released).
+    pub connected: bool,
+}
+
+/// The backends that received the table and are not released yet, by
+/// reader ID.
+#[derive(Clone, Default, Debug)]
+pub struct BackendBook(Arc<Mutex<std::collections::BTreeMap<u64, BackendEntry>>>);
+
+impl BackendBook {
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut std::collections::BTreeMap<u64, BackendEntry>) -> R,
+    ) -> R {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Every backend listed, by reader ID.
+    pub fn entries(&self) -> Vec<(u64, BackendEntry)> {
+        self.with(|b| b.iter().map(|(&id, &e)| (id, e)).collect())
+    }
+
+    /// Backends whose connection is open.
+    pub fn connected(&self) -> usize {
+        self.with(|b| b.values().filter(|e| e.connected).count())
+    }
+}
+
 /// The listening backend socket.
 pub struct BackendSocket {
+    book: BackendBook,
     listener: UnixListener,
     table_fd: OwnedFd,
     arena_fd: OwnedFd,
@@ -219,6 +268,7 @@ impl BackendSocket {
             )
         };
         Ok(Self {
+            book: BackendBook::default(),
             listener,
             table_fd,
             arena_fd,
@@ -228,6 +278,11 @@ impl BackendSocket {
             subscribers,
             connected: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// The backends served, for the admin socket and metrics.
+    pub fn book(&self) -> BackendBook {
+        self.book.clone()
     }
 
     /// Accepts backends forever on a thread of its own.
@@ -353,6 +408,18 @@ impl BackendSocket {
             pins,
             "backend connected; table sent"
         );
+        self.book.with(|b| {
+            b.insert(
+                id.0,
+                BackendEntry {
+                    pid: cred.pid,
+                    uid: cred.uid,
+                    slots,
+                    pins,
+                    connected: true,
+                },
+            )
+        });
         let _ = stream.set_read_timeout(None);
         let mut conn = Connection {
             stream: &stream,
@@ -362,12 +429,18 @@ impl BackendSocket {
         };
         self.read_messages(&mut conn, &mut buf);
         self.subscribers.remove(id);
+        self.book.with(|b| {
+            if let Some(e) = b.get_mut(&id.0) {
+                e.connected = false;
+            }
+        });
         info!(
             pid = cred.pid,
             reader = id.0,
             "backend disconnected; its slots and pins count until it has closed them or exited with its I/O drained"
         );
         self.wait_for_release(id, cred.pid);
+        self.book.with(|b| b.remove(&id.0));
     }
 
     /// Reads the backend's messages until its end of stream. Nothing here

@@ -67,7 +67,13 @@ const KICK: u64 = 1 << 32;
 impl KickLoop {
     /// Starts the thread (pinned to `cpu` if given). Fails if io_uring is
     /// not available (old kernel, seccomp), so the caller can fall back.
-    pub fn start(serve: Serve, pending: Pending, cpu: Option<usize>) -> io::Result<Self> {
+    /// Requests served by the watchdog count as lost kicks in `telemetry`.
+    pub fn start(
+        serve: Serve,
+        pending: Pending,
+        cpu: Option<usize>,
+        telemetry: Arc<crate::telemetry::Telemetry>,
+    ) -> io::Result<Self> {
         let control = Arc::new(Control {
             wake: EventFd::new(EFD_CLOEXEC)?,
             cmd: Mutex::new(Command::default()),
@@ -90,7 +96,7 @@ impl KickLoop {
                     return;
                 }
             };
-            if let Err(e) = run(ring, &c, &serve, &pending) {
+            if let Err(e) = run(ring, &c, &serve, &pending, &telemetry) {
                 warn!(error = %e, "request-queue io_uring loop failed; the queue is no longer served");
             }
         })?;
@@ -249,7 +255,13 @@ impl Loop {
     }
 }
 
-fn run(ring: IoUring, control: &Control, serve: &Serve, pending: &Pending) -> io::Result<()> {
+fn run(
+    ring: IoUring,
+    control: &Control,
+    serve: &Serve,
+    pending: &Pending,
+    telemetry: &crate::telemetry::Telemetry,
+) -> io::Result<()> {
     let mut l = Loop {
         ring,
         wake_buf: Box::new([0; 8]),
@@ -380,6 +392,9 @@ fn run(ring: IoUring, control: &Control, serve: &Serve, pending: &Pending) -> io
                         let served = serve(vring);
                         suspect = false;
                         if served > 0 {
+                            telemetry
+                                .lost_kicks
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             warn!(
                                 served,
                                 "request queue had requests but no kick for a whole watchdog interval; served by the watchdog"

@@ -24,12 +24,17 @@
 //!   baseline.
 //! - [`logging`], [`signals`]: process plumbing (from `vhost-user-process`).
 
+pub mod admin;
+pub mod admin_proto;
 pub mod backend;
 pub mod backend_socket;
 pub mod chain;
+pub mod control;
 pub mod eventq;
+pub mod http;
 pub mod iotlb_msg;
 pub mod kick_loop;
+pub mod metrics;
 pub mod poll_window;
 pub mod publish;
 pub mod request_ring;
@@ -38,5 +43,6 @@ pub mod reset_watch;
 pub mod serve;
 pub mod settings;
 pub mod shm_table;
+pub mod telemetry;
 
 pub use vhost_user_process::{logging, signals};

@@ -48,6 +48,16 @@ impl RequestRing {
         }
     }
 
+    /// Counts into `telemetry` from now on.
+    pub fn count_into(&mut self, telemetry: std::sync::Arc<crate::telemetry::Telemetry>) {
+        self.server.telemetry = telemetry;
+    }
+
+    /// Where this ring's requests are counted.
+    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.server.telemetry
+    }
+
     /// Takes guest RAM from the latest memory table, if it is newer than
     /// the one in use.
     pub fn use_memory(&mut self, generation: u64, ram: impl FnOnce() -> Option<RamAccess>) {

@@ -3,6 +3,8 @@
 
 use crate::chain::ChainParts;
 use crate::publish::{Publish, Publishing};
+use crate::telemetry::Telemetry;
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::{Level, debug};
 use viommu_backend::{Chain, RamAccess};
@@ -20,27 +22,14 @@ pub struct Served {
     pub needs_grace: bool,
 }
 
-/// Counters for the request queue (kept by its one thread).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RequestStats {
-    /// Requests answered with a status.
-    pub completed: u64,
-    /// Chains returned with used length 0 (unparseable, unknown type).
-    pub unparsed: u64,
-    /// Chains refused for their shape (readable after writable, outside
-    /// guest memory).
-    pub malformed: u64,
-    /// Requests answered with a status other than OK.
-    pub failed: u64,
-}
-
 /// Reusable buffers for serving chains without allocating.
 #[derive(Debug, Default)]
 pub struct RequestServer {
     /// The chain being served.
     parts: ChainParts,
-    /// Counters.
-    pub stats: RequestStats,
+    /// Where requests are counted (the daemon's, shared across VMM
+    /// connections; this server is its one writer while it serves).
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl RequestServer {
@@ -60,7 +49,7 @@ impl RequestServer {
         };
         if let Some(e) = &chain.malformed {
             debug!(error = %e, "descriptor chain cannot be walked, returned with used length 0");
-            self.stats.malformed += 1;
+            self.telemetry.requests.malformed.add(1);
             return unused;
         }
         let shape = self
@@ -68,7 +57,7 @@ impl RequestServer {
             .fill(chain.segments.iter().map(|s| (s.addr, s.len, s.writable)));
         if let Err(e) = shape {
             debug!(error = %e, "malformed request chain, returned with used length 0");
-            self.stats.malformed += 1;
+            self.telemetry.requests.malformed.add(1);
             return unused;
         }
         let mut readable = [0u8; MAX_READABLE_LEN];
@@ -76,7 +65,7 @@ impl RequestServer {
             Ok(n) => n,
             Err(e) => {
                 debug!(error = %e, "request chain unreadable, returned with used length 0");
-                self.stats.malformed += 1;
+                self.telemetry.requests.malformed.add(1);
                 return unused;
             }
         };
@@ -84,7 +73,7 @@ impl RequestServer {
             // Nothing is applied when the reply could not be written: used
             // length 0 means the request had no effect.
             debug!(error = %e, "reply buffer outside guest memory, returned with used length 0");
-            self.stats.malformed += 1;
+            self.telemetry.requests.malformed.add(1);
             return unused;
         }
         let writable_len = usize::try_from(self.parts.writable_len()).unwrap_or(usize::MAX);
@@ -101,7 +90,7 @@ impl RequestServer {
                 readable = got,
                 writable_len, "request not parsed, returned with used length 0"
             );
-            self.stats.unparsed += 1;
+            self.telemetry.requests.unparsed.add(1);
             return Served {
                 used_len: 0,
                 needs_grace,
@@ -121,16 +110,16 @@ impl RequestServer {
         };
         if let Err(e) = self.parts.scatter(mem, bytes) {
             debug!(error = %e, "cannot write the reply, returned with used length 0");
-            self.stats.malformed += 1;
+            self.telemetry.requests.malformed.add(1);
             return Served {
                 used_len: 0,
                 needs_grace,
             };
         }
-        self.stats.completed += 1;
-        if status != virtio_iommu_proto::Status::Ok {
-            self.stats.failed += 1;
-        }
+        // A parsed request's type is its first byte.
+        self.telemetry
+            .requests
+            .answered(readable.first().copied().unwrap_or(0), status);
         if let Some(started) = started {
             log_request(&readable[..got], status, started);
         }

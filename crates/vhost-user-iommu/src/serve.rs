@@ -1,12 +1,14 @@
 //! The listening loop: one VMM connection at a time, each with a fresh
 //! device (a new connection is the "system reset" of AMB-16).
 
+use crate::admin::DaemonView;
 use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
-use crate::backend_socket::{BackendSocket, FaultRoute};
+use crate::backend_socket::{BackendBook, BackendSocket, FaultRoute};
 use crate::iotlb_msg::Subscribers;
 use crate::publish::{NoTable, TablePublisher};
 use crate::settings::{KickLoopKind, Listen, Settings};
 use crate::shm_table::{self, SharedWriter, ShmPublisher};
+use crate::telemetry::Telemetry;
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn};
 use vhost_user_backend::VhostUserDaemon;
@@ -31,6 +33,16 @@ pub enum ServeError {
     /// The backend socket could not be created.
     #[error("cannot listen for backends on {0}")]
     BackendSocket(String, #[source] std::io::Error),
+    /// The admin socket or metrics endpoint could not be started.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+}
+
+/// The shared table and what serves it to backends.
+struct Table {
+    writer: SharedWriter,
+    subscribers: Subscribers,
+    book: BackendBook,
 }
 
 /// Describes where the daemon listens, for logs.
@@ -39,10 +51,7 @@ pub fn describe(listen: &Listen) -> String {
 }
 
 /// Creates the shared table and starts the backend socket, if configured.
-fn start_table(
-    settings: &Settings,
-    route: &FaultRoute,
-) -> Result<Option<(SharedWriter, Subscribers)>, ServeError> {
+fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>, ServeError> {
     let Some(t) = &settings.table else {
         info!("no --backend-socket: translations are not published to backends");
         return Ok(None);
@@ -54,15 +63,17 @@ fn start_table(
         warn_after: t.stall_warn,
         kill_after: t.stall_kill,
     });
-    BackendSocket::bind(
+    let socket_error = |e| ServeError::BackendSocket(t.socket.display().to_string(), e);
+    let socket = BackendSocket::bind(
         &t.socket,
         t.allowed_uids.clone(),
         writer.clone(),
         route.clone(),
         subscribers.clone(),
     )
-    .and_then(BackendSocket::spawn)
-    .map_err(|e| ServeError::BackendSocket(t.socket.display().to_string(), e))?;
+    .map_err(socket_error)?;
+    let book = socket.book();
+    socket.spawn().map_err(socket_error)?;
     info!(
         backend_socket = %t.socket.display(),
         max_mib = t.max_mib,
@@ -70,7 +81,11 @@ fn start_table(
         input_bits = g.input_bits,
         "shared translation table ready; backends connect to the backend socket"
     );
-    Ok(Some((writer, subscribers)))
+    Ok(Some(Table {
+        writer,
+        subscribers,
+        book,
+    }))
 }
 
 /// Serves connections until the process is told to stop.
@@ -79,16 +94,33 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
     let where_ = describe(listen);
     let route = FaultRoute::default();
     let table = start_table(settings, &route)?;
+    let telemetry = Arc::new(Telemetry::default());
+    crate::control::start(
+        crate::control::ControlSettings {
+            admin_socket: settings.admin_socket.as_deref(),
+            metrics_addr: settings.metrics_addr,
+        },
+        DaemonView {
+            telemetry: Arc::clone(&telemetry),
+            route: route.clone(),
+            writer: table.as_ref().map(|t| t.writer.clone()),
+            book: table.as_ref().map(|t| t.book.clone()),
+        },
+    )?;
     loop {
         let publisher: Box<dyn TablePublisher> = match &table {
-            Some((w, subs)) => Box::new(ShmPublisher::new(w.clone(), Some(subs.clone()))),
+            Some(t) => Box::new(
+                ShmPublisher::new(t.writer.clone(), Some(t.subscribers.clone()))
+                    .timed(Arc::clone(&telemetry)),
+            ),
             None => Box::new(NoTable),
         };
-        let backend = IommuBackend::with_publisher(
+        let backend = IommuBackend::with_telemetry(
             settings.device.clone(),
             settings.queue_size,
             settings.poll,
             publisher,
+            Arc::clone(&telemetry),
         )?;
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-iommu".to_string(),
@@ -125,11 +157,15 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         // between two VMMs concerns the previous guest (or none), and is
         // dropped.
         route.set(Some(backend.clone()));
+        telemetry
+            .vmm_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let backlog = vhost_user_process::listen::WaitingVmmWatch::start(&listener, where_.clone());
         let ended = daemon.wait();
         drop(backlog);
         route.set(None);
         backend.shutdown();
+        telemetry.connection_ended(backend.fault_stats());
         match ended {
             // A VMM that closes its socket is the normal end of a connection.
             Ok(())

@@ -187,6 +187,17 @@ pub struct Cli {
     /// waiting.
     #[arg(long, value_name = "MS")]
     pub stall_kill_ms: Option<u64>,
+
+    // --- operations: admin socket and metrics (docs/operations.md) ---
+    /// Serve the admin socket (`viommu-ctl`) on this Unix socket, mode 0600
+    /// (the daemon's user only). Default: off.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Serve Prometheus/OpenMetrics metrics over HTTP at
+    /// http://ADDR/metrics (e.g. 127.0.0.1:9464). Default: off.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A switch.
@@ -246,6 +257,8 @@ pub struct FileSettings {
     table_max_mib: Option<u32>,
     stall_warn_ms: Option<u64>,
     stall_kill_ms: Option<u64>,
+    admin_socket: Option<PathBuf>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `[[endpoint]]`: a range of endpoints with its own reserved regions.
@@ -278,6 +291,10 @@ pub struct Settings {
     pub kick_loop: KickLoopKind,
     /// CPU to pin the request-queue thread to.
     pub cpu: Option<usize>,
+    /// Where the admin socket listens, if anywhere.
+    pub admin_socket: Option<PathBuf>,
+    /// Where metrics are served, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Default size bound of the shared table, in MiB.
@@ -651,6 +668,8 @@ impl Settings {
             }
         };
         Ok(Settings {
+            admin_socket: cli.admin_socket.clone().or(file.admin_socket),
+            metrics_addr: cli.metrics_addr.or(file.metrics_addr),
             kick_loop: cli.kick_loop.or(file.kick_loop).unwrap_or_default(),
             cpu: cli.cpu.or(file.cpu),
             table,

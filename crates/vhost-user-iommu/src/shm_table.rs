@@ -76,6 +76,8 @@ pub struct ShmPublisher {
     writer: SharedWriter,
     subscribers: Option<Subscribers>,
     invalidations: Vec<Invalidation>,
+    /// Where grace periods are timed, if anywhere.
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl ShmPublisher {
@@ -85,7 +87,15 @@ impl ShmPublisher {
             writer,
             subscribers,
             invalidations: Vec::new(),
+            telemetry: None,
         }
+    }
+
+    /// Times every grace period into `telemetry` (two clock reads per
+    /// grace period).
+    pub fn timed(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
     }
 
     fn send_invalidations(&mut self) -> Option<AckWait> {
@@ -202,7 +212,19 @@ impl TablePublisher for ShmPublisher {
 
     fn synchronize(&mut self) -> GraceWait {
         let acks = self.send_invalidations();
-        let report = lock(&self.writer).synchronize();
+        let report = {
+            let mut w = lock(&self.writer);
+            match &self.telemetry {
+                Some(t) if w.needs_grace() => {
+                    let started = std::time::Instant::now();
+                    let report = w.synchronize();
+                    let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    t.grace.observe_shared(ns);
+                    report
+                }
+                _ => w.synchronize(),
+            }
+        };
         if report.reaped > 0 {
             tracing::warn!(
                 released = report.reaped,

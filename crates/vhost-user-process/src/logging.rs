@@ -33,7 +33,17 @@ pub enum LoggingError {
     /// A global subscriber was already installed.
     #[error("logging already initialised")]
     Init(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The filter cannot be changed: logging was not started by [`init`],
+    /// or its subscriber is gone.
+    #[error("the log filter cannot be changed: {0}")]
+    Reload(String),
 }
+
+/// Swaps the installed subscriber's filter.
+type Reload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// The running subscriber's filter: how to change it, and its directive.
+static FILTER: std::sync::OnceLock<(Reload, std::sync::Mutex<String>)> = std::sync::OnceLock::new();
 
 /// Installs the global subscriber: `--log-level`, else `RUST_LOG`, else
 /// `info`; lines go to standard error.
@@ -54,11 +64,55 @@ pub fn init(settings: &LogSettings) -> Result<(), LoggingError> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(|| LossyStderr)
         .log_internal_errors(false);
-    match settings.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    }
-    .map_err(LoggingError::Init)
+    // The filter can be swapped at run time (`set_filter`); the handle's
+    // type depends on the format, so it is kept as a closure.
+    let (reload, result): (Reload, _) = match settings.format {
+        LogFormat::Text => {
+            let b = builder.with_filter_reloading();
+            let h = b.reload_handle();
+            (
+                Box::new(move |f| h.reload(f).map_err(|e| e.to_string())),
+                b.try_init(),
+            )
+        }
+        LogFormat::Json => {
+            let b = builder.json().with_filter_reloading();
+            let h = b.reload_handle();
+            (
+                Box::new(move |f| h.reload(f).map_err(|e| e.to_string())),
+                b.try_init(),
+            )
+        }
+    };
+    result.map_err(LoggingError::Init)?;
+    let _ = FILTER.set((reload, std::sync::Mutex::new(directive)));
+    Ok(())
+}
+
+/// Replaces the log filter of the subscriber [`init`] installed, while the
+/// process runs. A directive that does not parse changes nothing.
+pub fn set_filter(directive: &str) -> Result<(), LoggingError> {
+    let filter = EnvFilter::try_new(directive)
+        .map_err(|e| LoggingError::Filter(directive.to_string(), e))?;
+    let Some((reload, current)) = FILTER.get() else {
+        return Err(LoggingError::Reload("logging was not initialised".into()));
+    };
+    reload(filter).map_err(LoggingError::Reload)?;
+    *current
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = directive.to_string();
+    Ok(())
+}
+
+/// The filter directive in force, if [`init`] installed the subscriber.
+pub fn current_filter() -> Option<String> {
+    let (_, current) = FILTER.get()?;
+    Some(
+        current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
+    )
 }
 
 /// Standard error, where a failed write counts as written (the line is

@@ -1,6 +1,9 @@
 //! The device: request semantics, feature negotiation, config writes, reset
 //! and translation queries.
 
+mod inspect;
+pub use inspect::DomainInfo;
+
 use crate::change::{Change, ChangeSink, EndpointState};
 use crate::config::{ConfigError, DeviceConfig};
 use crate::endpoints::{EndpointSet, RangeIndex};

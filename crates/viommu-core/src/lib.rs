@@ -21,7 +21,7 @@ pub mod translate;
 
 pub use change::{Change, ChangeLog, ChangeSink, EndpointState, NullSink, Refused};
 pub use config::{ConfigError, DeviceConfig, EndpointRange, Limits};
-pub use device::{ConfigWriteError, Device, FeatureError};
+pub use device::{ConfigWriteError, Device, DomainInfo, FeatureError};
 pub use mappings::Mapping;
 pub use reply::Reply;
 pub use translate::{Access, TranslateError, Translation};
