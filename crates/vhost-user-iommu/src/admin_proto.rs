@@ -320,7 +320,7 @@ mod tests {
         );
         assert!(parse(r#"{"cmd":"reboot"}"#).is_err());
         assert!(
-            parse(r#"{"cmd":"status","x":1}"#).is_err(),
+            parse(r#"{"cmd":"mappings","domain":1,"x":1}"#).is_err(),
             "unknown fields"
         );
         assert!(parse(r#"{"cmd":"mappings","domain":-1}"#).is_err());
