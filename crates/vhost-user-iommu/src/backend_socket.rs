@@ -1,13 +1,14 @@
 //! The backend socket: co-located backends connect, are checked, receive
 //! the shared table and their own slot file, register the rings and
 //! sockets that do I/O into guest memory, and report faults
-//! (`docs/backend-protocol.md`). One thread per connected backend.
+//! (`docs/backend-protocol.md`). One task per connected backend, on the
+//! control plane's runtime.
 //!
 //! A backend is forgotten by the table only when nothing it started can
 //! still touch guest memory (`iotlb_shm::registry`): it closed its slot
 //! file, or its process exited, its connection is closed everywhere and
 //! its registered I/O drained. A malformed message is answered with ERROR
-//! and never ends the backend's registration; its thread stays until the
+//! and never ends the backend's registration; its task stays until the
 //! backend is released, so [`MAX_BACKENDS`] also bounds backends that are
 //! gone but not yet released.
 
@@ -24,7 +25,10 @@ use iotlb_shm::{Access, Fault, FaultKind, ReaderId, ReaderProcess, ReaderState, 
 use tracing::{debug, info, warn};
 use virtio_iommu_proto::{FaultFlags, FaultReason, FaultRecord};
 
+use tokio::io::unix::AsyncFd;
+
 use crate::backend::IommuBackend;
+use crate::frame_ready;
 use crate::iotlb_msg::Subscribers;
 use crate::shm_table::{SharedWriter, lock};
 
@@ -285,42 +289,75 @@ impl BackendSocket {
         self.book.clone()
     }
 
-    /// Accepts backends forever on a thread of its own.
+    /// Accepts backends forever on a thread of its own, running
+    /// [`Self::run`] on a current-thread runtime (for programs without a
+    /// control plane; the daemon runs it on its control-plane runtime).
     pub fn spawn(self) -> io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
         std::thread::Builder::new()
             .name("backend-socket".into())
-            .spawn(move || {
-                let me = Arc::new(self);
-                for conn in me.listener.incoming() {
-                    match conn {
-                        Ok(stream) => {
-                            use std::sync::atomic::Ordering::Relaxed;
-                            if me.connected.fetch_add(1, Relaxed) >= MAX_BACKENDS {
-                                me.connected.fetch_sub(1, Relaxed);
-                                Self::refuse(
-                                    &stream,
-                                    libc::EBUSY,
-                                    format!("{MAX_BACKENDS} backends already connected"),
-                                );
-                                continue;
-                            }
-                            let me2 = Arc::clone(&me);
-                            let spawned = std::thread::Builder::new().name("backend".into()).spawn(
-                                move || {
-                                    me2.serve(stream);
-                                    me2.connected.fetch_sub(1, Relaxed);
-                                },
-                            );
-                            if let Err(e) = spawned {
-                                me.connected.fetch_sub(1, Relaxed);
-                                warn!(error = %e, "cannot start a thread for a backend");
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "backend socket accept failed"),
-                    }
-                }
-            })?;
+            .spawn(move || runtime.block_on(self.run()))?;
         Ok(())
+    }
+
+    /// Accepts backends forever, each served by a task of the current
+    /// runtime. Everything that may wait (the table and device locks,
+    /// which a grace period holds) runs on the runtime's blocking pool, one
+    /// step at a time per backend, so its messages keep their order and no
+    /// backend can stall the others or the rest of the control plane.
+    pub async fn run(self) {
+        let me = Arc::new(self);
+        let listener = match me
+            .listener
+            .try_clone()
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .and_then(tokio::net::UnixListener::from_std)
+        {
+            Ok(l) => l,
+            Err(e) => return warn!(error = %e, "cannot serve the backend socket"),
+        };
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "backend socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            // Served as a blocking std socket (see `frame_ready`).
+            let stream = match stream.into_std().and_then(|s| {
+                s.set_nonblocking(false)?;
+                Ok(s)
+            }) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot take a backend connection");
+                    continue;
+                }
+            };
+            use std::sync::atomic::Ordering::Relaxed;
+            if me.connected.fetch_add(1, Relaxed) >= MAX_BACKENDS {
+                me.connected.fetch_sub(1, Relaxed);
+                Self::refuse(
+                    &stream,
+                    libc::EBUSY,
+                    format!("{MAX_BACKENDS} backends already connected"),
+                );
+                continue;
+            }
+            let me2 = Arc::clone(&me);
+            tokio::spawn(async move {
+                Arc::clone(&me2).serve(stream).await;
+                me2.connected.fetch_sub(1, Relaxed);
+            });
+        }
     }
 
     fn allowed(&self, uid: u32) -> bool {
@@ -335,10 +372,25 @@ impl BackendSocket {
             code: code as u32,
             reason,
         };
-        let _ = backend_proto::send_with_fds(stream.as_fd(), &msg.encode(), &[]);
+        let _ = backend_proto::try_send(stream.as_fd(), &msg.encode());
     }
 
-    fn serve(&self, stream: UnixStream) {
+    /// Runs `f` on the blocking pool; `None` if it panicked.
+    async fn blocking<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> R + Send + 'static,
+    ) -> Option<R> {
+        let me = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "a backend-socket step failed");
+                None
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, stream: UnixStream) {
         let cred = match peer_cred(&stream) {
             Ok(c) => c,
             Err(e) => return warn!(error = %e, "cannot identify a backend (SO_PEERCRED)"),
@@ -355,9 +407,30 @@ impl BackendSocket {
                 );
             }
         };
-        let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+        let stream = Arc::new(stream);
+        // SAFETY: the Arc the AsyncFd holds keeps the socket (and so its
+        // descriptor, always the same one) open for the AsyncFd's life.
+        let watched = unsafe {
+            AsyncFd::register_with_interest(Arc::clone(&stream), tokio::io::Interest::READABLE)
+        };
+        let watched = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                return warn!(error = %io::Error::from(e), "cannot watch a backend connection");
+            }
+        };
         let mut buf = [0u8; MAX_LEN];
-        let (slots, pins) = match backend_proto::recv_message(stream.as_fd(), &mut buf) {
+        let hello = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            frame_ready::wait(&watched, frame_ready::whole_message_queued),
+        )
+        .await;
+        let hello = match hello {
+            Ok(Ok(())) => backend_proto::recv_message(stream.as_fd(), &mut buf),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "no HELLO in time")),
+        };
+        let (slots, pins) = match hello {
             Ok(Some((Message::Hello { slots, pins }, _))) => (slots, pins),
             Ok(Some((other, _))) => {
                 return Self::refuse(
@@ -384,9 +457,18 @@ impl BackendSocket {
             Ok(fd) => fd,
             Err(e) => return Self::refuse(&stream, libc::EINVAL, e.to_string()),
         };
-        let id = match lock(&self.writer).register_process(slot_fd.as_fd(), process) {
-            Ok(id) => id,
-            Err(e) => return Self::refuse(&stream, libc::ESRCH, format!("{e}")),
+        let registered = {
+            let slot_fd = match slot_fd.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => return Self::refuse(&stream, libc::EMFILE, e.to_string()),
+            };
+            self.blocking(move |me| lock(&me.writer).register_process(slot_fd.as_fd(), process))
+                .await
+        };
+        let id = match registered {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => return Self::refuse(&stream, libc::ESRCH, format!("{e}")),
+            None => return Self::refuse(&stream, libc::EIO, "registration failed".into()),
         };
         let welcome = Message::Welcome { reader_id: id.0 }.encode();
         let fds = [
@@ -394,6 +476,7 @@ impl BackendSocket {
             self.arena_fd.as_fd(),
             slot_fd.as_fd(),
         ];
+        // A fresh connection's buffer is empty: the send does not wait.
         if let Err(e) = backend_proto::send_with_fds(stream.as_fd(), &welcome, &fds) {
             // The backend may still have the files (a partial send): its
             // registration ends by the usual rules, not here.
@@ -420,14 +503,13 @@ impl BackendSocket {
                 },
             )
         });
-        let _ = stream.set_read_timeout(None);
         let mut conn = Connection {
-            stream: &stream,
+            stream: Arc::clone(&stream),
             pid: cred.pid,
             id,
             errors: 0,
         };
-        self.read_messages(&mut conn, &mut buf);
+        self.read_messages(&watched, &mut conn, &mut buf).await;
         self.subscribers.remove(id);
         self.book.with(|b| {
             if let Some(e) = b.get_mut(&id.0) {
@@ -439,14 +521,23 @@ impl BackendSocket {
             reader = id.0,
             "backend disconnected; its slots and pins count until it has closed them or exited with its I/O drained"
         );
-        self.wait_for_release(id, cred.pid);
+        drop(watched);
+        self.wait_for_release(id, cred.pid).await;
         self.book.with(|b| b.remove(&id.0));
     }
 
     /// Reads the backend's messages until its end of stream. Nothing here
     /// ends the backend's registration.
-    fn read_messages(&self, conn: &mut Connection<'_>, buf: &mut [u8; MAX_LEN]) {
+    async fn read_messages(
+        self: &Arc<Self>,
+        watched: &frame_ready::Watched,
+        conn: &mut Connection,
+        buf: &mut [u8; MAX_LEN],
+    ) {
         loop {
+            if let Err(e) = frame_ready::wait(watched, frame_ready::whole_message_queued).await {
+                return warn!(pid = conn.pid, error = %e, "backend connection failed");
+            }
             let frame = match backend_proto::recv_frame(conn.stream.as_fd(), buf) {
                 Ok(Some(f)) => f,
                 Ok(None) => return,
@@ -456,7 +547,7 @@ impl BackendSocket {
                         libc::EPROTO,
                         format!("{e}; framing lost, no further message of this connection is read"),
                     );
-                    return conn.discard_until_end();
+                    return conn.discard_until_end(watched).await;
                 }
                 // A backend that exits with messages of ours unread (an
                 // invalidation, an answer) resets the connection: that is
@@ -489,7 +580,9 @@ impl BackendSocket {
                 continue;
             }
             match msg {
-                Message::Fault(f) if frame.fds.is_empty() => self.route.report(&f),
+                Message::Fault(f) if frame.fds.is_empty() => {
+                    self.blocking(move |me| me.route.report(&f)).await;
+                }
                 Message::RegisterRing { cookie } | Message::RegisterSocket { cookie }
                     if frame.fds.len() != 1 =>
                 {
@@ -510,14 +603,19 @@ impl BackendSocket {
                         .ok_or_else(|| TrackError::Unsuitable("no descriptor".into()))
                         .and_then(RingSentinel::new)
                         .map(TrackedIo::Ring);
-                    self.track(conn, cookie, io);
+                    self.track(conn, cookie, io).await;
                 }
                 Message::RegisterSocket { cookie } => {
-                    let io = match frame.fds.first() {
-                        Some(fd) => drain::tcp_endpoints(fd.as_fd()).map(TrackedIo::Socket),
-                        None => Err(TrackError::Unsuitable("no descriptor".into())),
-                    };
-                    self.track(conn, cookie, io);
+                    let fds = frame.fds;
+                    // sock_diag queries: off the event loop.
+                    let io = self
+                        .blocking(move |_| match fds.first() {
+                            Some(fd) => drain::tcp_endpoints(fd.as_fd()).map(TrackedIo::Socket),
+                            None => Err(TrackError::Unsuitable("no descriptor".into())),
+                        })
+                        .await
+                        .unwrap_or_else(|| Err(TrackError::Unsuitable("query failed".into())));
+                    self.track(conn, cookie, io).await;
                 }
                 Message::IotlbSubscribe { cookie } if frame.fds.is_empty() => {
                     match conn.stream.try_clone() {
@@ -539,14 +637,21 @@ impl BackendSocket {
                     access,
                     iova,
                 } if frame.fds.is_empty() => {
-                    self.route
-                        .answer_miss(conn.stream, cookie, endpoint, access, iova);
+                    let stream = Arc::clone(&conn.stream);
+                    self.blocking(move |me| {
+                        me.route
+                            .answer_miss(&stream, cookie, endpoint, access, iova)
+                    })
+                    .await;
                 }
                 Message::Ack { cookie } if frame.fds.is_empty() => {
                     self.subscribers.ack(conn.id, cookie);
                 }
                 Message::DriverRestarted { cookie, endpoint } if frame.fds.is_empty() => {
-                    self.route.driver_restarted(conn.pid, endpoint);
+                    let pid = conn.pid;
+                    // May reset the device and wait for a grace period.
+                    self.blocking(move |me| me.route.driver_restarted(pid, endpoint))
+                        .await;
                     conn.reply(&Message::Ack { cookie });
                 }
                 other => conn.error(
@@ -561,11 +666,22 @@ impl BackendSocket {
         }
     }
 
-    fn track(&self, conn: &mut Connection<'_>, cookie: u64, io: Result<TrackedIo, TrackError>) {
-        let result = io.and_then(|io| {
-            let what = io.describe();
-            lock(&self.writer).track_io(conn.id, io).map(|()| what)
-        });
+    async fn track(
+        self: &Arc<Self>,
+        conn: &mut Connection,
+        cookie: u64,
+        io: Result<TrackedIo, TrackError>,
+    ) {
+        let id = conn.id;
+        let result = self
+            .blocking(move |me| {
+                io.and_then(|io| {
+                    let what = io.describe();
+                    lock(&me.writer).track_io(id, io).map(|()| what)
+                })
+            })
+            .await
+            .unwrap_or_else(|| Err(TrackError::Unsuitable("tracking failed".into())));
         match result {
             Ok(what) => {
                 info!(pid = conn.pid, reader = conn.id.0, %what, "backend registered I/O to wait for should it die");
@@ -576,18 +692,24 @@ impl BackendSocket {
     }
 
     /// After the backend's end of stream: waits until the table may forget
-    /// it, logging each change of its state. Its thread (and its place in
+    /// it, logging each change of its state. Its task (and its place in
     /// the [`MAX_BACKENDS`] bound) is kept until then.
-    fn wait_for_release(&self, id: ReaderId, pid: i32) {
+    async fn wait_for_release(self: &Arc<Self>, id: ReaderId, pid: i32) {
         // A process that exits closes its descriptors a moment before it
         // is reaped: a state is only logged once it has lasted a while.
         let mut logged = None;
         let mut since = (None, std::time::Instant::now());
         loop {
-            let state = lock(&self.writer).try_release_reader(id);
+            let state = self
+                .blocking(move |me| lock(&me.writer).try_release_reader(id))
+                .await;
             let state = match state {
-                None => return,
-                Some(ReaderState::Released(reason)) => {
+                None => {
+                    tokio::time::sleep(RELEASE_POLL).await;
+                    continue;
+                }
+                Some(None) => return,
+                Some(Some(ReaderState::Released(reason))) => {
                     return info!(
                         pid,
                         reader = id.0,
@@ -595,7 +717,7 @@ impl BackendSocket {
                         "backend released: its slots and pins no longer count"
                     );
                 }
-                Some(s) => s,
+                Some(Some(s)) => s,
             };
             if since.0 != Some(state) {
                 since = (Some(state), std::time::Instant::now());
@@ -615,7 +737,7 @@ impl BackendSocket {
                     _ => {}
                 }
             }
-            std::thread::sleep(RELEASE_POLL);
+            tokio::time::sleep(RELEASE_POLL).await;
         }
     }
 }
@@ -647,16 +769,16 @@ fn message_name(msg: &Message, with_fds: bool) -> String {
 }
 
 /// One backend's connection after WELCOME.
-struct Connection<'a> {
-    stream: &'a UnixStream,
+struct Connection {
+    stream: Arc<UnixStream>,
     pid: i32,
     id: ReaderId,
     errors: u32,
 }
 
-impl Connection<'_> {
+impl Connection {
     /// Answers without waiting: a backend that does not read its answers
-    /// loses them, it never stalls this thread.
+    /// loses them, it never stalls the control plane.
     fn reply(&self, msg: &Message) {
         if let Err(e) = backend_proto::try_send(self.stream.as_fd(), &msg.encode()) {
             debug!(pid = self.pid, error = %e, "cannot answer a backend; answer dropped");
@@ -690,9 +812,12 @@ impl Connection<'_> {
 
     /// Reads and drops everything (descriptors included) until the end of
     /// stream, once the framing is lost.
-    fn discard_until_end(&self) {
+    async fn discard_until_end(&self, watched: &frame_ready::Watched) {
         let mut buf = [0u8; MAX_LEN];
         loop {
+            if let Err(e) = frame_ready::wait(watched, frame_ready::anything_queued).await {
+                return debug!(pid = self.pid, error = %e, "backend connection failed");
+            }
             match backend_proto::recv_discard(self.stream.as_fd(), &mut buf) {
                 Ok(0) => return,
                 Ok(_) => {}

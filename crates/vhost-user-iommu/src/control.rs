@@ -1,5 +1,6 @@
-//! The control plane: the admin socket and the metrics endpoint, served by
-//! one current-thread tokio runtime on a thread of its own. Answers that
+//! The control plane: the backend socket, the admin socket and the metrics
+//! endpoint, served by one current-thread tokio runtime on a thread of its
+//! own. Answers that
 //! need the device or table locks (which a grace period may hold) run on
 //! the runtime's small blocking pool, so a slow grace period never stalls
 //! the event loop. The request queue stays on its own io_uring thread.
@@ -15,8 +16,10 @@ use tracing::{debug, info, warn};
 use crate::admin::DaemonView;
 use crate::admin_proto::{AdminReply, AdminRequest, MAX_REQUEST_LEN};
 
-/// Threads the blocking pool may use for answers.
-const BLOCKING_THREADS: usize = 2;
+/// Threads the blocking pool may use (admin answers, scrapes, and backend
+/// steps that take the table or device lock, which a grace period holds);
+/// they are started on demand and end when idle.
+const BLOCKING_THREADS: usize = 16;
 /// Admin connections served at once; more are closed at once.
 const MAX_ADMIN_CONNECTIONS: usize = 16;
 
@@ -47,9 +50,13 @@ pub struct ControlSettings<'a> {
 }
 
 /// Binds what `settings` asks for (so that errors are reported before the
-/// daemon serves) and starts the control-plane thread. Does nothing when
-/// neither is asked for.
-pub fn start(settings: ControlSettings<'_>, view: DaemonView) -> Result<(), ControlError> {
+/// daemon serves) and starts the control-plane thread, which also serves
+/// `backends` (already bound). Does nothing when there is nothing to serve.
+pub fn start(
+    settings: ControlSettings<'_>,
+    view: DaemonView,
+    backends: Option<crate::backend_socket::BackendSocket>,
+) -> Result<(), ControlError> {
     let admin = match settings.admin_socket {
         Some(path) => Some(
             vhost_user_process::socket_file::bind(
@@ -70,7 +77,7 @@ pub fn start(settings: ControlSettings<'_>, view: DaemonView) -> Result<(), Cont
         ),
         None => None,
     };
-    if admin.is_none() && metrics.is_none() {
+    if admin.is_none() && metrics.is_none() && backends.is_none() {
         return Ok(());
     }
     if let Some(l) = &admin {
@@ -94,7 +101,7 @@ pub fn start(settings: ControlSettings<'_>, view: DaemonView) -> Result<(), Cont
         .map_err(ControlError::Runtime)?;
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || runtime.block_on(run(admin, metrics, view)))
+        .spawn(move || runtime.block_on(run(admin, metrics, backends, view)))
         .map_err(ControlError::Runtime)?;
     Ok(())
 }
@@ -102,9 +109,13 @@ pub fn start(settings: ControlSettings<'_>, view: DaemonView) -> Result<(), Cont
 async fn run(
     admin: Option<StdUnixListener>,
     metrics: Option<std::net::TcpListener>,
+    backends: Option<crate::backend_socket::BackendSocket>,
     view: DaemonView,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(b) = backends {
+        tasks.spawn(b.run());
+    }
     if let Some(l) = metrics {
         match tokio::net::TcpListener::from_std(l) {
             Ok(l) => {

@@ -31,6 +31,7 @@ pub mod backend_socket;
 pub mod chain;
 pub mod control;
 pub mod eventq;
+pub mod frame_ready;
 pub mod http;
 pub mod iotlb_msg;
 pub mod kick_loop;

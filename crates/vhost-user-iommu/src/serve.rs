@@ -43,6 +43,8 @@ struct Table {
     writer: SharedWriter,
     subscribers: Subscribers,
     book: BackendBook,
+    /// Served by the control plane once it starts.
+    socket: Option<BackendSocket>,
 }
 
 /// Describes where the daemon listens, for logs.
@@ -73,7 +75,6 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
     )
     .map_err(socket_error)?;
     let book = socket.book();
-    socket.spawn().map_err(socket_error)?;
     info!(
         backend_socket = %t.socket.display(),
         max_mib = t.max_mib,
@@ -85,6 +86,7 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
         writer,
         subscribers,
         book,
+        socket: Some(socket),
     }))
 }
 
@@ -93,7 +95,7 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
     let mut listener = listen.listener(settings.socket_perms)?;
     let where_ = describe(listen);
     let route = FaultRoute::default();
-    let table = start_table(settings, &route)?;
+    let mut table = start_table(settings, &route)?;
     let telemetry = Arc::new(Telemetry::default());
     crate::control::start(
         crate::control::ControlSettings {
@@ -106,6 +108,7 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
             writer: table.as_ref().map(|t| t.writer.clone()),
             book: table.as_ref().map(|t| t.book.clone()),
         },
+        table.as_mut().and_then(|t| t.socket.take()),
     )?;
     loop {
         let publisher: Box<dyn TablePublisher> = match &table {
