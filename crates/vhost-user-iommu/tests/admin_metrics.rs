@@ -471,3 +471,40 @@ fn viommu_ctl_without_a_daemon_fails_cleanly() {
     let (ok, _, err) = ctl_text(&dir.join("nothing.sock"), &["status"]);
     assert!(!ok && err.contains("cannot reach the daemon"), "{err}");
 }
+
+#[test]
+fn a_backend_sending_half_a_message_stalls_only_itself() {
+    use iotlb_shm::backend_proto::{self, MAX_LEN, Message};
+    use std::os::fd::AsFd;
+    let dir = common::scratch_dir("half-hello");
+    let backends = dir.join("backends.sock");
+    let ops = start(
+        "half-hello-daemon",
+        &["--backend-socket", backends.to_str().unwrap()],
+    );
+    let hello = Message::Hello { slots: 2, pins: 2 }.encode();
+    // Half a HELLO, never finished (until the HELLO timeout).
+    let stuck = UnixStream::connect(&backends).unwrap();
+    (&stuck).write_all(&hello[..5]).unwrap();
+    // Another backend is served meanwhile, and so is the admin socket.
+    let good = UnixStream::connect(&backends).unwrap();
+    good.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&good).write_all(&hello[..7]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    (&good).write_all(&hello[7..]).unwrap();
+    let mut buf = [0u8; MAX_LEN];
+    let (msg, fds) = backend_proto::recv_message(good.as_fd(), &mut buf)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(msg, Message::Welcome { .. }), "{msg:?}");
+    assert_eq!(fds.len(), 3, "table, arena and slot files");
+    let listed = ctl_json(&ops.admin, &["backends"]);
+    let rows = listed["backends"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{listed}");
+    assert_eq!(rows[0]["pid"], std::process::id());
+    assert_eq!(rows[0]["slots"], 2);
+    assert_eq!(rows[0]["connected"], true);
+    let (_, body) = http_get(&ops.metrics, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(sample(&body, "viommu_backends_connected"), Some(1.0));
+    drop(stuck);
+}
