@@ -364,9 +364,12 @@ fn raw_admin(admin: &Path, lines: &[&[u8]]) -> Vec<Value> {
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut out = Vec::new();
     for l in lines {
-        (&s).write_all(l).unwrap();
+        // The daemon may have closed the connection already.
+        if (&s).write_all(l).is_err() {
+            break;
+        }
         let mut reply = String::new();
-        if r.read_line(&mut reply).unwrap() == 0 {
+        if r.read_line(&mut reply).unwrap_or(0) == 0 {
             break;
         }
         out.push(serde_json::from_str(&reply).unwrap());
