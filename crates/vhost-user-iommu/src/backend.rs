@@ -5,6 +5,7 @@ use crate::kick_loop::KickLoop;
 use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
+use crate::state_journal::{self, Resumed, StateJournal};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use viommu_core::state::Record;
 use viommu_core::{Device, DeviceConfig};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -58,6 +60,8 @@ struct DeviceState {
     publisher: Box<dyn TablePublisher>,
     /// Reset detection for VMMs that send no RESET_DEVICE.
     watch: ResetWatch,
+    /// Where every change is saved (`--state-dir`), if anywhere.
+    journal: Option<StateJournal>,
 }
 
 struct Inner {
@@ -108,34 +112,71 @@ impl IommuBackend {
         config: DeviceConfig,
         queue_size: u16,
         poll: Duration,
-        mut publisher: Box<dyn TablePublisher>,
+        publisher: Box<dyn TablePublisher>,
     ) -> Result<Self, viommu_core::ConfigError> {
         let device = Device::new(config)?;
+        Ok(Self::with_device(
+            Resumed::fresh(device),
+            queue_size,
+            poll,
+            publisher,
+        ))
+    }
+
+    /// Serves `resumed.device` (a fresh one, or one rebuilt from a saved
+    /// state), publishing its translations through `publisher` and saving
+    /// its changes in `resumed.journal`.
+    pub fn with_device(
+        resumed: Resumed,
+        queue_size: u16,
+        poll: Duration,
+        mut publisher: Box<dyn TablePublisher>,
+    ) -> Self {
+        let Resumed {
+            device,
+            journal,
+            applied,
+            restored,
+        } = resumed;
+        let mut watch = ResetWatch::default();
+        if restored {
+            // Stopped since the last daemon ended: a guest that reads the
+            // config space before the VMM starts the device again was
+            // reset meanwhile.
+            watch.request_queue_stopped_before_restart();
+        }
         publisher.start(&device);
-        // An eventfd only fails to be created when the process is out of
-        // descriptors; the daemon cannot run then anyway.
         let fault_wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot create the fault eventfd");
             std::process::exit(1)
         });
-        Ok(IommuBackend {
+        let mut ring = RequestRing::new(poll);
+        ring.resume_applied(applied);
+        IommuBackend {
             inner: Arc::new(Inner {
                 state: Mutex::new(DeviceState {
                     device,
                     publisher,
-                    watch: ResetWatch::default(),
+                    watch,
+                    journal,
                 }),
                 kick_loop: Mutex::new(None),
                 epoll: Mutex::new(None),
                 mem: RwLock::new(None),
                 mem_generation: AtomicU64::new(0),
-                ring: Mutex::new(RequestRing::new(poll)),
+                ring: Mutex::new(ring),
                 queue_size,
                 faults: Mutex::new(FaultQueue::default()),
                 fault_wake,
                 event_errors: AtomicU64::new(0),
             }),
-        })
+        }
+    }
+
+    /// Takes the state journal back when the connection ends (the next
+    /// device starts it anew).
+    pub fn take_journal(&self) -> Option<StateJournal> {
+        self.state().ok().and_then(|mut st| st.journal.take())
     }
 
     /// Moves the request queue's kick path onto an io_uring thread (pinned
@@ -385,7 +426,7 @@ impl IommuBackend {
         let mut guard = self.state()?;
         let st = &mut *guard;
         let taken = pass
-            .serve_available(&mut st.device, st.publisher.as_mut())
+            .serve_available(&mut st.device, st.publisher.as_mut(), &mut st.journal)
             .map_err(io::Error::other)?;
         let waiting = pass.complete_ready();
         pass.write_back(vstate.get_queue_mut());
@@ -469,7 +510,15 @@ impl VhostUserBackend for IommuBackend {
         st.watch.started();
         let device_bits = Features(features).intersect(st.device.offered_features());
         let mut sink = Publishing::new(st.publisher.as_mut());
-        match st.device.set_features(device_bits, &mut sink) {
+        let result = st.device.set_features(device_bits, &mut sink);
+        if result.is_ok() {
+            state_journal::record(
+                &mut st.journal,
+                &Record::Features(device_bits.0),
+                &st.device,
+            );
+        }
+        match result {
             Ok(()) => info!(
                 features = format_args!("{features:#x}"),
                 domains = st.device.domain_count(),
@@ -532,6 +581,13 @@ impl VhostUserBackend for IommuBackend {
         let st = &mut *guard;
         let mut sink = Publishing::new(st.publisher.as_mut());
         let result = st.device.write_config(offset as usize, buf, &mut sink);
+        if let (Ok(()), [value]) = (&result, buf) {
+            let record = Record::Config {
+                offset: offset as u16,
+                value: *value,
+            };
+            state_journal::record(&mut st.journal, &record, &st.device);
+        }
         if st.publisher.needs_grace() {
             let wait = st.publisher.synchronize();
             drop(guard);
@@ -664,10 +720,17 @@ impl IommuBackend {
         st.watch.reset();
         let (domains, mappings) = (st.device.domain_count(), st.device.mapping_count());
         let mut sink = Publishing::new(st.publisher.as_mut());
-        match kind {
-            ResetKind::Device => st.device.reset(&mut sink),
-            ResetKind::System => st.device.system_reset(&mut sink),
-        }
+        let record = match kind {
+            ResetKind::Device => {
+                st.device.reset(&mut sink);
+                Record::Reset
+            }
+            ResetKind::System => {
+                st.device.system_reset(&mut sink);
+                Record::SystemReset
+            }
+        };
+        state_journal::record(&mut st.journal, &record, &st.device);
         let wait = st.publisher.synchronize();
         drop(guard);
         wait.wait();

@@ -19,6 +19,8 @@
 //!   the VMM sends no `RESET_DEVICE`.
 //! - [`serve`]: the listening loop, one fresh device per connection.
 //! - [`shm_table`]: the shared translation table as the model's publisher.
+//! - [`state_journal`]: the device's state saved in `--state-dir`, so a
+//!   restarted daemon keeps the guest's domains and mappings.
 //! - [`backend_socket`]: where co-located backends get the table.
 //! - [`iotlb_msg`]: message mode (IOTLB misses and invalidations), the
 //!   baseline.
@@ -38,5 +40,6 @@ pub mod reset_watch;
 pub mod serve;
 pub mod settings;
 pub mod shm_table;
+pub mod state_journal;
 
 pub use vhost_user_process::{logging, signals};

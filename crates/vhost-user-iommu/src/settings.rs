@@ -187,6 +187,18 @@ pub struct Cli {
     /// waiting.
     #[arg(long, value_name = "MS")]
     pub stall_kill_ms: Option<u64>,
+
+    /// Keep the device's state (features, endpoints, domains, mappings) in
+    /// DIR/device-state, written before each request completes, so that a
+    /// daemon restarted on the same directory (after an upgrade, a crash,
+    /// SIGKILL) carries on with the guest's mappings when the VMM
+    /// reconnects. A state that does not load (corrupt, truncated, another
+    /// format version, a differently configured device) is refused and the
+    /// daemon exits; move it away to start fresh. One directory per daemon,
+    /// ideally on tmpfs (e.g. /run/vhost-user-iommu/VM.state). Default: no
+    /// state is kept; a restarted daemon is a fresh device.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A switch.
@@ -246,6 +258,7 @@ pub struct FileSettings {
     table_max_mib: Option<u32>,
     stall_warn_ms: Option<u64>,
     stall_kill_ms: Option<u64>,
+    state_dir: Option<PathBuf>,
 }
 
 /// `[[endpoint]]`: a range of endpoints with its own reserved regions.
@@ -278,6 +291,8 @@ pub struct Settings {
     pub kick_loop: KickLoopKind,
     /// CPU to pin the request-queue thread to.
     pub cpu: Option<usize>,
+    /// Where the device's state is kept across restarts.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Default size bound of the shared table, in MiB.
@@ -653,6 +668,7 @@ impl Settings {
         Ok(Settings {
             kick_loop: cli.kick_loop.or(file.kick_loop).unwrap_or_default(),
             cpu: cli.cpu.or(file.cpu),
+            state_dir: cli.state_dir.clone().or(file.state_dir),
             table,
             device,
             listen,

@@ -353,24 +353,28 @@ fn decode_record<'a>(
 /// The records that rebuild `device`'s state, in order: `Base`, then for
 /// every domain the ATTACH of each of its endpoints and the MAP of each of
 /// its mappings.
-pub fn snapshot_records(device: &Device) -> Vec<SnapshotRequest> {
+pub fn snapshot_records(device: &Device) -> Vec<RequestBytes> {
     device.snapshot_requests()
 }
 
-/// A request of a snapshot, encoded.
-#[derive(Clone, Copy, Debug)]
-pub struct SnapshotRequest {
+/// A request's readable bytes, kept without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestBytes {
     bytes: [u8; MAX_READABLE_LEN],
     len: usize,
 }
 
-impl SnapshotRequest {
+impl RequestBytes {
     fn new(req: &Request) -> Self {
-        let encoded = req.encode();
-        let mut bytes = [0u8; MAX_READABLE_LEN];
-        let len = encoded.len().min(MAX_READABLE_LEN);
-        bytes[..len].copy_from_slice(&encoded[..len]);
-        SnapshotRequest { bytes, len }
+        Self::copy(&req.encode())
+    }
+
+    /// Keeps (at most [`MAX_READABLE_LEN`] of) `bytes`.
+    pub fn copy(bytes: &[u8]) -> Self {
+        let mut out = [0u8; MAX_READABLE_LEN];
+        let len = bytes.len().min(MAX_READABLE_LEN);
+        out[..len].copy_from_slice(&bytes[..len]);
+        RequestBytes { bytes: out, len }
     }
 
     /// The request's readable bytes.
@@ -381,11 +385,11 @@ impl SnapshotRequest {
 
 impl Device {
     /// See [`snapshot_records`].
-    fn snapshot_requests(&self) -> Vec<SnapshotRequest> {
+    fn snapshot_requests(&self) -> Vec<RequestBytes> {
         let mut out = Vec::with_capacity(self.attached_count() + self.mapping_count() as usize);
         self.for_each_domain(|id, bypass, endpoints, mappings| {
             for ep in endpoints {
-                out.push(SnapshotRequest::new(&Request::Attach(Attach {
+                out.push(RequestBytes::new(&Request::Attach(Attach {
                     domain: id,
                     endpoint: ep,
                     flags: if bypass {
@@ -397,7 +401,7 @@ impl Device {
                 })));
             }
             for m in mappings {
-                out.push(SnapshotRequest::new(&Request::Map(Map {
+                out.push(RequestBytes::new(&Request::Map(Map {
                     domain: id,
                     virt_start: m.virt_start,
                     virt_end: m.virt_end,
@@ -459,14 +463,23 @@ pub struct Restored {
     pub valid_len: usize,
     /// A journal's torn last record was dropped.
     pub torn_tail: bool,
-    /// Avail-ring positions of the last requests applied since the last
-    /// reset, oldest first: a restarted daemon completes these chains
-    /// (with OK, the only status journaled) instead of applying them again
-    /// if the driver still has them outstanding.
-    pub applied_positions: Vec<u16>,
+    /// The last requests applied since the last reset that came from the
+    /// request queue, oldest first: a restarted daemon completes these
+    /// chains (with OK, the only status journaled) instead of applying
+    /// them again if the driver still has them outstanding.
+    pub applied: Vec<Applied>,
 }
 
-/// How many trailing request positions [`Restored::applied_positions`]
+/// A request the journal says was applied, and where it was in the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Its avail-ring position.
+    pub position: u16,
+    /// Its readable bytes.
+    pub request: RequestBytes,
+}
+
+/// How many trailing request positions [`Restored::applied`]
 /// keeps: the largest virtqueue.
 const POSITIONS_KEPT: usize = 32768;
 
@@ -512,7 +525,7 @@ pub fn restore(cfg: DeviceConfig, bytes: &[u8]) -> Result<Restored, StateError> 
     })?;
     let mut offset = HEADER_LEN;
     let mut index = 0u64;
-    let mut positions: std::collections::VecDeque<u16> = Default::default();
+    let mut positions: std::collections::VecDeque<Applied> = Default::default();
     let mut ended = false;
     let mut torn_tail = false;
     while offset < bytes.len() {
@@ -566,7 +579,10 @@ pub fn restore(cfg: DeviceConfig, bytes: &[u8]) -> Result<Restored, StateError> 
                     if positions.len() == POSITIONS_KEPT {
                         positions.pop_front();
                     }
-                    positions.push_back(p);
+                    positions.push_back(Applied {
+                        position: p,
+                        request: RequestBytes::copy(bytes),
+                    });
                 }
             }
             Record::Reset => {
@@ -596,7 +612,7 @@ pub fn restore(cfg: DeviceConfig, bytes: &[u8]) -> Result<Restored, StateError> 
         records: index,
         valid_len: offset,
         torn_tail,
-        applied_positions: positions.into(),
+        applied: positions.into(),
     })
 }
 

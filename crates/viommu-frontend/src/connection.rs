@@ -299,9 +299,23 @@ impl Connection {
         kick: &EventFd,
         call: &EventFd,
     ) -> Result<(), ConnectionError> {
+        self.setup_vring_at(index, ram, ring, 0, kick, call)
+    }
+
+    /// As [`Self::setup_vring`], with the device starting at avail index
+    /// `base` (a ring in use, handed to a new backend).
+    pub fn setup_vring_at(
+        &mut self,
+        index: usize,
+        ram: &GuestRam,
+        ring: &VringAddrs,
+        base: u16,
+        kick: &EventFd,
+        call: &EventFd,
+    ) -> Result<(), ConnectionError> {
         self.set_vring_num(index, ring.size)?;
         self.set_vring_addr(index, ram, ring)?;
-        self.set_vring_base(index, 0)?;
+        self.set_vring_base(index, base)?;
         self.set_vring_call(index, call)?;
         self.set_vring_kick(index, kick)
     }
