@@ -1,20 +1,25 @@
 //! The vhost-user backend: one virtio-iommu device for one VMM connection.
 
+use crate::device_state::{self, Finished, Transfer};
 use crate::eventq::{FaultQueue, FaultStats};
 use crate::kick_loop::KickLoop;
 use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
 use crate::state_journal::{self, Resumed, StateJournal};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use viommu_core::state::Record;
+use viommu_core::state::{self, Record};
 use viommu_core::{Device, DeviceConfig};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -80,6 +85,8 @@ struct Inner {
     fault_wake: EventFd,
     /// Queue events that failed (logged up to [`LOGGED_EVENT_ERRORS`]).
     event_errors: AtomicU64,
+    /// A device-state transfer under way (migration).
+    transfer: Mutex<Option<Transfer>>,
 }
 
 /// Failed queue events logged per connection; the rest are only counted,
@@ -169,8 +176,32 @@ impl IommuBackend {
                 faults: Mutex::new(FaultQueue::default()),
                 fault_wake,
                 event_errors: AtomicU64::new(0),
+                transfer: Mutex::new(None),
             }),
         }
+    }
+
+    /// Replaces the device with `device` (a migrated state): the shared
+    /// table is rebuilt for it and the journal starts from it.
+    fn install(&self, device: Device) -> io::Result<()> {
+        let mut guard = self.state()?;
+        let st = &mut *guard;
+        let (domains, mappings) = (device.domain_count(), device.mapping_count());
+        st.device = device;
+        st.watch.reset();
+        st.publisher.start(&st.device);
+        if let Some(j) = st.journal.take() {
+            st.journal = j.restart(&st.device);
+        }
+        drop(guard);
+        if let Ok(mut f) = self.inner.faults.lock() {
+            f.clear();
+        }
+        info!(
+            domains,
+            mappings, "device state loaded from the VMM (CHECK_DEVICE_STATE)"
+        );
+        Ok(())
     }
 
     /// Takes the state journal back when the connection ends (the next
@@ -539,6 +570,73 @@ impl VhostUserBackend for IommuBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    /// Saves the device's state to `file`, or loads it from there (the
+    /// device is stopped: phase STOPPED is the only one defined).
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        let transfer = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let snapshot = state::snapshot(&self.state()?.device, state::Kind::Snapshot);
+                info!(
+                    bytes = snapshot.len(),
+                    "device state saved for the VMM (SET_DEVICE_STATE_FD)"
+                );
+                device_state::save(snapshot, file)?
+            }
+            VhostTransferStateDirection::LOAD => {
+                info!("loading the device state from the VMM (SET_DEVICE_STATE_FD)");
+                device_state::load(file)?
+            }
+        };
+        let previous = self
+            .inner
+            .transfer
+            .lock()
+            .map_err(lock_error)?
+            .replace(transfer);
+        if previous.is_some() {
+            warn!("a device state transfer was still under way; its result is dropped");
+        }
+        Ok(None)
+    }
+
+    /// Waits for the transfer; a loaded state replaces the device's only
+    /// if all of it applies.
+    fn check_device_state(&self) -> io::Result<()> {
+        let transfer = self
+            .inner
+            .transfer
+            .lock()
+            .map_err(lock_error)?
+            .take()
+            .ok_or_else(|| io::Error::other("CHECK_DEVICE_STATE without a transfer"))?;
+        match transfer.finish() {
+            Ok(Finished::Saved) => Ok(()),
+            Ok(Finished::Loaded(bytes)) => {
+                let config = self.state()?.device.config().clone();
+                match state::restore(config, &bytes) {
+                    Ok(restored) => {
+                        self.install(restored.device)?;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        warn!(error = %e, bytes = bytes.len(), "the device state from the VMM does not load; the device is unchanged");
+                        Err(io::Error::other(e))
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "device state transfer failed");
+                Err(e)
+            }
+        }
     }
 
     fn reset_device(&self) {

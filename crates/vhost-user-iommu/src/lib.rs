@@ -21,6 +21,8 @@
 //! - [`shm_table`]: the shared translation table as the model's publisher.
 //! - [`state_journal`]: the device's state saved in `--state-dir`, so a
 //!   restarted daemon keeps the guest's domains and mappings.
+//! - [`device_state`]: vhost-user's device-state transfer (migration),
+//!   in the same format.
 //! - [`backend_socket`]: where co-located backends get the table.
 //! - [`iotlb_msg`]: message mode (IOTLB misses and invalidations), the
 //!   baseline.
@@ -29,6 +31,7 @@
 pub mod backend;
 pub mod backend_socket;
 pub mod chain;
+pub mod device_state;
 pub mod eventq;
 pub mod iotlb_msg;
 pub mod kick_loop;

@@ -183,6 +183,18 @@ impl StateJournal {
         })
     }
 
+    /// Starts the journal anew from `device` (a device replaced as a
+    /// whole). None if that failed: persistence stops (logged).
+    pub fn restart(mut self, device: &Device) -> Option<Self> {
+        match Self::start(&self.dir, device) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                self.abandon(&e);
+                None
+            }
+        }
+    }
+
     /// Bytes of state written.
     pub fn len(&self) -> usize {
         self.len
