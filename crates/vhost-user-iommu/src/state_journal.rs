@@ -16,7 +16,7 @@
 //! never with a state that misses a change — an UNMAP forgotten by the
 //! journal would come back as a live mapping.
 
-use memmap2::MmapMut;
+use memmap2::{Advice, MmapMut, MmapOptions};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -30,6 +30,9 @@ use viommu_core::{Device, DeviceConfig};
 pub const FILE_NAME: &str = "device-state";
 /// The file grows by this much at a time.
 const GROW: u64 = 1 << 20;
+/// Address space mapped for the file at once (never touched beyond the
+/// file's end), so growing it needs no new mapping.
+const RESERVE: u64 = 4 << 30;
 /// A journal smaller than this is never rewritten for its size.
 const COMPACT_MIN: usize = 64 << 20;
 /// A journal is rewritten when it is this many times its last snapshot.
@@ -82,7 +85,10 @@ pub fn load(dir: &Path, cfg: &DeviceConfig) -> Result<Option<Restored>, StateSto
 pub struct StateJournal {
     dir: PathBuf,
     file: File,
+    /// The file, mapped with room to grow ([`RESERVE`]).
     map: MmapMut,
+    /// The file's size: the end of what may be written.
+    size: usize,
     /// Bytes written (header and records).
     len: usize,
     /// The next record's index.
@@ -149,7 +155,7 @@ impl StateJournal {
         let mut journal = Self::open(dir, f, restored.valid_len, restored.records, cfg)?;
         // A torn last record is overwritten by the next one; zero it so the
         // file never holds a bad record followed by good ones.
-        let end = journal.map.len();
+        let end = journal.size;
         journal.map[restored.valid_len..end].fill(0);
         Ok(journal)
     }
@@ -164,17 +170,15 @@ impl StateJournal {
         let path = dir.join(FILE_NAME);
         let size = file.metadata().map_err(io_error(&path))?.len();
         let want = (len as u64 + MAX_RECORD_LEN as u64).next_multiple_of(GROW);
-        if size < want {
-            file.set_len(want).map_err(io_error(&path))?;
-        }
-        // SAFETY: the file is this process's own journal; nothing else is
-        // meant to change its size (the state directory is the daemon's),
-        // and every access goes through the map's bounds-checked slice.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io_error(&path))?;
+        let size = size.max(want);
+        file.set_len(size).map_err(io_error(&path))?;
+        let map = map_reserved(&file, size).map_err(io_error(&path))?;
+        populate(&map, 0, size as usize);
         Ok(StateJournal {
             dir: dir.to_path_buf(),
             file,
             map,
+            size: size as usize,
             len,
             index,
             fingerprint: fingerprint(cfg),
@@ -220,14 +224,14 @@ impl StateJournal {
     }
 
     fn try_append(&mut self, record: &Record<'_>, device: &Device) -> Result<(), StateStoreError> {
-        if self.len + MAX_RECORD_LEN > self.map.len() {
+        if self.len + MAX_RECORD_LEN > self.size {
             self.grow()?;
         }
         let n = encode_record(
             self.index,
             self.fingerprint,
             record,
-            &mut self.map[self.len..],
+            &mut self.map[self.len..self.size],
         );
         self.len += n;
         self.index += 1;
@@ -244,12 +248,17 @@ impl StateJournal {
         Ok(())
     }
 
+    /// Makes the file longer by [`GROW`], its new pages allocated now
+    /// rather than at a page fault per page on the request path.
     fn grow(&mut self) -> Result<(), StateStoreError> {
         let path = self.dir.join(FILE_NAME);
-        let size = (self.map.len() as u64 * 2).max(GROW).next_multiple_of(GROW);
+        let size = self.size as u64 + GROW;
         self.file.set_len(size).map_err(io_error(&path))?;
-        // SAFETY: as in `open`.
-        self.map = unsafe { MmapMut::map_mut(&self.file) }.map_err(io_error(&path))?;
+        if size > self.map.len() as u64 {
+            self.map = map_reserved(&self.file, size).map_err(io_error(&path))?;
+        }
+        populate(&self.map, self.size, GROW as usize);
+        self.size = size as usize;
         Ok(())
     }
 
@@ -266,6 +275,23 @@ impl StateJournal {
              fresh device; the running guest is not affected"
         );
     }
+}
+
+/// Maps `file` (now `size` bytes) with [`RESERVE`] bytes of room, or
+/// twice its size if that is more.
+fn map_reserved(file: &File, size: u64) -> io::Result<MmapMut> {
+    let reserve = usize::try_from(RESERVE.max(size * 2)).unwrap_or(usize::MAX);
+    // SAFETY: the file is this process's own journal; nothing else is
+    // meant to change its size (the state directory is the daemon's). The
+    // mapping reaches past the file's end, but only bytes below `size`
+    // (kept at or below the file's length) are ever touched.
+    unsafe { MmapOptions::new().len(reserve).map_mut(file) }
+}
+
+/// Allocates the pages of `map[offset..offset + len]` now. Best effort: a
+/// kernel without `MADV_POPULATE_WRITE` (before 5.14) faults them in later.
+fn populate(map: &MmapMut, offset: usize, len: usize) {
+    let _ = map.advise_range(Advice::PopulateWrite, offset, len);
 }
 
 /// A device to serve, with where its changes are saved and what the saved

@@ -234,40 +234,45 @@ pub fn header(kind: Kind, fingerprint: u64) -> [u8; HEADER_LEN] {
 /// (at least [`MAX_RECORD_LEN`] bytes) and returns its length, a multiple
 /// of 8. A request longer than [`MAX_READABLE_LEN`] is cut to it.
 pub fn encode_record(index: u64, fingerprint: u64, record: &Record<'_>, out: &mut [u8]) -> usize {
-    let mut payload = [0u8; MAX_READABLE_LEN];
-    let (kind, aux, len): (u8, u32, usize) = match *record {
+    let mut small = [0u8; 9];
+    let (kind, aux, payload): (u8, u32, &[u8]) = match *record {
         Record::Base { negotiated, bypass } => {
-            payload[..8].copy_from_slice(&negotiated.to_le_bytes());
-            payload[8] = bypass;
-            (KIND_BASE, 0, 9)
+            small[..8].copy_from_slice(&negotiated.to_le_bytes());
+            small[8] = bypass;
+            (KIND_BASE, 0, &small[..9])
         }
         Record::Features(f) => {
-            payload[..8].copy_from_slice(&f.to_le_bytes());
-            (KIND_FEATURES, 0, 8)
+            small[..8].copy_from_slice(&f.to_le_bytes());
+            (KIND_FEATURES, 0, &small[..8])
         }
         Record::Config { offset, value } => {
-            payload[0] = value;
-            (KIND_CONFIG, u32::from(offset), 1)
+            small[0] = value;
+            (KIND_CONFIG, u32::from(offset), &small[..1])
         }
         Record::Request { position, bytes } => {
-            let n = bytes.len().min(MAX_READABLE_LEN);
-            payload[..n].copy_from_slice(&bytes[..n]);
             let aux = position.map_or(0, |p| 0x1_0000 | u32::from(p));
-            (KIND_REQUEST, aux, n)
+            (
+                KIND_REQUEST,
+                aux,
+                &bytes[..bytes.len().min(MAX_READABLE_LEN)],
+            )
         }
-        Record::Reset => (KIND_RESET, 0, 0),
-        Record::SystemReset => (KIND_SYSTEM_RESET, 0, 0),
+        Record::Reset => (KIND_RESET, 0, &small[..0]),
+        Record::SystemReset => (KIND_SYSTEM_RESET, 0, &small[..0]),
         Record::End { records } => {
-            payload[..8].copy_from_slice(&records.to_le_bytes());
-            (KIND_END, 0, 8)
+            small[..8].copy_from_slice(&records.to_le_bytes());
+            (KIND_END, 0, &small[..8])
         }
     };
+    let len = payload.len();
     let body = RECORD_HEAD_LEN + len.next_multiple_of(8);
-    out[..body + 8].fill(0);
-    out[0] = len as u8;
-    out[1] = kind;
-    out[4..8].copy_from_slice(&aux.to_le_bytes());
-    out[RECORD_HEAD_LEN..RECORD_HEAD_LEN + len].copy_from_slice(&payload[..len]);
+    let mut head = [0u8; RECORD_HEAD_LEN];
+    head[0] = len as u8;
+    head[1] = kind;
+    head[4..8].copy_from_slice(&aux.to_le_bytes());
+    out[..RECORD_HEAD_LEN].copy_from_slice(&head);
+    out[RECORD_HEAD_LEN..RECORD_HEAD_LEN + len].copy_from_slice(payload);
+    out[RECORD_HEAD_LEN + len..body].fill(0);
     let check = Check::new(fingerprint ^ index.rotate_left(17))
         .bytes(&out[..body])
         .finish();
