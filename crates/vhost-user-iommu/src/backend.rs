@@ -183,7 +183,7 @@ impl IommuBackend {
 
     /// Replaces the device with `device` (a migrated state): the shared
     /// table is rebuilt for it and the journal starts from it.
-    fn install(&self, device: Device) -> io::Result<()> {
+    fn install(&self, device: Device, faults: Vec<FaultRecord>) -> io::Result<()> {
         let mut guard = self.state()?;
         let st = &mut *guard;
         let (domains, mappings) = (device.domain_count(), device.mapping_count());
@@ -194,12 +194,18 @@ impl IommuBackend {
             st.journal = j.restart(&st.device);
         }
         drop(guard);
+        let pending = faults.len();
         if let Ok(mut f) = self.inner.faults.lock() {
             f.clear();
+            faults.into_iter().for_each(|r| f.push(r));
         }
+        // The worker delivers them as soon as the driver has buffers.
+        let _ = self.inner.fault_wake.write(1);
         info!(
             domains,
-            mappings, "device state loaded from the VMM (CHECK_DEVICE_STATE)"
+            mappings,
+            pending_faults = pending,
+            "device state loaded from the VMM (CHECK_DEVICE_STATE)"
         );
         Ok(())
     }
@@ -583,7 +589,9 @@ impl VhostUserBackend for IommuBackend {
     ) -> io::Result<Option<File>> {
         let transfer = match direction {
             VhostTransferStateDirection::SAVE => {
-                let snapshot = state::snapshot(&self.state()?.device, state::Kind::Snapshot);
+                let faults = self.inner.faults.lock().map_err(lock_error)?.records();
+                let snapshot =
+                    state::snapshot(&self.state()?.device, &faults, state::Kind::Snapshot);
                 info!(
                     bytes = snapshot.len(),
                     "device state saved for the VMM (SET_DEVICE_STATE_FD)"
@@ -622,10 +630,7 @@ impl VhostUserBackend for IommuBackend {
             Ok(Finished::Loaded(bytes)) => {
                 let config = self.state()?.device.config().clone();
                 match state::restore(config, &bytes) {
-                    Ok(restored) => {
-                        self.install(restored.device)?;
-                        Ok(())
-                    }
+                    Ok(restored) => self.install(restored.device, restored.faults),
                     Err(e) => {
                         warn!(error = %e, bytes = bytes.len(), "the device state from the VMM does not load; the device is unchanged");
                         Err(io::Error::other(e))

@@ -119,7 +119,9 @@ impl StateJournal {
     /// saved there.
     pub fn start(dir: &Path, device: &Device) -> Result<Self, StateStoreError> {
         fs::create_dir_all(dir).map_err(|e| StateStoreError::CreateDir(dir.to_path_buf(), e))?;
-        let snapshot = state::snapshot(device, Kind::Journal);
+        // Undelivered faults are not journaled: a report, not state the guest
+        // relies on (they travel with a migration's snapshot).
+        let snapshot = state::snapshot(device, &[], Kind::Journal);
         let path = dir.join(FILE_NAME);
         let fresh = dir.join(format!("{FILE_NAME}.new"));
         let mut f = OpenOptions::new()

@@ -328,7 +328,30 @@ fn a_state_saved_by_one_daemon_loads_in_another_and_a_tampered_one_is_refused() 
             Some(Status::Ok)
         );
     }
-    let saved = src.connection().save_device_state().unwrap();
+    // A fault a backend reported that the guest has no event buffer for
+    // yet: it travels with the state.
+    let reporter = BackendClient::connect(&a.backends, 1, 0).unwrap();
+    reporter
+        .report_fault(&iotlb_shm::Fault {
+            kind: iotlb_shm::FaultKind::Mapping,
+            endpoint: EP,
+            iova: 0x9000,
+            access: iotlb_shm::Access::READ,
+        })
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let saved = loop {
+        let saved = src.connection().save_device_state().unwrap();
+        let r = viommu_core::state::restore(viommu_core::DeviceConfig::default(), &saved).unwrap();
+        if !r.faults.is_empty() {
+            break saved;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fault never reached the daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     assert!(saved.starts_with(b"VIOMMUST"));
     assert!(a.log().contains("device state saved"), "{}", a.log());
 
@@ -353,6 +376,13 @@ fn a_state_saved_by_one_daemon_loads_in_another_and_a_tampered_one_is_refused() 
     assert!(dst.connection().load_device_state(cut).is_err());
 
     dst.connection().load_device_state(&saved).unwrap();
+    dst.post_event_buffers(2, 64).unwrap();
+    let events = dst.take_events(std::time::Duration::from_secs(5)).unwrap();
+    let record = events
+        .first()
+        .and_then(|e| e.record)
+        .unwrap_or_else(|| panic!("the fault is not delivered: {events:?}\n{}", b.log()));
+    assert_eq!((record.endpoint, record.address), (EP, Some(0x9000)));
     for i in 0..50 {
         assert_eq!(translate(&client, i), Some(gpa(i)), "page {i}");
     }

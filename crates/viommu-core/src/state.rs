@@ -24,8 +24,9 @@ use crate::change::{ChangeSink, NullSink};
 use crate::config::DeviceConfig;
 use crate::device::Device;
 use crate::reply::Reply;
+use virtio_iommu_proto::fault::FAULT_RECORD_LEN;
 use virtio_iommu_proto::request::{MAX_READABLE_LEN, TAIL_LEN, VIRTIO_IOMMU_ATTACH_F_BYPASS};
-use virtio_iommu_proto::{Attach, Features, Map, Request, Status};
+use virtio_iommu_proto::{Attach, FaultRecord, Features, Map, Request, Status};
 
 /// The first eight bytes of every state.
 pub const MAGIC: [u8; 8] = *b"VIOMMUST";
@@ -80,6 +81,9 @@ pub enum Record<'a> {
     Reset,
     /// A system reset.
     SystemReset,
+    /// A fault record the driver has not been given yet (the event queue
+    /// had no buffer for it), in its wire format.
+    Fault(&'a [u8]),
     /// The end of a snapshot: how many records came before it.
     End {
         /// Records before this one.
@@ -94,6 +98,7 @@ const KIND_REQUEST: u8 = 4;
 const KIND_RESET: u8 = 5;
 const KIND_SYSTEM_RESET: u8 = 6;
 const KIND_END: u8 = 7;
+const KIND_FAULT: u8 = 8;
 
 /// Why a state was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -257,6 +262,7 @@ pub fn encode_record(index: u64, fingerprint: u64, record: &Record<'_>, out: &mu
                 &bytes[..bytes.len().min(MAX_READABLE_LEN)],
             )
         }
+        Record::Fault(bytes) => (KIND_FAULT, 0, &bytes[..bytes.len().min(FAULT_RECORD_LEN)]),
         Record::Reset => (KIND_RESET, 0, &small[..0]),
         Record::SystemReset => (KIND_SYSTEM_RESET, 0, &small[..0]),
         Record::End { records } => {
@@ -342,6 +348,7 @@ fn decode_record<'a>(
             position: (aux & 0x1_0000 != 0).then_some(aux as u16),
             bytes: payload,
         },
+        KIND_FAULT if len == FAULT_RECORD_LEN => Record::Fault(payload),
         KIND_RESET if len == 0 => Record::Reset,
         KIND_SYSTEM_RESET if len == 0 => Record::SystemReset,
         KIND_END if len == 8 => Record::End {
@@ -420,8 +427,9 @@ impl Device {
 }
 
 /// Writes `device`'s whole state as a snapshot of `kind` (a journal's
-/// starting point is a snapshot without `End`).
-pub fn snapshot(device: &Device, kind: Kind) -> Vec<u8> {
+/// starting point is a snapshot without `End`), with the fault records the
+/// driver has not been given yet.
+pub fn snapshot(device: &Device, faults: &[FaultRecord], kind: Kind) -> Vec<u8> {
     let fp = fingerprint(device.config());
     let requests = snapshot_records(device);
     let mut out = Vec::with_capacity(HEADER_LEN + (requests.len() + 2) * 56);
@@ -449,8 +457,11 @@ pub fn snapshot(device: &Device, kind: Kind) -> Vec<u8> {
             &mut out,
         );
     }
+    for f in faults {
+        push(&Record::Fault(&f.to_bytes()), &mut out);
+    }
     if kind == Kind::Snapshot {
-        let records = requests.len() as u64 + 1;
+        let records = requests.len() as u64 + 1 + faults.len() as u64;
         push(&Record::End { records }, &mut out);
     }
     out
@@ -473,6 +484,8 @@ pub struct Restored {
     /// chains (with OK, the only status journaled) instead of applying
     /// them again if the driver still has them outstanding.
     pub applied: Vec<Applied>,
+    /// Fault records the driver had not been given yet, oldest first.
+    pub faults: Vec<FaultRecord>,
 }
 
 /// A request the journal says was applied, and where it was in the ring.
@@ -533,6 +546,7 @@ pub fn restore(cfg: DeviceConfig, bytes: &[u8]) -> Result<Restored, StateError> 
     let mut positions: std::collections::VecDeque<Applied> = Default::default();
     let mut ended = false;
     let mut torn_tail = false;
+    let mut faults = Vec::new();
     while offset < bytes.len() {
         let decoded = match decode_record(&bytes[offset..], index, offset, found) {
             Ok(Some(d)) => d,
@@ -590,13 +604,22 @@ pub fn restore(cfg: DeviceConfig, bytes: &[u8]) -> Result<Restored, StateError> 
                     });
                 }
             }
+            Record::Fault(bytes) => {
+                let mut wire = [0u8; FAULT_RECORD_LEN];
+                wire.copy_from_slice(bytes);
+                let fault = FaultRecord::from_bytes(&wire)
+                    .ok_or_else(|| inapplicable("not a fault record".into()))?;
+                faults.push(fault);
+            }
             Record::Reset => {
                 device.reset(&mut NullSink);
                 positions.clear();
+                faults.clear();
             }
             Record::SystemReset => {
                 device.system_reset(&mut NullSink);
                 positions.clear();
+                faults.clear();
             }
         }
         offset += decoded.len;
@@ -618,6 +641,7 @@ pub fn restore(cfg: DeviceConfig, bytes: &[u8]) -> Result<Restored, StateError> 
         valid_len: offset,
         torn_tail,
         applied: positions.into(),
+        faults,
     })
 }
 

@@ -107,7 +107,7 @@ fn observe(d: &Device) -> Vec<String> {
 #[test]
 fn a_snapshot_restores_the_same_observable_state() {
     let d = driven();
-    let bytes = snapshot(&d, Kind::Snapshot);
+    let bytes = snapshot(&d, &[], Kind::Snapshot);
     let r = restore(cfg(), &bytes).expect("a fresh snapshot loads");
     assert_eq!(observe(&r.device), observe(&d));
     assert!(!r.torn_tail);
@@ -115,13 +115,13 @@ fn a_snapshot_restores_the_same_observable_state() {
     assert!(r.applied.is_empty());
     // Saving the restored device gives the same bytes: nothing was lost
     // or reordered on the way.
-    assert_eq!(snapshot(&r.device, Kind::Snapshot), bytes);
+    assert_eq!(snapshot(&r.device, &[], Kind::Snapshot), bytes);
 }
 
 #[test]
 fn a_snapshot_of_a_fresh_device_restores_a_fresh_device() {
     let d = Device::new(cfg()).expect("valid config");
-    let r = restore(cfg(), &snapshot(&d, Kind::Snapshot)).expect("loads");
+    let r = restore(cfg(), &snapshot(&d, &[], Kind::Snapshot)).expect("loads");
     assert_eq!(observe(&r.device), observe(&d));
 }
 
@@ -135,7 +135,7 @@ struct Journal {
 
 impl Journal {
     fn start(d: &Device) -> Self {
-        let bytes = snapshot(d, Kind::Journal);
+        let bytes = snapshot(d, &[], Kind::Journal);
         let r = restore(d.config().clone(), &bytes).expect("the start loads");
         Journal {
             bytes,
@@ -261,7 +261,7 @@ fn a_corrupt_record_followed_by_more_is_refused() {
 #[test]
 fn a_truncated_snapshot_is_refused() {
     let d = driven();
-    let bytes = snapshot(&d, Kind::Snapshot);
+    let bytes = snapshot(&d, &[], Kind::Snapshot);
     // Cut at every record boundary and inside records: never loads.
     for cut in (0..bytes.len()).step_by(7) {
         let r = restore(cfg(), &bytes[..cut]);
@@ -285,7 +285,7 @@ fn a_truncated_snapshot_is_refused() {
 #[test]
 fn any_flipped_bit_of_a_snapshot_is_refused() {
     let d = driven();
-    let bytes = snapshot(&d, Kind::Snapshot);
+    let bytes = snapshot(&d, &[], Kind::Snapshot);
     for i in 0..bytes.len() {
         for bit in [0u8, 3, 7] {
             let mut t = bytes.clone();
@@ -301,7 +301,7 @@ fn any_flipped_bit_of_a_snapshot_is_refused() {
 #[test]
 fn reordered_records_are_refused() {
     let d = driven();
-    let bytes = snapshot(&d, Kind::Snapshot);
+    let bytes = snapshot(&d, &[], Kind::Snapshot);
     // Records of the same request kind have the same length: swap the
     // second and third ATTACH records.
     let len = {
@@ -343,7 +343,7 @@ fn reordered_records_are_refused() {
 #[test]
 fn a_state_of_a_differently_configured_device_is_refused() {
     let d = driven();
-    let bytes = snapshot(&d, Kind::Snapshot);
+    let bytes = snapshot(&d, &[], Kind::Snapshot);
     let mut other = cfg();
     other.limits.max_mappings -= 1;
     assert!(matches!(
@@ -360,7 +360,7 @@ fn a_state_of_a_differently_configured_device_is_refused() {
 
 #[test]
 fn other_versions_kinds_and_magics_are_refused() {
-    let bytes = snapshot(&driven(), Kind::Snapshot);
+    let bytes = snapshot(&driven(), &[], Kind::Snapshot);
     let mut t = bytes.clone();
     t[8] = 2;
     assert_eq!(
@@ -432,4 +432,36 @@ fn a_base_record_with_unoffered_features_or_a_bad_bypass_is_refused() {
             Err(StateError::Inapplicable { .. })
         ));
     }
+}
+
+#[test]
+fn undelivered_faults_travel_with_a_snapshot_and_go_with_a_reset() {
+    use virtio_iommu_proto::{FaultFlags, FaultReason};
+    let d = driven();
+    let faults = [
+        FaultRecord {
+            reason: FaultReason::Mapping,
+            access: FaultFlags::READ,
+            endpoint: 8,
+            address: Some(0x5000),
+        },
+        FaultRecord {
+            reason: FaultReason::Domain,
+            access: FaultFlags::WRITE,
+            endpoint: 9,
+            address: None,
+        },
+    ];
+    let bytes = snapshot(&d, &faults, Kind::Snapshot);
+    let r = restore(cfg(), &bytes).expect("loads");
+    assert_eq!(r.faults, faults);
+    assert_eq!(observe(&r.device), observe(&d));
+    let mut j = Journal {
+        bytes: snapshot(&d, &faults, Kind::Journal),
+        index: 0,
+        fp: fingerprint(&cfg()),
+    };
+    j.index = restore(cfg(), &j.bytes).expect("loads").records;
+    j.push(&Record::Reset);
+    assert!(restore(cfg(), &j.bytes).expect("loads").faults.is_empty());
 }
