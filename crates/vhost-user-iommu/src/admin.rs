@@ -139,7 +139,7 @@ impl DaemonView {
                 d.inspect(|dev| DeviceStatus {
                     features: dev.negotiated_features().0,
                     endpoints: dev.endpoint_count(),
-                    attached: dev.attached_count(),
+                    attached: dev.endpoints_attached(),
                     unattached: state_name(dev.unattached()),
                     domains: dev.domain_count(),
                     mappings: u64::from(dev.mapping_count()),

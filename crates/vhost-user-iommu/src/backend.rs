@@ -1,19 +1,26 @@
 //! The vhost-user backend: one virtio-iommu device for one VMM connection.
 
+use crate::device_state::{self, Finished, Transfer};
 use crate::eventq::{FaultQueue, FaultStats};
 use crate::kick_loop::KickLoop;
 use crate::publish::{NoTable, Publishing, TablePublisher};
 use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
+use crate::state_journal::{self, Resumed, StateJournal};
 use crate::telemetry::Telemetry;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use viommu_core::state::{self, Record};
 use viommu_core::{Device, DeviceConfig};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -59,6 +66,8 @@ struct DeviceState {
     publisher: Box<dyn TablePublisher>,
     /// Reset detection for VMMs that send no RESET_DEVICE.
     watch: ResetWatch,
+    /// Where every change is saved (`--state-dir`), if anywhere.
+    journal: Option<StateJournal>,
 }
 
 struct Inner {
@@ -79,6 +88,8 @@ struct Inner {
     event_errors: AtomicU64,
     /// The daemon's counters.
     telemetry: Arc<Telemetry>,
+    /// A device-state transfer under way (migration).
+    transfer: Mutex<Option<Transfer>>,
 }
 
 /// Failed queue events logged per connection; the rest are only counted,
@@ -113,50 +124,104 @@ impl IommuBackend {
         poll: Duration,
         publisher: Box<dyn TablePublisher>,
     ) -> Result<Self, viommu_core::ConfigError> {
-        Self::with_telemetry(config, queue_size, poll, publisher, Arc::default())
+        let device = Device::new(config)?;
+        Ok(Self::with_device(
+            Resumed::fresh(device),
+            queue_size,
+            poll,
+            publisher,
+            Arc::default(),
+        ))
     }
 
-    /// A fresh device publishing its translations through `publisher` and
-    /// counting its work into `telemetry` (the daemon's, which outlives
-    /// VMM connections).
-    pub fn with_telemetry(
-        config: DeviceConfig,
+    /// Serves `resumed.device` (a fresh one, or one rebuilt from a saved
+    /// state), publishing its translations through `publisher`, saving
+    /// its changes in `resumed.journal` and counting its work into
+    /// `telemetry` (the daemon's, which outlives VMM connections).
+    pub fn with_device(
+        resumed: Resumed,
         queue_size: u16,
         poll: Duration,
         mut publisher: Box<dyn TablePublisher>,
         telemetry: Arc<Telemetry>,
-    ) -> Result<Self, viommu_core::ConfigError> {
-        let device = Device::new(config)?;
+    ) -> Self {
+        let Resumed {
+            device,
+            journal,
+            applied,
+            restored,
+        } = resumed;
+        let mut watch = ResetWatch::default();
+        if restored {
+            // Stopped since the last daemon ended: a guest that reads the
+            // config space before the VMM starts the device again was
+            // reset meanwhile.
+            watch.request_queue_stopped_before_restart();
+        }
         publisher.start(&device);
-        // An eventfd only fails to be created when the process is out of
-        // descriptors; the daemon cannot run then anyway.
         let fault_wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot create the fault eventfd");
             std::process::exit(1)
         });
-        Ok(IommuBackend {
+        let mut ring = RequestRing::new(poll);
+        ring.resume_applied(applied);
+        ring.count_into(Arc::clone(&telemetry));
+        IommuBackend {
             inner: Arc::new(Inner {
                 state: Mutex::new(DeviceState {
                     device,
                     publisher,
-                    watch: ResetWatch::default(),
+                    watch,
+                    journal,
                 }),
                 kick_loop: Mutex::new(None),
                 epoll: Mutex::new(None),
                 mem: RwLock::new(None),
                 mem_generation: AtomicU64::new(0),
-                ring: Mutex::new({
-                    let mut ring = RequestRing::new(poll);
-                    ring.count_into(Arc::clone(&telemetry));
-                    ring
-                }),
+                ring: Mutex::new(ring),
                 telemetry,
                 queue_size,
                 faults: Mutex::new(FaultQueue::default()),
                 fault_wake,
                 event_errors: AtomicU64::new(0),
+                transfer: Mutex::new(None),
             }),
-        })
+        }
+    }
+
+    /// Replaces the device with `device` (a migrated state): the shared
+    /// table is rebuilt for it and the journal starts from it.
+    fn install(&self, device: Device, faults: Vec<FaultRecord>) -> io::Result<()> {
+        let mut guard = self.state()?;
+        let st = &mut *guard;
+        let (domains, mappings) = (device.domain_count(), device.mapping_count());
+        st.device = device;
+        st.watch.reset();
+        st.publisher.start(&st.device);
+        if let Some(j) = st.journal.take() {
+            st.journal = j.restart(&st.device);
+        }
+        drop(guard);
+        let pending = faults.len();
+        if let Ok(mut f) = self.inner.faults.lock() {
+            f.clear();
+            faults.into_iter().for_each(|r| f.push(r));
+        }
+        // The worker delivers them as soon as the driver has buffers.
+        let _ = self.inner.fault_wake.write(1);
+        info!(
+            domains,
+            mappings,
+            pending_faults = pending,
+            "device state loaded from the VMM (CHECK_DEVICE_STATE)"
+        );
+        Ok(())
+    }
+
+    /// Takes the state journal back when the connection ends (the next
+    /// device starts it anew).
+    pub fn take_journal(&self) -> Option<StateJournal> {
+        self.state().ok().and_then(|mut st| st.journal.take())
     }
 
     /// Moves the request queue's kick path onto an io_uring thread (pinned
@@ -429,7 +494,7 @@ impl IommuBackend {
         let mut guard = self.state()?;
         let st = &mut *guard;
         let taken = pass
-            .serve_available(&mut st.device, st.publisher.as_mut())
+            .serve_available(&mut st.device, st.publisher.as_mut(), &mut st.journal)
             .map_err(io::Error::other)?;
         let waiting = pass.complete_ready();
         pass.write_back(vstate.get_queue_mut());
@@ -513,7 +578,15 @@ impl VhostUserBackend for IommuBackend {
         st.watch.started();
         let device_bits = Features(features).intersect(st.device.offered_features());
         let mut sink = Publishing::new(st.publisher.as_mut());
-        match st.device.set_features(device_bits, &mut sink) {
+        let result = st.device.set_features(device_bits, &mut sink);
+        if result.is_ok() {
+            state_journal::record(
+                &mut st.journal,
+                &Record::Features(device_bits.0),
+                &st.device,
+            );
+        }
+        match result {
             Ok(()) => info!(
                 features = format_args!("{features:#x}"),
                 domains = st.device.domain_count(),
@@ -534,6 +607,72 @@ impl VhostUserBackend for IommuBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    /// Saves the device's state to `file`, or loads it from there (the
+    /// device is stopped: phase STOPPED is the only one defined).
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        let transfer = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let faults = self.inner.faults.lock().map_err(lock_error)?.records();
+                let snapshot =
+                    state::snapshot(&self.state()?.device, &faults, state::Kind::Snapshot);
+                info!(
+                    bytes = snapshot.len(),
+                    "device state saved for the VMM (SET_DEVICE_STATE_FD)"
+                );
+                device_state::save(snapshot, file)?
+            }
+            VhostTransferStateDirection::LOAD => {
+                info!("loading the device state from the VMM (SET_DEVICE_STATE_FD)");
+                device_state::load(file)?
+            }
+        };
+        let previous = self
+            .inner
+            .transfer
+            .lock()
+            .map_err(lock_error)?
+            .replace(transfer);
+        if previous.is_some() {
+            warn!("a device state transfer was still under way; its result is dropped");
+        }
+        Ok(None)
+    }
+
+    /// Waits for the transfer; a loaded state replaces the device's only
+    /// if all of it applies.
+    fn check_device_state(&self) -> io::Result<()> {
+        let transfer = self
+            .inner
+            .transfer
+            .lock()
+            .map_err(lock_error)?
+            .take()
+            .ok_or_else(|| io::Error::other("CHECK_DEVICE_STATE without a transfer"))?;
+        match transfer.finish() {
+            Ok(Finished::Saved) => Ok(()),
+            Ok(Finished::Loaded(bytes)) => {
+                let config = self.state()?.device.config().clone();
+                match state::restore(config, &bytes) {
+                    Ok(restored) => self.install(restored.device, restored.faults),
+                    Err(e) => {
+                        warn!(error = %e, bytes = bytes.len(), "the device state from the VMM does not load; the device is unchanged");
+                        Err(io::Error::other(e))
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "device state transfer failed");
+                Err(e)
+            }
+        }
     }
 
     fn reset_device(&self) {
@@ -576,6 +715,13 @@ impl VhostUserBackend for IommuBackend {
         let st = &mut *guard;
         let mut sink = Publishing::new(st.publisher.as_mut());
         let result = st.device.write_config(offset as usize, buf, &mut sink);
+        if let (Ok(()), [value]) = (&result, buf) {
+            let record = Record::Config {
+                offset: offset as u16,
+                value: *value,
+            };
+            state_journal::record(&mut st.journal, &record, &st.device);
+        }
         if st.publisher.needs_grace() {
             let wait = st.publisher.synchronize();
             drop(guard);
@@ -708,10 +854,17 @@ impl IommuBackend {
         st.watch.reset();
         let (domains, mappings) = (st.device.domain_count(), st.device.mapping_count());
         let mut sink = Publishing::new(st.publisher.as_mut());
-        match kind {
-            ResetKind::Device => st.device.reset(&mut sink),
-            ResetKind::System => st.device.system_reset(&mut sink),
-        }
+        let record = match kind {
+            ResetKind::Device => {
+                st.device.reset(&mut sink);
+                Record::Reset
+            }
+            ResetKind::System => {
+                st.device.system_reset(&mut sink);
+                Record::SystemReset
+            }
+        };
+        state_journal::record(&mut st.journal, &record, &st.device);
         let wait = st.publisher.synchronize();
         drop(guard);
         wait.wait();

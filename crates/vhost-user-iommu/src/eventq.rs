@@ -54,6 +54,11 @@ impl FaultQueue {
         n
     }
 
+    /// The records waiting, oldest first (saved with the device state).
+    pub fn records(&self) -> Vec<FaultRecord> {
+        self.pending.iter().copied().collect()
+    }
+
     /// Faults waiting.
     pub fn pending(&self) -> usize {
         self.pending.len()

@@ -19,6 +19,10 @@
 //!   the VMM sends no `RESET_DEVICE`.
 //! - [`serve`]: the listening loop, one fresh device per connection.
 //! - [`shm_table`]: the shared translation table as the model's publisher.
+//! - [`state_journal`]: the device's state saved in `--state-dir`, so a
+//!   restarted daemon keeps the guest's domains and mappings.
+//! - [`device_state`]: vhost-user's device-state transfer (migration),
+//!   in the same format.
 //! - [`backend_socket`]: where co-located backends get the table.
 //! - [`iotlb_msg`]: message mode (IOTLB misses and invalidations), the
 //!   baseline.
@@ -30,6 +34,7 @@ pub mod backend;
 pub mod backend_socket;
 pub mod chain;
 pub mod control;
+pub mod device_state;
 pub mod eventq;
 pub mod frame_ready;
 pub mod http;
@@ -44,6 +49,7 @@ pub mod reset_watch;
 pub mod serve;
 pub mod settings;
 pub mod shm_table;
+pub mod state_journal;
 pub mod telemetry;
 
 pub use vhost_user_process::{logging, signals};

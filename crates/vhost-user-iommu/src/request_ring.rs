@@ -11,7 +11,8 @@
 
 use crate::poll_window::PollWindow;
 use crate::publish::TablePublisher;
-use crate::requestq::{RequestServer, Served};
+use crate::requestq::{Origin, RequestServer, Served};
+use crate::state_journal::StateJournal;
 use viommu_backend::{Chain, RamAccess, RingAddrs, RingError, RingView, SplitQueue};
 use viommu_core::Device;
 use virtio_queue::{Queue, QueueT};
@@ -56,6 +57,13 @@ impl RequestRing {
     /// Where this ring's requests are counted.
     pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
         &self.server.telemetry
+    }
+
+    /// Requests a previous daemon applied and may not have completed (from
+    /// the saved state): completed without applying them again if the
+    /// driver still has them outstanding.
+    pub fn resume_applied(&mut self, applied: Vec<viommu_core::state::Applied>) {
+        self.server.applied = applied;
     }
 
     /// Takes guest RAM from the latest memory table, if it is newer than
@@ -155,8 +163,10 @@ impl Pass<'_> {
         &mut self,
         device: &mut Device,
         publisher: &mut dyn TablePublisher,
+        journal: &mut Option<StateJournal>,
     ) -> Result<usize, RingError> {
         self.completions.clear();
+        let first = self.view.next_avail();
         let mut taken = 0;
         let mut result = Ok(());
         // At most a queue's worth per pass: a driver that keeps publishing
@@ -194,11 +204,18 @@ impl Pass<'_> {
             &mut *self.completions,
         );
         publisher.batch(&mut |table| {
-            for chain in chains {
-                let served = server.serve(chain, ram, device, table);
+            for (i, chain) in chains.iter().enumerate() {
+                let origin = Origin {
+                    position: first.wrapping_add(i as u16),
+                    journal: &mut *journal,
+                };
+                let served = server.serve(chain, origin, ram, device, table);
                 completions.push((chain.head, served));
             }
         });
+        if !server.applied.is_empty() {
+            server.forget_applied_before(self.view.next_avail(), self.addrs.size);
+        }
         match result {
             Err(e) if taken == 0 => Err(e),
             _ => Ok(taken),

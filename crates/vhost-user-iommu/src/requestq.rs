@@ -3,14 +3,16 @@
 
 use crate::chain::ChainParts;
 use crate::publish::{Publish, Publishing};
+use crate::state_journal::{self, StateJournal};
 use crate::telemetry::Telemetry;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{Level, debug};
 use viommu_backend::{Chain, RamAccess};
+use viommu_core::state::{Applied, Record};
 use viommu_core::{Device, Reply};
-use virtio_iommu_proto::request::{MAX_READABLE_LEN, parse_request};
-use virtio_iommu_proto::{Request, Status};
+use virtio_iommu_proto::request::{MAX_READABLE_LEN, TAIL_LEN, encode_tail, parse_request};
+use virtio_iommu_proto::{Request, RequestType, Status};
 
 /// What became of one chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +32,17 @@ pub struct RequestServer {
     /// Where requests are counted (the daemon's, shared across VMM
     /// connections; this server is its one writer while it serves).
     pub telemetry: Arc<Telemetry>,
+    /// Requests the saved state says a previous daemon applied, by
+    /// avail-ring position (empty but after a restart).
+    pub applied: Vec<Applied>,
+}
+
+/// Where a chain came from and where its changes are saved.
+pub struct Origin<'a> {
+    /// The chain's avail-ring position.
+    pub position: u16,
+    /// The state journal, if the daemon keeps one.
+    pub journal: &'a mut Option<StateJournal>,
 }
 
 impl RequestServer {
@@ -39,6 +52,7 @@ impl RequestServer {
     pub fn serve(
         &mut self,
         chain: &Chain,
+        origin: Origin<'_>,
         mem: &RamAccess,
         device: &mut Device,
         publisher: &mut dyn Publish,
@@ -77,6 +91,11 @@ impl RequestServer {
             return unused;
         }
         let writable_len = usize::try_from(self.parts.writable_len()).unwrap_or(usize::MAX);
+        if !self.applied.is_empty() {
+            if let Some(served) = self.complete_applied(origin.position, &readable[..got], mem) {
+                return served;
+            }
+        }
         // Per-request logs cost a parse and a clock read, only at debug.
         let started = tracing::enabled!(Level::DEBUG).then(Instant::now);
         let reply = device.process(
@@ -85,7 +104,10 @@ impl RequestServer {
             &mut Publishing::new(&mut *publisher),
         );
         let needs_grace = publisher.needs_grace();
-        let Reply::Complete { status, .. } = reply else {
+        let Reply::Complete {
+            status, req_type, ..
+        } = reply
+        else {
             debug!(
                 readable = got,
                 writable_len, "request not parsed, returned with used length 0"
@@ -108,6 +130,15 @@ impl RequestServer {
                 &whole
             }
         };
+        let used_len = reply.used_len();
+        // The change is saved before the request can complete.
+        if status == Status::Ok && req_type != RequestType::Probe {
+            let record = Record::Request {
+                position: Some(origin.position),
+                bytes: &readable[..got],
+            };
+            state_journal::record(origin.journal, &record, device);
+        }
         if let Err(e) = self.parts.scatter(mem, bytes) {
             debug!(error = %e, "cannot write the reply, returned with used length 0");
             self.telemetry.requests.malformed.add(1);
@@ -124,9 +155,49 @@ impl RequestServer {
             log_request(&readable[..got], status, started);
         }
         Served {
-            used_len: reply.used_len(),
+            used_len,
             needs_grace,
         }
+    }
+}
+
+impl RequestServer {
+    /// Completes with OK, without applying it again, a request that a
+    /// previous daemon applied (the saved state says so) but had not
+    /// completed when it ended. None: not such a request.
+    fn complete_applied(
+        &mut self,
+        position: u16,
+        readable: &[u8],
+        mem: &RamAccess,
+    ) -> Option<Served> {
+        let i = self
+            .applied
+            .iter()
+            .position(|a| a.position == position && a.request.bytes() == readable)?;
+        self.applied.remove(i);
+        let used_len = match self.parts.scatter(mem, &encode_tail(Status::Ok)) {
+            Ok(()) => TAIL_LEN as u32,
+            Err(_) => 0,
+        };
+        let requests = &self.telemetry.requests;
+        requests.already_applied.add(1);
+        requests.answered(readable.first().copied().unwrap_or(0), Status::Ok);
+        debug!(
+            position,
+            "request applied by the previous daemon completed without applying it again"
+        );
+        Some(Served {
+            used_len,
+            needs_grace: false,
+        })
+    }
+
+    /// Forgets saved requests that can no longer come: those not within a
+    /// queue's worth ahead of `next_avail`.
+    pub fn forget_applied_before(&mut self, next_avail: u16, size: u16) {
+        self.applied
+            .retain(|a| a.position.wrapping_sub(next_avail) < size);
     }
 }
 

@@ -84,6 +84,12 @@ impl ResetWatch {
         }
     }
 
+    /// The device was rebuilt from the state a previous daemon saved: it
+    /// is stopped, as after `GET_VRING_BASE`, until the VMM starts it.
+    pub fn request_queue_stopped_before_restart(&mut self) {
+        self.phase = Phase::Stopped;
+    }
+
     /// `GET_CONFIG`: returns the reason to reset, if this read means one.
     pub fn config_read(&mut self) -> Option<ResetReason> {
         if self.phase == Phase::Stopped {

@@ -1,5 +1,7 @@
 //! The listening loop: one VMM connection at a time, each with a fresh
-//! device (a new connection is the "system reset" of AMB-16).
+//! device (a new connection is the "system reset" of AMB-16) — except the
+//! first one after a restart, which gets the device of the saved state
+//! (`--state-dir`).
 
 use crate::admin::DaemonView;
 use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
@@ -8,10 +10,12 @@ use crate::iotlb_msg::Subscribers;
 use crate::publish::{NoTable, TablePublisher};
 use crate::settings::{KickLoopKind, Listen, Settings};
 use crate::shm_table::{self, SharedWriter, ShmPublisher};
+use crate::state_journal::{self, Resumed, StateJournal, StateStoreError};
 use crate::telemetry::Telemetry;
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn};
 use vhost_user_backend::VhostUserDaemon;
+use viommu_core::Device;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -36,6 +40,9 @@ pub enum ServeError {
     /// The admin socket or metrics endpoint could not be started.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// The saved device state cannot be loaded, or no state can be kept.
+    #[error(transparent)]
+    State(#[from] StateStoreError),
 }
 
 /// The shared table and what serves it to backends.
@@ -45,6 +52,53 @@ struct Table {
     book: BackendBook,
     /// Served by the control plane once it starts.
     socket: Option<BackendSocket>,
+}
+
+/// The first connection's device: the one the state directory holds, if
+/// any, else a fresh one (with a journal started when a directory is set).
+fn first_device(settings: &Settings) -> Result<Resumed, ServeError> {
+    let Some(dir) = &settings.state_dir else {
+        return Ok(Resumed::fresh(Device::new(settings.device.clone())?));
+    };
+    match state_journal::load(dir, &settings.device)? {
+        Some(restored) => {
+            let journal = StateJournal::resume(dir, &restored, &settings.device)?;
+            info!(
+                state = %dir.join(state_journal::FILE_NAME).display(),
+                records = restored.records,
+                torn_last_record = restored.torn_tail,
+                domains = restored.device.domain_count(),
+                mappings = restored.device.mapping_count(),
+                features = format_args!("{:#x}", restored.device.negotiated_features().0),
+                recent_requests = restored.applied.len(),
+                "device state restored: the guest's domains and mappings carry on when its VMM reconnects"
+            );
+            Ok(Resumed {
+                device: restored.device,
+                journal: Some(journal),
+                applied: restored.applied,
+                restored: true,
+            })
+        }
+        None => next_device(settings),
+    }
+}
+
+/// A fresh device for a new VMM connection, its journal (re)started.
+fn next_device(settings: &Settings) -> Result<Resumed, ServeError> {
+    let device = Device::new(settings.device.clone())?;
+    let journal = match &settings.state_dir {
+        Some(dir) => {
+            let j = StateJournal::start(dir, &device)?;
+            debug!(state = %dir.join(state_journal::FILE_NAME).display(), "device state journal started");
+            Some(j)
+        }
+        None => None,
+    };
+    Ok(Resumed {
+        journal,
+        ..Resumed::fresh(device)
+    })
 }
 
 /// Describes where the daemon listens, for logs.
@@ -110,7 +164,12 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         },
         table.as_mut().and_then(|t| t.socket.take()),
     )?;
+    let mut resumed = Some(first_device(settings)?);
     loop {
+        let device = match resumed.take() {
+            Some(r) => r,
+            None => next_device(settings)?,
+        };
         let publisher: Box<dyn TablePublisher> = match &table {
             Some(t) => Box::new(
                 ShmPublisher::new(t.writer.clone(), Some(t.subscribers.clone()))
@@ -118,13 +177,13 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
             ),
             None => Box::new(NoTable),
         };
-        let backend = IommuBackend::with_telemetry(
-            settings.device.clone(),
+        let backend = IommuBackend::with_device(
+            device,
             settings.queue_size,
             settings.poll,
             publisher,
             Arc::clone(&telemetry),
-        )?;
+        );
         let mut daemon = VhostUserDaemon::new(
             "vhost-user-iommu".to_string(),
             backend.clone(),
@@ -155,7 +214,7 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         daemon
             .start(&mut listener)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        info!("VMM connected; serving a fresh device");
+        info!("VMM connected");
         // Backends' faults reach this guest only from now on: one reported
         // between two VMMs concerns the previous guest (or none), and is
         // dropped.

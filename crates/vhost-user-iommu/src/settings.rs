@@ -188,6 +188,18 @@ pub struct Cli {
     #[arg(long, value_name = "MS")]
     pub stall_kill_ms: Option<u64>,
 
+    /// Keep the device's state (features, endpoints, domains, mappings) in
+    /// DIR/device-state, written before each request completes, so that a
+    /// daemon restarted on the same directory (after an upgrade, a crash,
+    /// SIGKILL) carries on with the guest's mappings when the VMM
+    /// reconnects. A state that does not load (corrupt, truncated, another
+    /// format version, a differently configured device) is refused and the
+    /// daemon exits; move it away to start fresh. One directory per daemon,
+    /// ideally on tmpfs (e.g. /run/vhost-user-iommu/VM.state). Default: no
+    /// state is kept; a restarted daemon is a fresh device.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     // --- operations: admin socket and metrics (docs/operations.md) ---
     /// Serve the admin socket (`viommu-ctl`) on this Unix socket, mode 0600
     /// (the daemon's user only). Default: off.
@@ -257,6 +269,7 @@ pub struct FileSettings {
     table_max_mib: Option<u32>,
     stall_warn_ms: Option<u64>,
     stall_kill_ms: Option<u64>,
+    state_dir: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -291,6 +304,8 @@ pub struct Settings {
     pub kick_loop: KickLoopKind,
     /// CPU to pin the request-queue thread to.
     pub cpu: Option<usize>,
+    /// Where the device's state is kept across restarts.
+    pub state_dir: Option<PathBuf>,
     /// Where the admin socket listens, if anywhere.
     pub admin_socket: Option<PathBuf>,
     /// Where metrics are served, if anywhere.
@@ -672,6 +687,7 @@ impl Settings {
             metrics_addr: cli.metrics_addr.or(file.metrics_addr),
             kick_loop: cli.kick_loop.or(file.kick_loop).unwrap_or_default(),
             cpu: cli.cpu.or(file.cpu),
+            state_dir: cli.state_dir.clone().or(file.state_dir),
             table,
             device,
             listen,

@@ -118,9 +118,13 @@ pub struct RequestCounters {
     /// Chains refused for their shape (readable after writable, outside
     /// guest memory, a reply that cannot be written) — a guest mistake.
     pub malformed: Tally,
-    /// Time from a pass taking its chains to their completion, one
+    /// Requests a previous daemon applied but had not completed, completed
+    /// now without applying them again (also counted as answered OK).
+    pub already_applied: Tally,
+    /// Time from the request thread finding a pass's requests (woken for
+    /// them, or polling) to their completion, grace period included; one
     /// observation per request (every request of a pass gets the pass's
-    /// time, grace period included).
+    /// time).
     pub latency: Histogram,
 }
 

@@ -316,6 +316,49 @@ impl Device {
         }
     }
 
+    /// Endpoints attached to a domain now.
+    pub(crate) fn attached_count(&self) -> usize {
+        self.attached.len()
+    }
+
+    /// Calls `f(domain, bypasses, endpoints, mappings)` for every domain,
+    /// in domain order (for [`crate::state`]).
+    pub(crate) fn for_each_domain(&self, mut f: impl FnMut(u32, bool, Vec<u32>, Vec<Mapping>)) {
+        let mut members: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (&ep, &d) in &self.attached {
+            members.entry(d).or_default().push(ep);
+        }
+        for (&id, dom) in &self.domains {
+            let eps = members.remove(&id).unwrap_or_default();
+            f(
+                id,
+                dom.kind == DomainKind::Bypass,
+                eps,
+                dom.mappings.iter().collect(),
+            );
+        }
+    }
+
+    /// Sets the negotiated features and `bypass` of a device that has no
+    /// domain yet, as a saved state says (for [`crate::state`]).
+    pub(crate) fn restore_base(&mut self, negotiated: Features, bypass: u8) -> Result<(), String> {
+        if !self.domains.is_empty() || !self.attached.is_empty() {
+            return Err("the base record must come before any domain".into());
+        }
+        if !negotiated.is_subset_of(self.offered) {
+            return Err(format!(
+                "negotiated features {:#x} were not offered",
+                negotiated.0
+            ));
+        }
+        if bypass > 1 {
+            return Err(format!("bypass byte {bypass}; only 0 and 1 are valid"));
+        }
+        self.negotiated = negotiated;
+        self.bypass = bypass;
+        Ok(())
+    }
+
     /// What unattached endpoints do now (spec 5.13.6, bypass rules).
     fn unattached_state(&self) -> EndpointState {
         let by_config = self.offered.has(VIRTIO_IOMMU_F_BYPASS_CONFIG) && self.bypass == 1;

@@ -9,6 +9,9 @@
 //! translation table; each [`Change`] says whether the request that caused
 //! it may complete only after a grace period.
 //!
+//! [`state`] saves the device's state as checked bytes and rebuilds a
+//! device from them (daemon restarts, migration).
+//!
 //! Choices on the spec's ambiguities are listed in `docs/conformance.md`.
 
 pub mod change;
@@ -17,6 +20,7 @@ pub mod device;
 pub mod endpoints;
 pub mod mappings;
 pub mod reply;
+pub mod state;
 pub mod translate;
 
 pub use change::{Change, ChangeLog, ChangeSink, EndpointState, NullSink, Refused};

@@ -4,7 +4,9 @@
 
 use crate::memory::GuestRam;
 use std::path::Path;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserHeaderFlag,
+};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -23,7 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::MQ)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
-    .union(VhostUserProtocolFeatures::RESET_DEVICE);
+    .union(VhostUserProtocolFeatures::RESET_DEVICE)
+    .union(VhostUserProtocolFeatures::DEVICE_STATE);
 
 /// Which vhost-user step failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,9 @@ pub enum ConnectionError {
     /// Guest RAM could not be described.
     #[error("cannot describe guest RAM for SET_MEM_TABLE")]
     Memory(#[from] crate::memory::MemoryError),
+    /// The device-state pipe failed.
+    #[error("device state transfer: {0}")]
+    StatePipe(#[source] std::io::Error),
 }
 
 fn step(step: &'static str) -> impl FnOnce(vhost::Error) -> ConnectionError {
@@ -299,9 +305,23 @@ impl Connection {
         kick: &EventFd,
         call: &EventFd,
     ) -> Result<(), ConnectionError> {
+        self.setup_vring_at(index, ram, ring, 0, kick, call)
+    }
+
+    /// As [`Self::setup_vring`], with the device starting at avail index
+    /// `base` (a ring in use, handed to a new backend).
+    pub fn setup_vring_at(
+        &mut self,
+        index: usize,
+        ram: &GuestRam,
+        ring: &VringAddrs,
+        base: u16,
+        kick: &EventFd,
+        call: &EventFd,
+    ) -> Result<(), ConnectionError> {
         self.set_vring_num(index, ring.size)?;
         self.set_vring_addr(index, ram, ring)?;
-        self.set_vring_base(index, 0)?;
+        self.set_vring_base(index, base)?;
         self.set_vring_call(index, call)?;
         self.set_vring_kick(index, kick)
     }
@@ -375,6 +395,49 @@ impl Connection {
             .map_err(step("SET_VRING_ENABLE"))
     }
 
+    /// Migration, source side: SET_DEVICE_STATE_FD (save) with a pipe,
+    /// reads the state to its end, then CHECK_DEVICE_STATE.
+    pub fn save_device_state(&mut self) -> Result<Vec<u8>, ConnectionError> {
+        use std::io::Read;
+        self.require(VhostUserProtocolFeatures::DEVICE_STATE, "DEVICE_STATE")?;
+        let (mut read, write) = pipe().map_err(ConnectionError::StatePipe)?;
+        self.frontend
+            .set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                write.into(),
+            )
+            .map_err(step("SET_DEVICE_STATE_FD"))?;
+        let mut bytes = Vec::new();
+        read.read_to_end(&mut bytes)
+            .map_err(ConnectionError::StatePipe)?;
+        self.frontend
+            .check_device_state()
+            .map_err(step("CHECK_DEVICE_STATE"))?;
+        Ok(bytes)
+    }
+
+    /// Migration, destination side: SET_DEVICE_STATE_FD (load) with a
+    /// pipe, writes `state` into it and closes it, then
+    /// CHECK_DEVICE_STATE (which fails if the backend refused the state).
+    pub fn load_device_state(&mut self, state: &[u8]) -> Result<(), ConnectionError> {
+        use std::io::Write;
+        self.require(VhostUserProtocolFeatures::DEVICE_STATE, "DEVICE_STATE")?;
+        let (read, mut write) = pipe().map_err(ConnectionError::StatePipe)?;
+        self.frontend
+            .set_device_state_fd(
+                VhostTransferStateDirection::LOAD,
+                VhostTransferStatePhase::STOPPED,
+                read.into(),
+            )
+            .map_err(step("SET_DEVICE_STATE_FD"))?;
+        write.write_all(state).map_err(ConnectionError::StatePipe)?;
+        drop(write);
+        self.frontend
+            .check_device_state()
+            .map_err(step("CHECK_DEVICE_STATE"))
+    }
+
     /// RESET_DEVICE (needs the RESET_DEVICE protocol feature).
     pub fn reset_device(&mut self) -> Result<(), ConnectionError> {
         self.require(
@@ -385,6 +448,24 @@ impl Connection {
         self.acked = None;
         Ok(())
     }
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody
+    // else.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 #[cfg(test)]

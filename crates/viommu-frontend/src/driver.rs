@@ -361,6 +361,36 @@ impl Driver {
         Ok(())
     }
 
+    /// Connects again to `socket` after the backend went away, as QEMU
+    /// does with a `reconnect-ms` chardev: the guest keeps running, so the
+    /// device is started again with the same features, guest memory and
+    /// rings, each ring resuming at its used index (the requests the old
+    /// backend had taken but not completed are served again). The config
+    /// space is not read: a running guest has no reason to.
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), DriverError> {
+        self.conn = Connection::connect(socket)?;
+        self.conn.set_features(self.acked)?;
+        self.conn.set_mem_table(&self.ram)?;
+        let mem = self.ram.mem();
+        for (index, q) in [
+            (usize::from(REQUEST_QUEUE), &self.reqq),
+            (usize::from(EVENT_QUEUE), &self.evq),
+        ] {
+            let base = q.ring.used_idx(mem)?;
+            self.conn
+                .setup_vring_at(index, &self.ram, &q.ring.addrs(), base, &q.kick, &q.call)?;
+        }
+        self.conn.enable_vring(usize::from(REQUEST_QUEUE), true)?;
+        self.conn.enable_vring(usize::from(EVENT_QUEUE), true)?;
+        // Wake the new backend for what is already in the rings.
+        for q in [&self.reqq, &self.evq] {
+            q.kick
+                .write(1)
+                .map_err(|e| DriverError::EventFd("kick", e))?;
+        }
+        Ok(())
+    }
+
     /// RESET_DEVICE, then a fresh bring-up (new rings, features acked again).
     pub fn reset(&mut self) -> Result<(), DriverError> {
         self.conn.reset_device()?;

@@ -38,7 +38,7 @@ impl Device {
     }
 
     /// Number of endpoints attached to a domain.
-    pub fn attached_count(&self) -> usize {
+    pub fn endpoints_attached(&self) -> usize {
         self.attached.len()
     }
 
@@ -120,7 +120,7 @@ mod tests {
             [(3, 1), (5, 1)]
         );
         assert_eq!(d.attached_endpoints(4).collect::<Vec<_>>(), [(5, 1)]);
-        assert_eq!(d.attached_count(), 2);
+        assert_eq!(d.endpoints_attached(), 2);
         let page: Vec<_> = d
             .mappings_from(1, 0x1800)
             .unwrap()
