@@ -25,6 +25,7 @@ pub struct MetricsSnapshot {
     requests: Vec<Vec<u64>>,
     latency: HistogramSnapshot,
     grace: HistogramSnapshot,
+    already_applied: u64,
 }
 
 impl MetricsSnapshot {
@@ -39,6 +40,7 @@ impl MetricsSnapshot {
                 .collect(),
             latency: r.latency.snapshot(),
             grace: view.telemetry.grace.snapshot(),
+            already_applied: r.already_applied.get(),
         }
     }
 }
@@ -115,6 +117,12 @@ impl Collector for Scrape {
         ] {
             ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
         }
+        counter(
+            &mut e,
+            "requests_already_applied",
+            "Requests a previous daemon applied but had not completed, completed after the restart without being applied again (also in requests_total)",
+            self.0.already_applied,
+        )?;
         histogram(
             &mut e,
             "request_latency",
