@@ -32,6 +32,9 @@ pub enum ServeError {
     /// The shared table could not be created.
     #[error("cannot create the shared translation table: {0}")]
     Table(String),
+    /// The system-call filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The backend socket could not be created.
     #[error("cannot listen for backends on {0}")]
     BackendSocket(String, #[source] std::io::Error),
@@ -134,6 +137,8 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
     let route = FaultRoute::default();
     let table = start_table(settings, &route)?;
     let mut resumed = Some(first_device(settings)?);
+    // Every socket is bound: from here on only the calls serving needs.
+    crate::seccomp::install(settings.seccomp)?;
     loop {
         let device = match resumed.take() {
             Some(r) => r,

@@ -199,6 +199,11 @@ pub struct Cli {
     /// state is kept; a restarted daemon is a fresh device.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The system-call filter, installed on every thread once the sockets
+    /// are bound: a call the daemon never makes kills it with SIGSYS.
+    /// `off` only to debug (docs/operations.md). Default: on.
+    #[arg(long, value_name = "on|off")]
+    pub seccomp: Option<OnOff>,
 }
 
 /// A switch.
@@ -259,6 +264,7 @@ pub struct FileSettings {
     stall_warn_ms: Option<u64>,
     stall_kill_ms: Option<u64>,
     state_dir: Option<PathBuf>,
+    seccomp: Option<OnOff>,
 }
 
 /// `[[endpoint]]`: a range of endpoints with its own reserved regions.
@@ -293,6 +299,8 @@ pub struct Settings {
     pub cpu: Option<usize>,
     /// Where the device's state is kept across restarts.
     pub state_dir: Option<PathBuf>,
+    /// Whether the system-call filter is installed.
+    pub seccomp: bool,
 }
 
 /// Default size bound of the shared table, in MiB.
@@ -669,6 +677,7 @@ impl Settings {
             kick_loop: cli.kick_loop.or(file.kick_loop).unwrap_or_default(),
             cpu: cli.cpu.or(file.cpu),
             state_dir: cli.state_dir.clone().or(file.state_dir),
+            seccomp: cli.seccomp.or(file.seccomp) != Some(OnOff::Off),
             table,
             device,
             listen,
@@ -881,6 +890,15 @@ reserved_regions = ["reserved:0x0-0xfff"]
         assert_eq!(s.device.initial_bypass, bare.device.initial_bypass);
         assert_eq!(s.device.endpoints.len(), 2);
         assert_eq!(s.device.endpoints[1].resv.len(), 2);
+    }
+
+    #[test]
+    fn the_syscall_filter_is_on_unless_turned_off() {
+        let s = Settings::from_cli(&cli(&["--socket-path", "s"])).unwrap();
+        assert!(s.seccomp);
+        let s = Settings::from_cli(&cli(&["--socket-path", "s", "--seccomp", "off"])).unwrap();
+        assert!(!s.seccomp);
+        assert!(Cli::try_parse_from(["x", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Process plumbing shared by the project's vhost-user binaries (the
 //! IOMMU daemon and the backends): where to listen for the VMM, logging to
-//! standard error through `tracing`, a prompt and clean exit on
+//! standard error through `tracing`, systemd socket activation, a prompt and clean exit on
 //! SIGTERM/SIGINT, and error chains printed whole.
 
+pub mod activation;
 pub mod listen;
 pub mod logging;
 pub mod signals;
