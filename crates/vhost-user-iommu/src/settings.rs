@@ -768,7 +768,8 @@ mod tests {
         let args: Vec<&str> = exec.split_whitespace().collect();
         assert!(args[0].ends_with("/vhost-user-iommu"), "{args:?}");
         let cli = Cli::try_parse_from(&args).unwrap();
-        assert_eq!(cli.socket_mode.as_deref(), Some("0660"));
+        // The VMM socket comes from the socket unit (mode and group there).
+        assert_eq!(cli.fd, Some(3));
         assert!(cli.backend_socket.is_some(), "the unit publishes the table");
     }
 
