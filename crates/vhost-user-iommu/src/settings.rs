@@ -400,14 +400,9 @@ pub enum SettingsError {
     Table(String),
 }
 
-/// Parses `123` or `0x7b`.
+/// Parses `123` or `0x7b` ([`vhost_user_process::number`]).
 pub fn parse_u64(what: &'static str, s: &str) -> Result<u64, SettingsError> {
-    let t = s.trim().replace('_', "");
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    parsed.map_err(|_| SettingsError::Number {
+    vhost_user_process::number::parse_u64(s).map_err(|_| SettingsError::Number {
         what,
         value: s.to_string(),
     })
