@@ -82,6 +82,8 @@ fn unconditional() -> Vec<(&'static str, Vec<i64>)> {
                 libc::SYS_ftruncate,
                 libc::SYS_fallocate,
                 libc::SYS_membarrier,
+                // The state journal is a mapped file (--state-dir).
+                libc::SYS_msync,
             ],
         ),
         (

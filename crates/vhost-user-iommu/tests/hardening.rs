@@ -29,13 +29,18 @@ fn wait(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> 
     None
 }
 
-/// Each thread's `Seccomp:` mode from /proc (2: a filter).
+/// Each live thread's name and `Seccomp:` mode from /proc (2: a filter).
 fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
     let mut modes = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        // A thread may end between the listing and the read: skip it.
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("status")),
+        ) else {
+            continue;
+        };
         let mode = status
             .lines()
             .find_map(|l| l.strip_prefix("Seccomp:"))
@@ -47,12 +52,14 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
     modes
 }
 
-fn replay_map_unmap(socket: &Path) {
+/// Replays MAP/UNMAP pairs, all OK; returns the still connected driver.
+fn replay_map_unmap(socket: &Path) -> Driver {
     let requests = map_unmap_stream(4, 2_000, 32);
     let mut drv = Driver::connect(socket, DriverOptions::default()).unwrap();
     let report = replay_pipelined(&mut drv, &requests, 32, 4).unwrap();
     assert_eq!(report.requests, requests.len() as u64);
     assert_eq!(report.non_ok, 0, "{report}");
+    drv
 }
 
 #[test]
@@ -112,9 +119,16 @@ fn seccomp_off_lets_the_forbidden_call_through_and_the_daemon_serves() {
 /// with backends, the table and the kick loop goes through it.
 #[test]
 fn every_thread_runs_under_the_filter_through_a_replay() {
-    let d = Daemon::start("seccomp-on", &[]);
-    replay_map_unmap(&d.socket);
+    let dir = scratch_dir("seccomp-on");
+    let backends = dir.join("backends.sock");
+    let d = Daemon::spawn(
+        &dir.join("viommu.sock"),
+        &["--backend-socket", backends.to_str().unwrap()],
+    );
+    let drv = replay_map_unmap(&d.socket);
+    // While the VMM is connected: its threads are there too.
     let modes = seccomp_modes(d.child.id());
+    drop(drv);
     assert!(modes.len() >= 3, "{modes:?}");
     assert!(modes.iter().all(|(_, m)| m == "2"), "{modes:?}");
     assert!(
