@@ -170,6 +170,12 @@ fn unconditional() -> Vec<(&'static str, Vec<i64>)> {
             ],
         ),
         (
+            // What the control plane may read about the process for its
+            // status and metrics (CPU time, the kernel's name).
+            "process information",
+            vec![libc::SYS_getrusage, libc::SYS_uname],
+        ),
+        (
             // State files under --state-dir written as a temporary file,
             // synced, then renamed over the old one; socket files removed
             // at exit; /proc read for self-inspection.
@@ -186,6 +192,10 @@ fn unconditional() -> Vec<(&'static str, Vec<i64>)> {
                 libc::SYS_readlinkat,
                 libc::SYS_fchmod,
                 libc::SYS_fchmodat,
+                // A socket file given a group (--socket-group, the admin
+                // socket) when it is bound after the filter.
+                libc::SYS_fchown,
+                libc::SYS_fchownat,
                 libc::SYS_flock,
             ],
         ),
@@ -207,6 +217,9 @@ fn unconditional() -> Vec<(&'static str, Vec<i64>)> {
                 libc::SYS_mkdir,
                 libc::SYS_rmdir,
                 libc::SYS_chmod,
+                libc::SYS_chown,
+                libc::SYS_lchown,
+                libc::SYS_getrlimit,
                 libc::SYS_readlink,
                 libc::SYS_pipe,
                 libc::SYS_eventfd,
@@ -215,11 +228,20 @@ fn unconditional() -> Vec<(&'static str, Vec<i64>)> {
     ]
 }
 
+/// A condition on an `int`-sized argument (its low 32 bits).
 fn arg(index: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
+    condition(index, SeccompCmpArgLen::Dword, op, value)
+}
+
+/// A condition on a pointer or other 64-bit argument.
+fn arg64(index: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
+    condition(index, SeccompCmpArgLen::Qword, op, value)
+}
+
+fn condition(index: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> SeccompCondition {
     #[allow(clippy::expect_used)]
     // Only an argument index above 5 is refused; these are 0..=2.
-    SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
-        .expect("argument index below 6")
+    SeccompCondition::new(index, len, op, value).expect("argument index below 6")
 }
 
 fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
@@ -261,6 +283,8 @@ fn conditional(pid: u32) -> Vec<(i64, Vec<SeccompRule>)> {
                 rule(vec![arg(0, Eq, libc::PR_GET_NAME as u64)]),
             ],
         ),
+        // Resource limits read (the open-files metric), never set.
+        (libc::SYS_prlimit64, vec![rule(vec![arg64(2, Eq, 0)])]),
         // Signals only to the daemon's own threads (abort, a panic).
         (
             libc::SYS_tgkill,
@@ -373,6 +397,111 @@ mod tests {
         }
         let program = program(1).unwrap();
         assert!(!program.is_empty());
+    }
+
+    /// An argument standing for the address of a zeroed buffer.
+    const BUF: u64 = u64::MAX;
+
+    /// Makes the system call `nr` with `args` in a forked child under the
+    /// filter: `Ok(0)` if it succeeded, `Ok(1)` if it failed, `Err(signal)`
+    /// if the child was killed.
+    fn in_filtered_child(nr: i64, args: [u64; 4]) -> Result<i32, i32> {
+        let program = program(std::process::id()).unwrap();
+        let mut buf = [0u64; 16];
+        let args = args.map(|a| if a == BUF { buf.as_mut_ptr() as u64 } else { a });
+        // SAFETY: the child makes only system calls (no allocation, no
+        // lock) and leaves with _exit; each call gets plain values or the
+        // address of `buf`, large enough for what it writes.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                let code = match seccompiler::apply_filter(&program) {
+                    Ok(()) => i32::from(libc::syscall(nr, args[0], args[1], args[2], args[3]) < 0),
+                    Err(_) => 100,
+                };
+                libc::_exit(code);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            if libc::WIFSIGNALED(status) {
+                Err(libc::WTERMSIG(status))
+            } else {
+                Ok(libc::WEXITSTATUS(status))
+            }
+        }
+    }
+
+    #[test]
+    fn arguments_the_daemon_never_passes_kill_and_those_it_passes_do_not() {
+        let n = |v: i32| v as u64;
+        let rw = n(libc::PROT_READ | libc::PROT_WRITE);
+        let rx = n(libc::PROT_READ | libc::PROT_EXEC);
+        let anon = n(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS);
+        let allowed: [(&str, i64, [u64; 4]); 5] = [
+            (
+                "unix socket",
+                libc::SYS_socket,
+                [n(libc::AF_UNIX), n(libc::SOCK_STREAM), 0, 0],
+            ),
+            (
+                "sock_diag",
+                libc::SYS_socket,
+                [
+                    n(libc::AF_NETLINK),
+                    n(libc::SOCK_DGRAM),
+                    n(libc::NETLINK_SOCK_DIAG),
+                    0,
+                ],
+            ),
+            ("rw memory", libc::SYS_mmap, [0, 4096, rw, anon]),
+            (
+                "read a limit",
+                libc::SYS_prlimit64,
+                [0, n(libc::RLIMIT_NOFILE as i32), 0, BUF],
+            ),
+            (
+                "thread name",
+                libc::SYS_prctl,
+                [n(libc::PR_SET_NAME), BUF, 0, 0],
+            ),
+        ];
+        for (what, nr, args) in allowed {
+            assert_eq!(in_filtered_child(nr, args), Ok(0), "{what}");
+        }
+        let forbidden: [(&str, i64, [u64; 4]); 8] = [
+            (
+                "packet socket",
+                libc::SYS_socket,
+                [n(libc::AF_PACKET), n(libc::SOCK_RAW), 0, 0],
+            ),
+            (
+                "route netlink",
+                libc::SYS_socket,
+                [n(libc::AF_NETLINK), n(libc::SOCK_DGRAM), 0, 0],
+            ),
+            ("executable memory", libc::SYS_mmap, [0, 4096, rx, anon]),
+            (
+                "set a limit",
+                libc::SYS_prlimit64,
+                [0, n(libc::RLIMIT_CORE as i32), BUF, 0],
+            ),
+            (
+                "prctl",
+                libc::SYS_prctl,
+                [n(libc::PR_SET_DUMPABLE), 1, 0, 0],
+            ),
+            ("another process's thread", libc::SYS_tgkill, [1, 1, 0, 0]),
+            (
+                "terminal injection",
+                libc::SYS_ioctl,
+                [0, u64::from(libc::TIOCSTI as u32), BUF, 0],
+            ),
+            ("kill", libc::SYS_kill, [1, 0, 0, 0]),
+        ];
+        for (what, nr, args) in forbidden {
+            assert_eq!(in_filtered_child(nr, args), Err(libc::SIGSYS), "{what}");
+        }
     }
 
     #[test]
