@@ -405,7 +405,7 @@ mod tests {
     /// Makes the system call `nr` with `args` in a forked child under the
     /// filter: `Ok(0)` if it succeeded, `Ok(1)` if it failed, `Err(signal)`
     /// if the child was killed.
-    fn in_filtered_child(nr: i64, args: [u64; 4]) -> Result<i32, i32> {
+    fn in_filtered_child(nr: i64, args: [u64; 6]) -> Result<i32, i32> {
         let program = program(std::process::id()).unwrap();
         let mut buf = [0u64; 16];
         let args = args.map(|a| if a == BUF { buf.as_mut_ptr() as u64 } else { a });
@@ -417,7 +417,9 @@ mod tests {
             assert!(pid >= 0);
             if pid == 0 {
                 let code = match seccompiler::apply_filter(&program) {
-                    Ok(()) => i32::from(libc::syscall(nr, args[0], args[1], args[2], args[3]) < 0),
+                    Ok(()) => i32::from(
+                        libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]) < 0,
+                    ),
                     Err(_) => 100,
                 };
                 libc::_exit(code);
@@ -437,12 +439,13 @@ mod tests {
         let n = |v: i32| v as u64;
         let rw = n(libc::PROT_READ | libc::PROT_WRITE);
         let rx = n(libc::PROT_READ | libc::PROT_EXEC);
+        // Anonymous mappings: Linux ignores the descriptor (0 below).
         let anon = n(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS);
-        let allowed: [(&str, i64, [u64; 4]); 5] = [
+        let allowed: [(&str, i64, [u64; 6]); 5] = [
             (
                 "unix socket",
                 libc::SYS_socket,
-                [n(libc::AF_UNIX), n(libc::SOCK_STREAM), 0, 0],
+                [n(libc::AF_UNIX), n(libc::SOCK_STREAM), 0, 0, 0, 0],
             ),
             (
                 "sock_diag",
@@ -452,52 +455,62 @@ mod tests {
                     n(libc::SOCK_DGRAM),
                     n(libc::NETLINK_SOCK_DIAG),
                     0,
+                    0,
+                    0,
                 ],
             ),
-            ("rw memory", libc::SYS_mmap, [0, 4096, rw, anon]),
+            ("rw memory", libc::SYS_mmap, [0, 4096, rw, anon, 0, 0]),
             (
                 "read a limit",
                 libc::SYS_prlimit64,
-                [0, n(libc::RLIMIT_NOFILE as i32), 0, BUF],
+                [0, n(libc::RLIMIT_NOFILE as i32), 0, BUF, 0, 0],
             ),
             (
                 "thread name",
                 libc::SYS_prctl,
-                [n(libc::PR_SET_NAME), BUF, 0, 0],
+                [n(libc::PR_SET_NAME), BUF, 0, 0, 0, 0],
             ),
         ];
         for (what, nr, args) in allowed {
             assert_eq!(in_filtered_child(nr, args), Ok(0), "{what}");
         }
-        let forbidden: [(&str, i64, [u64; 4]); 8] = [
+        let forbidden: [(&str, i64, [u64; 6]); 8] = [
             (
                 "packet socket",
                 libc::SYS_socket,
-                [n(libc::AF_PACKET), n(libc::SOCK_RAW), 0, 0],
+                [n(libc::AF_PACKET), n(libc::SOCK_RAW), 0, 0, 0, 0],
             ),
             (
                 "route netlink",
                 libc::SYS_socket,
-                [n(libc::AF_NETLINK), n(libc::SOCK_DGRAM), 0, 0],
+                [n(libc::AF_NETLINK), n(libc::SOCK_DGRAM), 0, 0, 0, 0],
             ),
-            ("executable memory", libc::SYS_mmap, [0, 4096, rx, anon]),
+            (
+                "executable memory",
+                libc::SYS_mmap,
+                [0, 4096, rx, anon, 0, 0],
+            ),
             (
                 "set a limit",
                 libc::SYS_prlimit64,
-                [0, n(libc::RLIMIT_CORE as i32), BUF, 0],
+                [0, n(libc::RLIMIT_CORE as i32), BUF, 0, 0, 0],
             ),
             (
                 "prctl",
                 libc::SYS_prctl,
-                [n(libc::PR_SET_DUMPABLE), 1, 0, 0],
+                [n(libc::PR_SET_DUMPABLE), 1, 0, 0, 0, 0],
             ),
-            ("another process's thread", libc::SYS_tgkill, [1, 1, 0, 0]),
+            (
+                "another process's thread",
+                libc::SYS_tgkill,
+                [1, 1, 0, 0, 0, 0],
+            ),
             (
                 "terminal injection",
                 libc::SYS_ioctl,
-                [0, u64::from(libc::TIOCSTI as u32), BUF, 0],
+                [0, u64::from(libc::TIOCSTI as u32), BUF, 0, 0, 0],
             ),
-            ("kill", libc::SYS_kill, [1, 0, 0, 0]),
+            ("kill", libc::SYS_kill, [1, 0, 0, 0, 0, 0]),
         ];
         for (what, nr, args) in forbidden {
             assert_eq!(in_filtered_child(nr, args), Err(libc::SIGSYS), "{what}");
