@@ -37,7 +37,9 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
 
-    /// Listen on an inherited, already listening Unix socket file descriptor.
+    /// Listen on an inherited, already listening Unix socket file descriptor
+    /// (a systemd socket unit's is 3). With neither this nor --socket-path,
+    /// a socket systemd passed (LISTEN_FDS, LISTEN_PID) is served.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
 
