@@ -79,7 +79,7 @@ pub struct Cli {
     pub iommu: IommuMode,
     /// The device's endpoint ID behind the IOMMU (its PCI requester ID in
     /// the guest, e.g. 0x8 for 00:01.0). Required with an IOMMU mode.
-    #[arg(long, value_name = "ID", value_parser = parse_u32)]
+    #[arg(long, value_name = "ID", value_parser = vhost_user_process::number::parse_u32)]
     pub endpoint: Option<u32>,
     /// Keep polling the rings (new requests, I/O completions) this many µs
     /// after the queue last did something, before sleeping; the loop
@@ -98,14 +98,6 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-}
-
-fn parse_u32(s: &str) -> Result<u32, String> {
-    let r = match s.strip_prefix("0x") {
-        Some(h) => u32::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// A setting that cannot be used.

@@ -18,6 +18,7 @@
 //! - [`reset_watch`]: telling a guest's device reset from a pause when
 //!   the VMM sends no `RESET_DEVICE`.
 //! - [`serve`]: the listening loop, one fresh device per connection.
+//! - [`seccomp`]: the system-call filter every thread runs under.
 //! - [`shm_table`]: the shared translation table as the model's publisher.
 //! - [`state_journal`]: the device's state saved in `--state-dir`, so a
 //!   restarted daemon keeps the guest's domains and mappings.
@@ -46,6 +47,7 @@ pub mod publish;
 pub mod request_ring;
 pub mod requestq;
 pub mod reset_watch;
+pub mod seccomp;
 pub mod serve;
 pub mod settings;
 pub mod shm_table;

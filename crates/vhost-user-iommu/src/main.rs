@@ -13,7 +13,14 @@ fn capabilities() -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // SAFETY: the process has one thread until logging and signals start.
+    let activation = unsafe { vhost_user_process::activation::Activation::take_from_env() };
+    // A socket unit's socket serves when the command line names none (and
+    // wins over a socket_path in the settings file).
+    if cli.fd.is_none() && cli.socket_path.is_none() {
+        cli.fd = activation.vmm_socket();
+    }
     if cli.print_capabilities {
         println!("{}", capabilities());
         return ExitCode::SUCCESS;

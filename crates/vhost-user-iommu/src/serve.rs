@@ -34,6 +34,9 @@ pub enum ServeError {
     /// The shared table could not be created.
     #[error("cannot create the shared translation table: {0}")]
     Table(String),
+    /// The system-call filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The backend socket could not be created.
     #[error("cannot listen for backends on {0}")]
     BackendSocket(String, #[source] std::io::Error),
@@ -165,6 +168,8 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         table.as_mut().and_then(|t| t.socket.take()),
     )?;
     let mut resumed = Some(first_device(settings)?);
+    // Every socket is bound: from here on only the calls serving needs.
+    crate::seccomp::install(settings.seccomp)?;
     loop {
         let device = match resumed.take() {
             Some(r) => r,

@@ -37,7 +37,9 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
 
-    /// Listen on an inherited, already listening Unix socket file descriptor.
+    /// Listen on an inherited, already listening Unix socket file descriptor
+    /// (a systemd socket unit's is 3). With neither this nor --socket-path,
+    /// a socket systemd passed (LISTEN_FDS, LISTEN_PID) is served.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
 
@@ -210,6 +212,12 @@ pub struct Cli {
     /// http://ADDR/metrics (e.g. 127.0.0.1:9464). Default: off.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// The system-call filter, installed on every thread once the sockets
+    /// are bound: a call the daemon never makes kills it with SIGSYS.
+    /// `off` only to debug (docs/operations.md). Default: on.
+    #[arg(long, value_name = "on|off")]
+    pub seccomp: Option<OnOff>,
 }
 
 /// A switch.
@@ -272,6 +280,7 @@ pub struct FileSettings {
     state_dir: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
     metrics_addr: Option<std::net::SocketAddr>,
+    seccomp: Option<OnOff>,
 }
 
 /// `[[endpoint]]`: a range of endpoints with its own reserved regions.
@@ -310,6 +319,9 @@ pub struct Settings {
     pub admin_socket: Option<PathBuf>,
     /// Where metrics are served, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Whether the system-call filter is installed.
+    pub seccomp: bool,
 }
 
 /// Default size bound of the shared table, in MiB.
@@ -409,14 +421,9 @@ pub enum SettingsError {
     Table(String),
 }
 
-/// Parses `123` or `0x7b`.
+/// Parses `123` or `0x7b` ([`vhost_user_process::number`]).
 pub fn parse_u64(what: &'static str, s: &str) -> Result<u64, SettingsError> {
-    let t = s.trim().replace('_', "");
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    parsed.map_err(|_| SettingsError::Number {
+    vhost_user_process::number::parse_u64(s).map_err(|_| SettingsError::Number {
         what,
         value: s.to_string(),
     })
@@ -688,6 +695,7 @@ impl Settings {
             kick_loop: cli.kick_loop.or(file.kick_loop).unwrap_or_default(),
             cpu: cli.cpu.or(file.cpu),
             state_dir: cli.state_dir.clone().or(file.state_dir),
+            seccomp: cli.seccomp.or(file.seccomp) != Some(OnOff::Off),
             table,
             device,
             listen,
@@ -778,7 +786,8 @@ mod tests {
         let args: Vec<&str> = exec.split_whitespace().collect();
         assert!(args[0].ends_with("/vhost-user-iommu"), "{args:?}");
         let cli = Cli::try_parse_from(&args).unwrap();
-        assert_eq!(cli.socket_mode.as_deref(), Some("0660"));
+        // The VMM socket comes from the socket unit (mode and group there).
+        assert_eq!(cli.fd, Some(3));
         assert!(cli.backend_socket.is_some(), "the unit publishes the table");
     }
 
@@ -900,6 +909,15 @@ reserved_regions = ["reserved:0x0-0xfff"]
         assert_eq!(s.device.initial_bypass, bare.device.initial_bypass);
         assert_eq!(s.device.endpoints.len(), 2);
         assert_eq!(s.device.endpoints[1].resv.len(), 2);
+    }
+
+    #[test]
+    fn the_syscall_filter_is_on_unless_turned_off() {
+        let s = Settings::from_cli(&cli(&["--socket-path", "s"])).unwrap();
+        assert!(s.seccomp);
+        let s = Settings::from_cli(&cli(&["--socket-path", "s", "--seccomp", "off"])).unwrap();
+        assert!(!s.seccomp);
+        assert!(Cli::try_parse_from(["x", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]

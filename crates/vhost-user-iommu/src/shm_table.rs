@@ -57,17 +57,7 @@ pub fn create(device: &DeviceConfig, t: &TableSettings) -> Result<TableWriter, S
             .max_domains
             .min((geometry.max_nodes() / 2) as u32),
     };
-    TableWriter::new(&config).map_err(|e| format!("{e}: {}", e_chain(&e)))
-}
-
-fn e_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut s = e.source();
-    while let Some(c) = s {
-        out.push(c.to_string());
-        s = c.source();
-    }
-    out.join(": ")
+    TableWriter::new(&config).map_err(|e| vhost_user_process::report_line(&e))
 }
 
 /// Mirrors the device model into the shared table, and tells message-mode

@@ -1,10 +1,13 @@
 //! Process plumbing shared by the project's vhost-user binaries (the
 //! IOMMU daemon and the backends): where to listen for the VMM, logging to
-//! standard error through `tracing`, a prompt and clean exit on
-//! SIGTERM/SIGINT, and error chains printed whole.
+//! standard error through `tracing`, systemd socket activation, a prompt and clean exit on
+//! SIGTERM/SIGINT, and the workspace's one number parser ([`number`]) and
+//! one error-chain printer ([`report`], [`report_line`]).
 
+pub mod activation;
 pub mod listen;
 pub mod logging;
+pub mod number;
 pub mod signals;
 pub mod socket_file;
 

@@ -1,5 +1,6 @@
 //! Where a vhost-user backend listens for its VMM: a socket path it creates
-//! (`--socket-path`), or an inherited listening socket (`--fd`).
+//! (`--socket-path`), or an inherited listening socket (`--fd`, which is
+//! also how a systemd socket unit's socket arrives: [`crate::activation`]).
 
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
@@ -43,20 +44,7 @@ impl Listen {
                 Ok(unsafe { Listener::from_raw_fd(listener.into_raw_fd()) })
             }
             Listen::Fd(fd) => {
-                let mut accepting: libc::c_int = 0;
-                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                // SAFETY: getsockopt writes at most `len` bytes into
-                // `accepting`, a live c_int; an invalid fd only makes it fail.
-                let rc = unsafe {
-                    libc::getsockopt(
-                        *fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_ACCEPTCONN,
-                        (&mut accepting as *mut libc::c_int).cast(),
-                        &mut len,
-                    )
-                };
-                if rc != 0 || accepting == 0 {
+                if !crate::activation::is_listening(*fd) {
                     return Err(ListenError::NotListening(*fd));
                 }
                 // SAFETY: the descriptor was handed to this process for this

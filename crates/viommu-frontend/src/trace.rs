@@ -77,14 +77,7 @@ pub enum LineError {
 }
 
 fn parse_u64(field: &'static str, value: &str) -> Result<u64, LineError> {
-    let parsed = match value
-        .strip_prefix("0x")
-        .or_else(|| value.strip_prefix("0X"))
-    {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => value.parse::<u64>(),
-    };
-    parsed.map_err(|_| LineError::BadNumber {
+    vhost_user_process::number::parse_u64(value).map_err(|_| LineError::BadNumber {
         field,
         value: value.to_string(),
     })

@@ -5,6 +5,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use vhost_user_process::number::{parse_u32, parse_u64};
+use vhost_user_process::report;
 use viommu_frontend::driver::{DEFAULT_QUEUE_SIZE, Driver, DriverOptions, Outcome};
 use viommu_frontend::{Layout, device_cpu, replay, trace};
 use virtio_iommu_proto::probe::{Property, parse_properties};
@@ -227,19 +229,6 @@ struct RangeArgs {
     attach: Option<u32>,
 }
 
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(&h.replace('_', ""), 16),
-        None => s.replace('_', "").parse(),
-    };
-    r.map_err(|e| format!("`{s}`: {e}"))
-}
-
-fn parse_u32(s: &str) -> Result<u32, String> {
-    let v = parse_u64(s)?;
-    u32::try_from(v).map_err(|_| format!("`{s}` does not fit 32 bits"))
-}
-
 fn parse_size(s: &str) -> Result<u64, String> {
     let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => (&s[..s.len() - 1], 10),
@@ -247,7 +236,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('G') => (&s[..s.len() - 1], 30),
         _ => (s, 0),
     };
-    let v = parse_u64(num)?;
+    let v = parse_u64(num).map_err(|e| e.to_string())?;
     v.checked_mul(1u64 << shift)
         .filter(|&b| b > 0)
         .ok_or_else(|| format!("`{s}` is zero or too large"))
@@ -458,13 +447,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            let mut text = e.to_string();
-            let mut cause = e.source();
-            while let Some(c) = cause {
-                text.push_str(&format!("\n  caused by: {c}"));
-                cause = c.source();
-            }
-            eprintln!("viommu-frontend: {text}");
+            eprintln!("viommu-frontend: {}", report(e.as_ref()));
             ExitCode::from(2)
         }
     }
