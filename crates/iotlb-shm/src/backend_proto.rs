@@ -245,6 +245,14 @@ fn reason_bytes(reason: &str) -> &[u8] {
     &reason.as_bytes()[..cut]
 }
 
+/// A reason's text as read: invalid UTF-8 is replaced (it is for people,
+/// not programs), and the result is cut to [`MAX_REASON`] bytes as the
+/// encoder cuts it, since each replacement character takes three bytes.
+fn decode_reason(text: &[u8]) -> String {
+    let lossy = String::from_utf8_lossy(text);
+    String::from_utf8_lossy(reason_bytes(&lossy)).into_owned()
+}
+
 fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
@@ -449,7 +457,7 @@ impl Message {
                 let text = body.get(8..8 + n).ok_or(DecodeError::Bad(kind))?;
                 Ok(Message::Refused {
                     code: u32_at(body, 0),
-                    reason: String::from_utf8_lossy(text).into_owned(),
+                    reason: decode_reason(text),
                 })
             }
             FAULT => {
@@ -523,7 +531,7 @@ impl Message {
                 Ok(Message::Error {
                     cookie: u64_at(body, 0),
                     code: u32_at(body, 8),
-                    reason: String::from_utf8_lossy(text).into_owned(),
+                    reason: decode_reason(text),
                 })
             }
             other => Err(DecodeError::Bad(other)),
@@ -809,6 +817,26 @@ mod tests {
                 Err(DecodeError::Truncated(b.len() - 1))
             );
         }
+    }
+
+    /// Found by the fuzz target `backend_protocol`: 240 bytes of invalid
+    /// UTF-8 decoded to 720 bytes of replacement characters, which the
+    /// encoder cut, so the message did not survive a round trip.
+    #[test]
+    fn an_invalid_utf8_reason_decodes_within_the_length_bound() {
+        let mut frame = Message::Error {
+            cookie: 5,
+            code: 71,
+            reason: "x".repeat(MAX_REASON),
+        }
+        .encode();
+        frame[HEADER_LEN + 16..].fill(0xff);
+        let msg = Message::decode(&frame).unwrap();
+        let Message::Error { reason, .. } = &msg else {
+            panic!("{msg:?}");
+        };
+        assert!(reason.len() <= MAX_REASON && reason.starts_with('\u{fffd}'));
+        assert_eq!(Message::decode(&msg.encode()), Ok(msg.clone()));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 pub use vhost_user_process::listen::Listen;
 pub use vhost_user_process::logging::{LogFormat, LogSettings};
@@ -519,22 +519,27 @@ pub fn parse_regions(list: &[String]) -> Result<Vec<ResvMem>, SettingsError> {
 impl Settings {
     /// Merges the command line over the file (if any) over the defaults.
     pub fn from_cli(cli: &Cli) -> Result<Settings, SettingsError> {
-        let file = match &cli.config {
+        match &cli.config {
             Some(path) => {
                 let text =
                     std::fs::read_to_string(path).map_err(|source| SettingsError::ReadFile {
                         path: path.clone(),
                         source,
                     })?;
-                toml::from_str::<FileSettings>(&text).map_err(|source| {
-                    SettingsError::ParseFile {
-                        path: path.clone(),
-                        source: Box::new(source),
-                    }
-                })?
+                Self::from_toml(cli, path, &text)
             }
-            None => FileSettings::default(),
-        };
+            None => Self::merge(cli, FileSettings::default()),
+        }
+    }
+
+    /// Merges the command line over `text`, the TOML file read from `path`
+    /// (named in errors), over the defaults.
+    pub fn from_toml(cli: &Cli, path: &Path, text: &str) -> Result<Settings, SettingsError> {
+        let file =
+            toml::from_str::<FileSettings>(text).map_err(|source| SettingsError::ParseFile {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })?;
         Self::merge(cli, file)
     }
 

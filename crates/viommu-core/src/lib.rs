@@ -19,6 +19,8 @@ pub mod config;
 pub mod device;
 pub mod endpoints;
 pub mod mappings;
+#[cfg(feature = "reference")]
+pub mod reference;
 pub mod reply;
 pub mod state;
 pub mod translate;
