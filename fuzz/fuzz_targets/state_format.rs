@@ -139,7 +139,7 @@ fuzz_target!(|input: Input| {
     };
     let features = dev.offered_features();
     let mut journal = Journal {
-        bytes: snapshot(&dev, Kind::Journal),
+        bytes: snapshot(&dev, &[], Kind::Journal),
         index: snapshot_records(&dev).len() as u64 + 1,
         fingerprint: fingerprint(&cfg),
     };
@@ -179,13 +179,13 @@ fuzz_target!(|input: Input| {
     }
 
     // Both forms restore to the live device.
-    let want = snapshot(&dev, Kind::Snapshot);
+    let want = snapshot(&dev, &[], Kind::Snapshot);
     for (name, bytes) in [("snapshot", &want), ("journal", &journal.bytes)] {
         match restore(cfg.clone(), bytes) {
             Ok(r) => {
                 assert!(!r.torn_tail && r.valid_len == bytes.len(), "{name}: {r:?}");
                 assert!(
-                    snapshot(&r.device, Kind::Snapshot) == want,
+                    snapshot(&r.device, &r.faults, Kind::Snapshot) == want,
                     "{name} restores another device"
                 );
             }
@@ -216,9 +216,9 @@ fuzz_target!(|input: Input| {
     }
     if let Ok(r) = restore(cfg.clone(), &bytes) {
         assert!(r.valid_len <= bytes.len());
-        let again = snapshot(&r.device, Kind::Snapshot);
+        let again = snapshot(&r.device, &r.faults, Kind::Snapshot);
         match restore(cfg, &again) {
-            Ok(r2) => assert!(snapshot(&r2.device, Kind::Snapshot) == again),
+            Ok(r2) => assert!(snapshot(&r2.device, &r2.faults, Kind::Snapshot) == again),
             Err(e) => panic!("the snapshot of a restored device is refused: {e}"),
         }
     }

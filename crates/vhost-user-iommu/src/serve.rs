@@ -63,8 +63,10 @@ fn first_device(settings: &Settings) -> Result<Resumed, ServeError> {
     let Some(dir) = &settings.state_dir else {
         return Ok(Resumed::fresh(Device::new(settings.device.clone())?));
     };
+    let started = std::time::Instant::now();
     match state_journal::load(dir, &settings.device)? {
         Some(restored) => {
+            let load_ms = started.elapsed().as_secs_f64() * 1e3;
             let journal = StateJournal::resume(dir, &restored, &settings.device)?;
             info!(
                 state = %dir.join(state_journal::FILE_NAME).display(),
@@ -74,6 +76,7 @@ fn first_device(settings: &Settings) -> Result<Resumed, ServeError> {
                 mappings = restored.device.mapping_count(),
                 features = format_args!("{:#x}", restored.device.negotiated_features().0),
                 recent_requests = restored.applied.len(),
+                load_ms = format_args!("{load_ms:.1}"),
                 "device state restored: the guest's domains and mappings carry on when its VMM reconnects"
             );
             Ok(Resumed {
