@@ -170,6 +170,11 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         },
         table.as_mut().and_then(|t| t.socket.take()),
     )?;
+    let _state_dir = settings
+        .state_dir
+        .as_deref()
+        .map(state_journal::lock)
+        .transpose()?;
     let mut resumed = Some(first_device(settings)?);
     // Every socket is bound: from here on only the calls serving needs.
     crate::seccomp::install(settings.seccomp)?;

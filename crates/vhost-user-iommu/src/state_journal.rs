@@ -62,6 +62,46 @@ pub enum StateStoreError {
     /// The journal cannot be written.
     #[error("cannot write the device state {0}")]
     Write(PathBuf, #[source] io::Error),
+    /// Another daemon keeps its state in the same directory.
+    #[error(
+        "the state directory {0} is in use by another vhost-user-iommu daemon (one directory \
+         per daemon)"
+    )]
+    InUse(PathBuf),
+    /// The directory's lock cannot be taken.
+    #[error("cannot lock the state directory {0}")]
+    Lock(PathBuf, #[source] io::Error),
+}
+
+/// The state directory, held for as long as the value lives: a second
+/// daemon pointed at the same directory is refused instead of writing the
+/// same journal.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes `dir` (creating it) for this process alone.
+pub fn lock(dir: &Path) -> Result<DirLock, StateStoreError> {
+    use std::os::fd::AsRawFd;
+    fs::create_dir_all(dir).map_err(|e| StateStoreError::CreateDir(dir.to_path_buf(), e))?;
+    let path = dir.join("lock");
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StateStoreError::Lock(path.clone(), e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            StateStoreError::InUse(dir.to_path_buf())
+        } else {
+            StateStoreError::Lock(path, e)
+        });
+    }
+    Ok(DirLock { _file: f })
 }
 
 /// Reads the state saved in `dir`, if any, and rebuilds the device from it.

@@ -254,6 +254,14 @@ fn a_corrupt_truncated_or_foreign_state_is_refused_and_the_daemon_exits() {
     assert!(log.contains("configured differently"), "{log}");
     // The state is left where it was for the operator to look at.
     assert_eq!(std::fs::read(&file).unwrap(), good);
+
+    // Two daemons never share a state directory.
+    std::fs::write(&file, &good).unwrap();
+    let first = start(&dir);
+    let (code, log) = run_on_state(&dir);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("in use by another"), "{log}");
+    drop(first);
 }
 
 /// An UNMAP held by a backend's session is applied (and saved) but not
