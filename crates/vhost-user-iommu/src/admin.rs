@@ -80,7 +80,7 @@ fn flags(f: MapFlags) -> String {
 
 impl DaemonView {
     /// Carries out one command; errors become `{"ok": false}` replies.
-    pub fn answer(&self, request: AdminRequest) -> AdminReply {
+    pub(crate) fn answer(&self, request: AdminRequest) -> AdminReply {
         match self.carry_out(request) {
             Ok(data) => AdminReply {
                 ok: true,
@@ -123,7 +123,7 @@ impl DaemonView {
     }
 
     /// `status`.
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         let t = &self.telemetry;
         let device = self.route.device();
         let current_faults = device.as_ref().map(|d| d.fault_stats()).unwrap_or_default();

@@ -3,7 +3,7 @@
 use crate::device_state::{self, Finished, Transfer};
 use crate::eventq::{FaultQueue, FaultStats};
 use crate::kick_loop::KickLoop;
-use crate::publish::{NoTable, Publishing, TablePublisher};
+use crate::publish::{Publishing, TablePublisher};
 use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
 use crate::state_journal::{self, Resumed, StateJournal};
@@ -20,8 +20,8 @@ use vhost::vhost_user::message::{
     VhostUserVirtioFeatures,
 };
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use viommu_core::Device;
 use viommu_core::state::{self, Record};
-use viommu_core::{Device, DeviceConfig};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu_proto::{EVENT_QUEUE, FaultRecord, Features, NUM_QUEUES, REQUEST_QUEUE};
@@ -108,37 +108,11 @@ fn lock_error<T>(_: T) -> io::Error {
 }
 
 impl IommuBackend {
-    /// A fresh device (system-reset state) for one connection.
-    pub fn new(
-        config: DeviceConfig,
-        queue_size: u16,
-        poll: Duration,
-    ) -> Result<Self, viommu_core::ConfigError> {
-        Self::with_publisher(config, queue_size, poll, Box::new(NoTable))
-    }
-
-    /// A fresh device publishing its translations through `publisher`.
-    pub fn with_publisher(
-        config: DeviceConfig,
-        queue_size: u16,
-        poll: Duration,
-        publisher: Box<dyn TablePublisher>,
-    ) -> Result<Self, viommu_core::ConfigError> {
-        let device = Device::new(config)?;
-        Ok(Self::with_device(
-            Resumed::fresh(device),
-            queue_size,
-            poll,
-            publisher,
-            Arc::default(),
-        ))
-    }
-
     /// Serves `resumed.device` (a fresh one, or one rebuilt from a saved
     /// state), publishing its translations through `publisher`, saving
     /// its changes in `resumed.journal` and counting its work into
     /// `telemetry` (the daemon's, which outlives VMM connections).
-    pub fn with_device(
+    pub(crate) fn with_device(
         resumed: Resumed,
         queue_size: u16,
         poll: Duration,
@@ -218,17 +192,11 @@ impl IommuBackend {
         Ok(())
     }
 
-    /// Takes the state journal back when the connection ends (the next
-    /// device starts it anew).
-    pub fn take_journal(&self) -> Option<StateJournal> {
-        self.state().ok().and_then(|mut st| st.journal.take())
-    }
-
     /// Moves the request queue's kick path onto an io_uring thread (pinned
     /// to `cpu` if given). `handler` is the framework's epoll handler, from
     /// which the kick eventfd is taken. Call [`Self::shutdown`] when the
     /// connection ends.
-    pub fn enable_kick_loop(
+    pub(crate) fn enable_kick_loop(
         &self,
         handler: Arc<VringEpollHandler<IommuBackend>>,
         cpu: Option<usize>,
@@ -258,7 +226,7 @@ impl IommuBackend {
 
     /// Stops the io_uring thread and lets go of the framework's handler
     /// (which refers back to this backend).
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         if let Ok(mut k) = self.inner.kick_loop.lock() {
             if let Some(mut k) = k.take() {
                 k.stop();
@@ -303,7 +271,7 @@ impl IommuBackend {
 
     /// Queues a fault record for the guest's event queue and wakes the
     /// worker to deliver it. Never blocks on the driver.
-    pub fn report_fault(&self, record: FaultRecord) -> io::Result<()> {
+    pub(crate) fn report_fault(&self, record: FaultRecord) -> io::Result<()> {
         self.inner.telemetry.fault_reported(&record);
         self.inner.faults.lock().map_err(lock_error)?.push(record);
         self.inner.fault_wake.write(1)
@@ -312,7 +280,7 @@ impl IommuBackend {
     /// Calls `answer` with what `endpoint` reaches at `iova` for `access`
     /// now, under the device lock (so that nothing changes the model in
     /// between). The fault reason when it reaches nothing.
-    pub fn with_translation(
+    pub(crate) fn with_translation(
         &self,
         endpoint: u32,
         iova: u64,
@@ -339,12 +307,12 @@ impl IommuBackend {
 
     /// The eventfd the worker must watch (as [`FAULT_WAKE_EVENT`]) for
     /// reported faults.
-    pub fn fault_wake_fd(&self) -> RawFd {
+    pub(crate) fn fault_wake_fd(&self) -> RawFd {
         self.inner.fault_wake.as_raw_fd()
     }
 
     /// Event-queue counters.
-    pub fn fault_stats(&self) -> FaultStats {
+    pub(crate) fn fault_stats(&self) -> FaultStats {
         self.inner
             .faults
             .lock()
@@ -354,7 +322,7 @@ impl IommuBackend {
 
     /// Calls `look` with the device model, under the device lock (keep it
     /// short: the request queue waits meanwhile).
-    pub fn inspect<R>(&self, look: impl FnOnce(&viommu_core::Device) -> R) -> io::Result<R> {
+    pub(crate) fn inspect<R>(&self, look: impl FnOnce(&viommu_core::Device) -> R) -> io::Result<R> {
         Ok(look(&self.state()?.device))
     }
 
@@ -830,7 +798,7 @@ impl IommuBackend {
     /// (`DRIVER_RESTARTED`): while this device is stopped, that means the
     /// guest was reset (its firmware or a new kernel drives the endpoint)
     /// and the state goes now, before that endpoint's first DMA.
-    pub fn endpoint_driver_restarted(&self, pid: i32, endpoint: u32) {
+    pub(crate) fn endpoint_driver_restarted(&self, pid: i32, endpoint: u32) {
         let reason = self
             .state()
             .ok()

@@ -52,7 +52,7 @@ pub struct ControlSettings<'a> {
 /// Binds what `settings` asks for (so that errors are reported before the
 /// daemon serves) and starts the control-plane thread, which also serves
 /// `backends` (already bound). Does nothing when there is nothing to serve.
-pub fn start(
+pub(crate) fn start(
     settings: ControlSettings<'_>,
     view: DaemonView,
     backends: Option<crate::backend_socket::BackendSocket>,

@@ -36,7 +36,7 @@ pub enum Finished {
 }
 
 /// Starts writing `snapshot` to `file`, closing it at the end.
-pub fn save(snapshot: Vec<u8>, mut file: File) -> io::Result<Transfer> {
+pub(crate) fn save(snapshot: Vec<u8>, mut file: File) -> io::Result<Transfer> {
     std::thread::Builder::new()
         .name("viommu-state-save".into())
         .spawn(move || file.write_all(&snapshot))
@@ -44,7 +44,7 @@ pub fn save(snapshot: Vec<u8>, mut file: File) -> io::Result<Transfer> {
 }
 
 /// Starts reading a state from `file` until its end.
-pub fn load(file: File) -> io::Result<Transfer> {
+pub(crate) fn load(file: File) -> io::Result<Transfer> {
     std::thread::Builder::new()
         .name("viommu-state-load".into())
         .spawn(move || {
@@ -62,7 +62,7 @@ pub fn load(file: File) -> io::Result<Transfer> {
 
 impl Transfer {
     /// Waits for the transfer to end.
-    pub fn finish(self) -> io::Result<Finished> {
+    pub(crate) fn finish(self) -> io::Result<Finished> {
         let panicked = |_| io::Error::other("the state transfer thread panicked");
         match self {
             Transfer::Saving(t) => t.join().map_err(panicked)?.map(|()| Finished::Saved),

@@ -38,7 +38,7 @@ pub struct FaultQueue {
 
 impl FaultQueue {
     /// Queues a fault, dropping the oldest one if the queue is full.
-    pub fn push(&mut self, record: FaultRecord) {
+    pub(crate) fn push(&mut self, record: FaultRecord) {
         if self.pending.len() == MAX_PENDING_FAULTS {
             self.pending.pop_front();
             self.stats.dropped_full += 1;
@@ -48,19 +48,19 @@ impl FaultQueue {
 
     /// Drops every record not delivered yet (the device was reset: they
     /// belong to a driver that is gone).
-    pub fn clear(&mut self) -> usize {
+    pub(crate) fn clear(&mut self) -> usize {
         let n = self.pending();
         self.pending.clear();
         n
     }
 
     /// The records waiting, oldest first (saved with the device state).
-    pub fn records(&self) -> Vec<FaultRecord> {
+    pub(crate) fn records(&self) -> Vec<FaultRecord> {
         self.pending.iter().copied().collect()
     }
 
     /// Faults waiting.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.pending.len()
     }
 
@@ -68,7 +68,7 @@ impl FaultQueue {
     /// descriptors `(addr, len, device_writable)`; returns the used length
     /// for the buffer, or `None` if no fault is pending (the buffer must
     /// then stay with the device).
-    pub fn fill(
+    pub(crate) fn fill(
         &mut self,
         mem: &RamAccess,
         descriptors: impl Iterator<Item = (u64, u32, bool)>,

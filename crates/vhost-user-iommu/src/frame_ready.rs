@@ -44,7 +44,7 @@ fn hung_up(sock: BorrowedFd<'_>) -> bool {
 
 /// Whether a whole message, or something the reader reports at once (end
 /// of stream, a bad header, a hang-up mid-message), is waiting.
-pub fn whole_message_queued(sock: BorrowedFd<'_>) -> io::Result<bool> {
+pub(crate) fn whole_message_queued(sock: BorrowedFd<'_>) -> io::Result<bool> {
     let mut header = [0u8; HEADER_LEN];
     // SAFETY: recv writes at most `header.len()` bytes into `header`.
     let n = unsafe {
@@ -75,7 +75,7 @@ pub fn whole_message_queued(sock: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 /// Whether anything at all (bytes or the end of stream) is waiting.
-pub fn anything_queued(sock: BorrowedFd<'_>) -> io::Result<bool> {
+pub(crate) fn anything_queued(sock: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(queued(sock)? > 0 || hung_up(sock))
 }
 

@@ -39,7 +39,7 @@ pub enum Asked {
 }
 
 /// Reads a request head's first line.
-pub fn parse_request_line(head: &[u8]) -> Asked {
+pub(crate) fn parse_request_line(head: &[u8]) -> Asked {
     let Some(line) = head.split(|&b| b == b'\n').next() else {
         return Asked::Malformed;
     };

@@ -68,7 +68,7 @@ impl KickLoop {
     /// Starts the thread (pinned to `cpu` if given). Fails if io_uring is
     /// not available (old kernel, seccomp), so the caller can fall back.
     /// Requests served by the watchdog count as lost kicks in `telemetry`.
-    pub fn start(
+    pub(crate) fn start(
         serve: Serve,
         pending: Pending,
         cpu: Option<usize>,
@@ -125,7 +125,7 @@ impl KickLoop {
     }
 
     /// Gives the thread a (new) kick eventfd for `vring` and asks for a pass.
-    pub fn hand_over(&self, kick: OwnedFd, vring: VringRwLock) {
+    pub(crate) fn hand_over(&self, kick: OwnedFd, vring: VringRwLock) {
         self.send(|c| {
             c.new_kick = Some((kick, vring));
             c.pass = true;
@@ -133,12 +133,12 @@ impl KickLoop {
     }
 
     /// Asks for one processing pass.
-    pub fn request_pass(&self) {
+    pub(crate) fn request_pass(&self) {
         self.send(|c| c.pass = true);
     }
 
     /// Stops the thread and waits for it.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.send(|c| c.exit = true);
         if let Some(t) = self.thread.take() {
             // The last reference to the device may be dropped by the loop

@@ -1,6 +1,11 @@
 //! The `vhost-user-iommu` daemon as a library: a virtio-iommu device served
 //! over vhost-user, built on the [`viommu_core`] device model.
 //!
+//! Public are the modules the binaries, tests, benchmarks and fuzz targets
+//! use (`settings`, `serve`, `chain`, `publish`, `shm_table`,
+//! `backend_socket`, `iotlb_msg`, `admin_proto`); the rest is the daemon's
+//! own, so the compiler sees what nothing uses.
+//!
 //! - [`settings`]: command line and TOML configuration, turned into a
 //!   validated [`viommu_core::DeviceConfig`] plus daemon options.
 //! - [`chain`]: splitting a descriptor chain into its readable and writable
@@ -29,29 +34,29 @@
 //!   baseline.
 //! - [`logging`], [`signals`]: process plumbing (from `vhost-user-process`).
 
-pub mod admin;
+mod admin;
 pub mod admin_proto;
-pub mod backend;
+mod backend;
 pub mod backend_socket;
 pub mod chain;
-pub mod control;
-pub mod device_state;
-pub mod eventq;
-pub mod frame_ready;
-pub mod http;
+mod control;
+mod device_state;
+mod eventq;
+mod frame_ready;
+mod http;
 pub mod iotlb_msg;
-pub mod kick_loop;
-pub mod metrics;
-pub mod poll_window;
+mod kick_loop;
+mod metrics;
+mod poll_window;
 pub mod publish;
-pub mod request_ring;
-pub mod requestq;
-pub mod reset_watch;
-pub mod seccomp;
+mod request_ring;
+mod requestq;
+mod reset_watch;
+mod seccomp;
 pub mod serve;
 pub mod settings;
 pub mod shm_table;
-pub mod state_journal;
-pub mod telemetry;
+mod state_journal;
+mod telemetry;
 
 pub use vhost_user_process::{logging, signals};

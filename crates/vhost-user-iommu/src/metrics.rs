@@ -31,7 +31,7 @@ pub struct MetricsSnapshot {
 impl MetricsSnapshot {
     /// Reads the daemon's counters (may wait for the device and table
     /// locks).
-    pub fn take(view: &DaemonView) -> Self {
+    pub(crate) fn take(view: &DaemonView) -> Self {
         let r = &view.telemetry.requests;
         Self {
             status: view.status(),
@@ -46,7 +46,7 @@ impl MetricsSnapshot {
 }
 
 /// Encodes `snapshot` in the OpenMetrics text format.
-pub fn render(snapshot: MetricsSnapshot) -> Result<String, std::fmt::Error> {
+pub(crate) fn render(snapshot: MetricsSnapshot) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("viommu");
     registry.register_collector(Box::new(Scrape(snapshot)));
     let mut out = String::new();

@@ -21,7 +21,7 @@ pub struct PollWindow {
 
 impl PollWindow {
     /// A window of at most `max`, starting at its shortest.
-    pub fn new(max: Duration) -> PollWindow {
+    pub(crate) fn new(max: Duration) -> PollWindow {
         PollWindow {
             max,
             now: Self::floor_of(max),
@@ -34,19 +34,19 @@ impl PollWindow {
     }
 
     /// How long to poll now.
-    pub fn window(&self) -> Duration {
+    pub(crate) fn window(&self) -> Duration {
         self.now
     }
 
     /// The thread goes to sleep on the kick.
-    pub fn sleeping(&mut self, at: Instant) {
+    pub(crate) fn sleeping(&mut self, at: Instant) {
         self.slept_at = Some(at);
     }
 
     /// The thread was woken (a kick, a pass asked for) at `at`: a sleep no
     /// longer than the longest window means polling would have caught the
     /// request; a longer one means the last window was wasted.
-    pub fn woken(&mut self, at: Instant) {
+    pub(crate) fn woken(&mut self, at: Instant) {
         let Some(slept) = self.slept_at.take() else {
             return;
         };

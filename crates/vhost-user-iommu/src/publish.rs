@@ -70,9 +70,6 @@ pub trait TablePublisher: Publish + Send {
     /// acknowledge is returned, to be waited for without the device lock.
     fn synchronize(&mut self) -> GraceWait;
 
-    /// Short name for logs.
-    fn name(&self) -> &'static str;
-
     /// A fresh device starts using this publisher (a new VMM connection):
     /// forget the previous device's state and publish this one's.
     fn start(&mut self, _device: &viommu_core::Device) {}
@@ -99,9 +96,6 @@ impl TablePublisher for NoTable {
     }
     fn synchronize(&mut self) -> GraceWait {
         GraceWait::default()
-    }
-    fn name(&self) -> &'static str {
-        "none"
     }
 }
 
@@ -167,9 +161,6 @@ mod tests {
         fn synchronize(&mut self) -> GraceWait {
             self.1 += 1;
             GraceWait::default()
-        }
-        fn name(&self) -> &'static str {
-            "recorder"
         }
     }
 

@@ -38,7 +38,7 @@ type PassView<'a> = RingView<'a, RamAccess>;
 
 impl RequestRing {
     /// Nothing set up yet; polls for at most `max_poll` before sleeping.
-    pub fn new(max_poll: std::time::Duration) -> RequestRing {
+    pub(crate) fn new(max_poll: std::time::Duration) -> RequestRing {
         RequestRing {
             poll: PollWindow::new(max_poll),
             ram: None,
@@ -50,25 +50,25 @@ impl RequestRing {
     }
 
     /// Counts into `telemetry` from now on.
-    pub fn count_into(&mut self, telemetry: std::sync::Arc<crate::telemetry::Telemetry>) {
+    pub(crate) fn count_into(&mut self, telemetry: std::sync::Arc<crate::telemetry::Telemetry>) {
         self.server.telemetry = telemetry;
     }
 
     /// Where this ring's requests are counted.
-    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+    pub(crate) fn telemetry(&self) -> &crate::telemetry::Telemetry {
         &self.server.telemetry
     }
 
     /// Requests a previous daemon applied and may not have completed (from
     /// the saved state): completed without applying them again if the
     /// driver still has them outstanding.
-    pub fn resume_applied(&mut self, applied: Vec<viommu_core::state::Applied>) {
+    pub(crate) fn resume_applied(&mut self, applied: Vec<viommu_core::state::Applied>) {
         self.server.applied = applied;
     }
 
     /// Takes guest RAM from the latest memory table, if it is newer than
     /// the one in use.
-    pub fn use_memory(&mut self, generation: u64, ram: impl FnOnce() -> Option<RamAccess>) {
+    pub(crate) fn use_memory(&mut self, generation: u64, ram: impl FnOnce() -> Option<RamAccess>) {
         if self.ram.as_ref().is_some_and(|(g, _)| *g == generation) {
             return;
         }
@@ -78,7 +78,7 @@ impl RequestRing {
     /// Brings the ring state in line with the vring's set-up (which the
     /// VMM may have changed since the last pass). False when the queue is
     /// not ready, or guest memory is not known yet.
-    pub fn sync(&mut self, q: &Queue) -> Result<bool, RingError> {
+    pub(crate) fn sync(&mut self, q: &Queue) -> Result<bool, RingError> {
         if !q.ready() || self.ram.is_none() {
             return Ok(false);
         }
@@ -108,7 +108,7 @@ impl RequestRing {
 
     /// The rings and guest RAM of a pass, and what is kept for its chains
     /// (after a successful [`Self::sync`]).
-    pub fn parts(&mut self) -> Result<Pass<'_>, RingError> {
+    pub(crate) fn parts(&mut self) -> Result<Pass<'_>, RingError> {
         let (Some((_, ram)), Some(queue)) = (&self.ram, &mut self.queue) else {
             return Err(RingError::Setup("request queue not set up"));
         };
@@ -159,7 +159,7 @@ impl Pass<'_> {
     /// them in order, recording each outcome in [`Self::completions`]. A
     /// ring that cannot be read sanely is an error, after the chains taken
     /// before it were served.
-    pub fn serve_available(
+    pub(crate) fn serve_available(
         &mut self,
         device: &mut Device,
         publisher: &mut dyn TablePublisher,
@@ -225,7 +225,7 @@ impl Pass<'_> {
     /// Completes, in order, the served chains up to the first one that
     /// awaits a grace period, and publishes the used index once. True if
     /// some still await it ([`Self::complete_rest`] after the grace period).
-    pub fn complete_ready(&mut self) -> bool {
+    pub(crate) fn complete_ready(&mut self) -> bool {
         let first_grace = self.completions.iter().position(|(_, s)| s.needs_grace);
         let split = first_grace.unwrap_or(self.completions.len());
         self.complete_until(split);
@@ -233,7 +233,7 @@ impl Pass<'_> {
     }
 
     /// Completes the served chains left by [`Self::complete_ready`].
-    pub fn complete_rest(&mut self) {
+    pub(crate) fn complete_rest(&mut self) {
         self.complete_until(self.completions.len());
     }
 
@@ -251,30 +251,30 @@ impl Pass<'_> {
 
     /// Whether the driver wants a notification for the chains completed
     /// since this was last asked (EVENT_IDX, or its NO_INTERRUPT flag).
-    pub fn needs_notification(&mut self) -> bool {
+    pub(crate) fn needs_notification(&mut self) -> bool {
         std::mem::take(&mut self.unsignalled) && self.view.needs_notification()
     }
 
     /// Asks the driver not to kick: this thread is looking at the ring.
-    pub fn kicks_off(&mut self) {
+    pub(crate) fn kicks_off(&mut self) {
         self.view.disable_notification();
     }
 
     /// Asks the driver to kick for its next request; true if requests
     /// arrived meanwhile (serve them before sleeping).
-    pub fn kicks_on(&mut self) -> bool {
+    pub(crate) fn kicks_on(&mut self) -> bool {
         self.view.enable_notification()
     }
 
     /// Whether the driver published requests not taken yet.
-    pub fn has_available(&self) -> bool {
+    pub(crate) fn has_available(&self) -> bool {
         self.view.has_available()
     }
 
     /// Whether the vring still describes the queue this pass works on (the
     /// VMM may have stopped or moved it while the pass waited for a grace
     /// period).
-    pub fn in_step(&self, q: &Queue) -> bool {
+    pub(crate) fn in_step(&self, q: &Queue) -> bool {
         q.ready()
             && q.desc_table() == self.addrs.desc
             && q.avail_ring() == self.addrs.avail
@@ -285,14 +285,14 @@ impl Pass<'_> {
 
     /// Writes back the indices the VMM reads at GET_VRING_BASE (and
     /// vhost-user-backend's own checks use).
-    pub fn write_back(&self, q: &mut Queue) {
+    pub(crate) fn write_back(&self, q: &mut Queue) {
         q.set_next_avail(self.view.next_avail());
         q.set_next_used(self.view.next_used());
     }
 }
 
 /// Guest RAM of a memory table, for the request ring.
-pub fn ram_access(mem: &crate::backend::GuestMem) -> RamAccess {
+pub(crate) fn ram_access(mem: &crate::backend::GuestMem) -> RamAccess {
     use vm_memory::GuestAddressSpace;
     RamAccess::new(mem.memory().into_inner())
 }

@@ -49,7 +49,7 @@ impl RequestServer {
     /// Serves one chain taken from the request queue: its request is
     /// applied to `device` (its changes published through `publisher`) and
     /// its reply written, or it is returned with used length 0.
-    pub fn serve(
+    pub(crate) fn serve(
         &mut self,
         chain: &Chain,
         origin: Origin<'_>,
@@ -195,7 +195,7 @@ impl RequestServer {
 
     /// Forgets saved requests that can no longer come: those not within a
     /// queue's worth ahead of `next_avail`.
-    pub fn forget_applied_before(&mut self, next_avail: u16, size: u16) {
+    pub(crate) fn forget_applied_before(&mut self, next_avail: u16, size: u16) {
         self.applied
             .retain(|a| a.position.wrapping_sub(next_avail) < size);
     }

@@ -73,12 +73,12 @@ pub struct ResetWatch {
 
 impl ResetWatch {
     /// `SET_FEATURES`: the VMM starts the device.
-    pub fn started(&mut self) {
+    pub(crate) fn started(&mut self) {
         self.phase = Phase::Running;
     }
 
     /// `GET_VRING_BASE` of the request queue: the VMM stops the device.
-    pub fn request_queue_stopped(&mut self) {
+    pub(crate) fn request_queue_stopped(&mut self) {
         if self.phase == Phase::Running {
             self.phase = Phase::Stopped;
         }
@@ -86,12 +86,12 @@ impl ResetWatch {
 
     /// The device was rebuilt from the state a previous daemon saved: it
     /// is stopped, as after `GET_VRING_BASE`, until the VMM starts it.
-    pub fn request_queue_stopped_before_restart(&mut self) {
+    pub(crate) fn request_queue_stopped_before_restart(&mut self) {
         self.phase = Phase::Stopped;
     }
 
     /// `GET_CONFIG`: returns the reason to reset, if this read means one.
-    pub fn config_read(&mut self) -> Option<ResetReason> {
+    pub(crate) fn config_read(&mut self) -> Option<ResetReason> {
         if self.phase == Phase::Stopped {
             self.phase = Phase::Fresh;
             return Some(ResetReason::ConfigReadWhileStopped);
@@ -101,7 +101,7 @@ impl ResetWatch {
 
     /// A backend reports that the guest set a queue of `endpoint` up anew:
     /// returns the reason to reset, if the IOMMU is stopped.
-    pub fn endpoint_restarted(&mut self, endpoint: u32, pid: i32) -> Option<ResetReason> {
+    pub(crate) fn endpoint_restarted(&mut self, endpoint: u32, pid: i32) -> Option<ResetReason> {
         if self.phase == Phase::Stopped {
             self.phase = Phase::Fresh;
             return Some(ResetReason::EndpointRestartedWhileStopped { endpoint, pid });
@@ -110,7 +110,7 @@ impl ResetWatch {
     }
 
     /// The device was reset another way (`RESET_DEVICE`, a new VMM).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.phase = Phase::Fresh;
     }
 

@@ -328,7 +328,7 @@ fn target_arch() -> Result<TargetArch, SeccompError> {
 }
 
 /// The filter as BPF, for this process (`tgkill` is allowed to `pid` only).
-pub fn program(pid: u32) -> Result<BpfProgram, SeccompError> {
+pub(crate) fn program(pid: u32) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (_, calls) in unconditional() {
         for nr in calls {
@@ -350,7 +350,7 @@ pub fn program(pid: u32) -> Result<BpfProgram, SeccompError> {
 
 /// Installs the filter on every thread of the process, unless `enabled`
 /// is false; then runs the self-test if [`SELFTEST_ENV`] asks for it.
-pub fn install(enabled: bool) -> Result<(), SeccompError> {
+pub(crate) fn install(enabled: bool) -> Result<(), SeccompError> {
     if enabled {
         let program = program(std::process::id())?;
         seccompiler::apply_filter_all_threads(&program).map_err(SeccompError::Install)?;

@@ -224,10 +224,6 @@ impl TablePublisher for ShmPublisher {
         GraceWait(acks)
     }
 
-    fn name(&self) -> &'static str {
-        "shared memory"
-    }
-
     /// Empties the table and publishes the state of a fresh `device`.
     /// Returns once no backend can use the previous device's state.
     fn start(&mut self, device: &Device) {

@@ -82,7 +82,7 @@ pub struct DirLock {
 }
 
 /// Takes `dir` (creating it) for this process alone.
-pub fn lock(dir: &Path) -> Result<DirLock, StateStoreError> {
+pub(crate) fn lock(dir: &Path) -> Result<DirLock, StateStoreError> {
     use std::os::fd::AsRawFd;
     fs::create_dir_all(dir).map_err(|e| StateStoreError::CreateDir(dir.to_path_buf(), e))?;
     let path = dir.join("lock");
@@ -106,7 +106,7 @@ pub fn lock(dir: &Path) -> Result<DirLock, StateStoreError> {
 
 /// Reads the state saved in `dir`, if any, and rebuilds the device from it.
 /// `Ok(None)`: nothing saved (no file, or an empty one).
-pub fn load(dir: &Path, cfg: &DeviceConfig) -> Result<Option<Restored>, StateStoreError> {
+pub(crate) fn load(dir: &Path, cfg: &DeviceConfig) -> Result<Option<Restored>, StateStoreError> {
     let path = dir.join(FILE_NAME);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -157,7 +157,7 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StateStoreError + '_ {
 impl StateJournal {
     /// Starts a journal in `dir` from `device`'s state, replacing what was
     /// saved there.
-    pub fn start(dir: &Path, device: &Device) -> Result<Self, StateStoreError> {
+    pub(crate) fn start(dir: &Path, device: &Device) -> Result<Self, StateStoreError> {
         fs::create_dir_all(dir).map_err(|e| StateStoreError::CreateDir(dir.to_path_buf(), e))?;
         // Undelivered faults are not journaled: a report, not state the guest
         // relies on (they travel with a migration's snapshot).
@@ -183,7 +183,7 @@ impl StateJournal {
     }
 
     /// Goes on writing the journal in `dir` that `restored` was read from.
-    pub fn resume(
+    pub(crate) fn resume(
         dir: &Path,
         restored: &Restored,
         cfg: &DeviceConfig,
@@ -231,7 +231,7 @@ impl StateJournal {
 
     /// Starts the journal anew from `device` (a device replaced as a
     /// whole). None if that failed: persistence stops (logged).
-    pub fn restart(mut self, device: &Device) -> Option<Self> {
+    pub(crate) fn restart(mut self, device: &Device) -> Option<Self> {
         match Self::start(&self.dir, device) {
             Ok(j) => Some(j),
             Err(e) => {
@@ -242,20 +242,16 @@ impl StateJournal {
     }
 
     /// Bytes of state written.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.len
-    }
-
-    /// True when nothing but the header is written (never, once started).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Appends `record`, a change `device` has just made. Returns false
     /// when the journal failed: it is gone from the directory and must be
     /// dropped (persistence stops).
     #[must_use]
-    pub fn append(&mut self, record: &Record<'_>, device: &Device) -> bool {
+    pub(crate) fn append(&mut self, record: &Record<'_>, device: &Device) -> bool {
         match self.try_append(record, device) {
             Ok(()) => true,
             Err(e) => {
@@ -352,7 +348,7 @@ pub struct Resumed {
 
 impl Resumed {
     /// A fresh device, saved nowhere.
-    pub fn fresh(device: Device) -> Self {
+    pub(crate) fn fresh(device: Device) -> Self {
         Resumed {
             device,
             journal: None,
@@ -363,7 +359,7 @@ impl Resumed {
 }
 
 /// Appends to `journal`, dropping it if that fails.
-pub fn record(journal: &mut Option<StateJournal>, record: &Record<'_>, device: &Device) {
+pub(crate) fn record(journal: &mut Option<StateJournal>, record: &Record<'_>, device: &Device) {
     if let Some(j) = journal {
         if !j.append(record, device) {
             *journal = None;

@@ -26,12 +26,12 @@ impl Tally {
     /// Adds `n`. Only the one current writer may call this: it is a plain
     /// load and store, not an atomic read-modify-write.
     #[inline]
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
     /// The value now.
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
 }
@@ -48,7 +48,7 @@ pub const STATUSES: [&str; 9] = [
 pub const BUCKETS: usize = 22;
 
 /// The upper bound of bucket `i`, in seconds (`None`: +Inf).
-pub fn bucket_bound(i: usize) -> Option<f64> {
+pub(crate) fn bucket_bound(i: usize) -> Option<f64> {
     (i + 1 < BUCKETS).then(|| (1u64 << (10 + i)) as f64 / 1e9)
 }
 
@@ -83,7 +83,7 @@ impl Histogram {
     /// Records `n` observations of `ns` each, from the one current writer
     /// (see [`Tally`]).
     #[inline]
-    pub fn observe_owned(&self, ns: u64, n: u64) {
+    pub(crate) fn observe_owned(&self, ns: u64, n: u64) {
         let add = |a: &AtomicU64, v: u64| a.store(a.load(Relaxed).wrapping_add(v), Relaxed);
         add(&self.buckets[bucket_of(ns)], n);
         add(&self.sum_ns, ns.saturating_mul(n));
@@ -91,14 +91,14 @@ impl Histogram {
     }
 
     /// Records one observation from any thread.
-    pub fn observe_shared(&self, ns: u64) {
+    pub(crate) fn observe_shared(&self, ns: u64) {
         self.buckets[bucket_of(ns)].fetch_add(1, Relaxed);
         self.sum_ns.fetch_add(ns, Relaxed);
         self.count.fetch_add(1, Relaxed);
     }
 
     /// The values now.
-    pub fn snapshot(&self) -> HistogramSnapshot {
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         HistogramSnapshot {
             buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
             sum_ns: self.sum_ns.load(Relaxed),
@@ -131,7 +131,7 @@ pub struct RequestCounters {
 impl RequestCounters {
     /// Counts one answered request of wire type `kind` with `status`.
     #[inline]
-    pub fn answered(&self, kind: u8, status: Status) {
+    pub(crate) fn answered(&self, kind: u8, status: Status) {
         if let Some(row) = usize::from(kind)
             .checked_sub(1)
             .and_then(|k| self.answered.get(k))
@@ -142,7 +142,7 @@ impl RequestCounters {
 
     /// Answered requests of type index `kind` (0 = ATTACH) with status
     /// index `status` (0 = OK).
-    pub fn count(&self, kind: usize, status: usize) -> u64 {
+    pub(crate) fn count(&self, kind: usize, status: usize) -> u64 {
         self.answered
             .get(kind)
             .and_then(|r| r.get(status))
@@ -150,13 +150,13 @@ impl RequestCounters {
     }
 
     /// Every answered request.
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.answered.iter().flatten().map(Tally::get).sum()
     }
 
     /// Answered requests whose status is not OK (guest mistakes or
     /// refusals such as NOMEM).
-    pub fn failed(&self) -> u64 {
+    pub(crate) fn failed(&self) -> u64 {
         self.answered
             .iter()
             .flat_map(|r| r[1..].iter())
@@ -227,7 +227,7 @@ impl Telemetry {
     }
 
     /// Remembers a fault record queued for the guest.
-    pub fn fault_reported(&self, record: &FaultRecord) {
+    pub(crate) fn fault_reported(&self, record: &FaultRecord) {
         let flags = record.access.0;
         let access = match (flags & 1 != 0, flags & 2 != 0) {
             (true, true) => "rw",
@@ -253,7 +253,7 @@ impl Telemetry {
     }
 
     /// Adds the event-queue counters of a VMM connection that ended.
-    pub fn connection_ended(&self, stats: FaultStats) {
+    pub(crate) fn connection_ended(&self, stats: FaultStats) {
         let mut log = self.fault_log();
         log.earlier.delivered += stats.delivered;
         log.earlier.dropped_full += stats.dropped_full;
@@ -261,7 +261,7 @@ impl Telemetry {
     }
 
     /// Event-queue totals: the ended connections' plus `current`.
-    pub fn fault_totals(&self, current: FaultStats) -> FaultStats {
+    pub(crate) fn fault_totals(&self, current: FaultStats) -> FaultStats {
         let log = self.fault_log();
         FaultStats {
             delivered: log.earlier.delivered + current.delivered,
@@ -272,7 +272,7 @@ impl Telemetry {
 
     /// Faults reported to the guest since the start, and the latest ones
     /// (oldest first).
-    pub fn recent_faults(&self) -> (u64, Vec<FaultEntry>) {
+    pub(crate) fn recent_faults(&self) -> (u64, Vec<FaultEntry>) {
         let log = self.fault_log();
         (log.reported, log.recent.iter().cloned().collect())
     }
