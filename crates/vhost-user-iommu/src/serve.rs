@@ -150,7 +150,10 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
     }))
 }
 
-/// Serves connections until the process is told to stop.
+/// Serves connections until the process is told to stop. With
+/// `settings.seccomp`, the system-call filter is installed on every thread
+/// of the process once the sockets are bound: a program that embeds the
+/// daemon and does more than serve must turn it off.
 pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
     let mut listener = listen.listener(settings.socket_perms)?;
     let where_ = describe(listen);
