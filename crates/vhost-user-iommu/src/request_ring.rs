@@ -167,6 +167,9 @@ impl Pass<'_> {
     ) -> Result<usize, RingError> {
         self.completions.clear();
         let first = self.view.next_avail();
+        if !self.server.applied.is_empty() {
+            self.server.keep_applied_from(first, self.addrs.size);
+        }
         let mut taken = 0;
         let mut result = Ok(());
         // At most a queue's worth per pass: a driver that keeps publishing
@@ -214,7 +217,7 @@ impl Pass<'_> {
             }
         });
         if !server.applied.is_empty() {
-            server.forget_applied_before(self.view.next_avail(), self.addrs.size);
+            server.keep_applied_from(self.view.next_avail(), self.addrs.size);
         }
         match result {
             Err(e) if taken == 0 => Err(e),

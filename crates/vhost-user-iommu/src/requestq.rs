@@ -193,11 +193,21 @@ impl RequestServer {
         })
     }
 
-    /// Forgets saved requests that can no longer come: those not within a
-    /// queue's worth ahead of `next_avail`.
-    pub(crate) fn forget_applied_before(&mut self, next_avail: u16, size: u16) {
-        self.applied
-            .retain(|a| a.position.wrapping_sub(next_avail) < size);
+    /// Keeps, of the saved requests, only those the driver can still have
+    /// outstanding when its ring resumes at `next_avail`: the run at the
+    /// end of the journal whose positions lie within a queue's worth from
+    /// `next_avail`. Walking back from the newest, the first one before
+    /// `next_avail` ends the run; older ones, even with a position that
+    /// wraps into the window (2^16 requests ago), were completed.
+    pub(crate) fn keep_applied_from(&mut self, next_avail: u16, size: u16) {
+        let outstanding = self
+            .applied
+            .iter()
+            .rev()
+            .take_while(|a| a.position.wrapping_sub(next_avail) < size)
+            .count();
+        let older = self.applied.len() - outstanding;
+        self.applied.drain(..older);
     }
 }
 
@@ -229,5 +239,41 @@ fn log_request(readable: &[u8], status: Status, started: Instant) {
             request = "PROBE", endpoint = p.endpoint, %status, latency_ns, "request"
         ),
         Err(e) => debug!(error = %e, %status, latency_ns, "request"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use viommu_core::state::{Applied, RequestBytes};
+
+    fn at(position: u16) -> Applied {
+        Applied {
+            position,
+            request: RequestBytes::copy(&[position as u8]),
+        }
+    }
+
+    fn kept(applied: &[u16], next_avail: u16, size: u16) -> Vec<u16> {
+        let mut s = RequestServer {
+            applied: applied.iter().map(|&p| at(p)).collect(),
+            ..RequestServer::default()
+        };
+        s.keep_applied_from(next_avail, size);
+        s.applied.iter().map(|a| a.position).collect()
+    }
+
+    #[test]
+    fn only_the_journals_tail_from_the_resumed_ring_position_is_kept() {
+        // Completed before the kill: nothing to skip.
+        assert_eq!(kept(&[7, 8, 9], 10, 256), Vec::<u16>::new());
+        // Two outstanding (positions 10 and 12; 11 changed nothing).
+        assert_eq!(kept(&[8, 9, 10, 12], 10, 256), vec![10, 12]);
+        // Positions wrap with the ring's free-running index.
+        assert_eq!(kept(&[65534, 65535, 0, 1], 65535, 256), vec![65535, 0, 1]);
+        // An old request whose position wraps into the window is older than
+        // a completed one: it ends the run.
+        assert_eq!(kept(&[12, 9, 10, 11], 10, 256), vec![10, 11]);
+        assert_eq!(kept(&[12, 9], 10, 256), Vec::<u16>::new());
     }
 }
