@@ -7,8 +7,9 @@
 # - the Kubernetes manifest parses as YAML and its entry script as sh.
 # Usage: deploy/check.sh PATH/TO/vhost-user-iommu
 set -euo pipefail
-cd "$(dirname "$0")"
+# The binary's path is taken relative to where the script was called from.
 BIN=$(realpath "${1:?usage: deploy/check.sh PATH/TO/vhost-user-iommu}")
+cd "$(dirname "$0")"
 THRESHOLD=${THRESHOLD:-10}
 
 tmp=$(mktemp -d)
