@@ -1030,6 +1030,14 @@ reserved_regions = ["reserved:0x0-0xfff"]
         assert!(e.contains("queue_size: expected one value"), "{e}");
         let e = refused("poll_us = 1.5\n");
         assert!(e.contains("poll_us: expected a string"), "{e}");
+        // A value that looks like an option is still a value.
+        for uid in ["-1", "--help", "--socket-path=x"] {
+            let e = refused(&format!("backend_uid = [{uid:?}]\n"));
+            assert!(
+                e.contains("backend_uid: invalid value") && e.contains(uid),
+                "{e}"
+            );
+        }
         let e = refused("backend_uid = [1]\nbackend_uids = [2]\n");
         assert!(e.contains("given twice"), "{e}");
         let e = refused("[[endpoint]]\nids = \"1\"\nregion = []\n");

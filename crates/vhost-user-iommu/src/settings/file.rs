@@ -86,10 +86,8 @@ pub(super) fn with_file(
             }
         };
         if ADDED_TO_THE_COMMAND_LINE.contains(&long.as_str()) {
-            for t in texts {
-                added.push(format!("--{long}").into());
-                added.push(t.into());
-            }
+            // One `--long=VALUE` word: a value starting with `-` stays a value.
+            added.extend(texts.iter().map(|t| format!("--{long}={t}").into()));
         } else {
             command = command.mut_arg(id, |a| a.default_values(texts));
         }
@@ -113,11 +111,15 @@ pub(super) fn with_file(
             Some(ContextValue::String(s)) => s.trim_start_matches('-').split([' ', '=']).next(),
             _ => None,
         };
-        let keys: Vec<&str> = given
-            .values()
-            .filter(|(_, long)| option.is_none_or(|o| o == long))
-            .map(|(key, _)| *key)
-            .collect();
+        let named = |long: &String| option.is_none_or(|o| o == long);
+        let keys: Vec<&str> = match given.values().any(|(_, long)| named(long)) {
+            true => given
+                .values()
+                .filter(|(_, l)| named(l))
+                .map(|(k, _)| *k)
+                .collect(),
+            false => given.values().map(|(k, _)| *k).collect(),
+        };
         value_error(&keys.join(", "), reason)
     };
     let matches = command
