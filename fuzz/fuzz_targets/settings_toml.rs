@@ -6,15 +6,14 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use vhost_user_iommu::settings::{Cli, Settings};
+use vhost_user_iommu::settings::Settings;
 use viommu_core::Device;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let cli = Cli::default();
-    match Settings::from_toml(&cli, Path::new("fuzz.toml"), text) {
+    match Settings::from_toml(Path::new("fuzz.toml"), text) {
         Ok(settings) => {
             if let Err(e) = Device::new(settings.device.clone()) {
                 panic!("accepted settings build no device: {e}\n{settings:?}");

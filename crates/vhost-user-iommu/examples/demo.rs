@@ -13,9 +13,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use iotlb_shm::{Access, BackendClient};
-use vhost_user_iommu::settings::{Cli, Settings};
+use vhost_user_iommu::settings::Settings;
 use viommu_frontend::driver::{Driver, DriverOptions};
 use virtio_iommu_proto::{Attach, Map, MapFlags, Request, Unmap};
 
@@ -69,7 +68,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("viommu-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (vmm, backends) = (dir.join("vmm.sock"), dir.join("backends.sock"));
-    let cli = Cli::try_parse_from([
+    let settings = Settings::from_args([
         "vhost-user-iommu".as_ref(),
         "--socket-path".as_ref(),
         vmm.as_os_str(),
@@ -84,7 +83,6 @@ fn main() {
         "off".as_ref(),
     ])
     .unwrap();
-    let settings = Settings::from_cli(&cli).unwrap();
     vhost_user_iommu::logging::init(&settings.log).unwrap();
     let listen = settings.listen.clone().unwrap();
     println!(

@@ -1,9 +1,8 @@
 //! `vhost-user-iommu`: a virtio-iommu device as a vhost-user backend.
 
-use clap::Parser;
 use std::process::ExitCode;
 use tracing::{error, info};
-use vhost_user_iommu::settings::{Cli, Settings};
+use vhost_user_iommu::settings::{Cli, Settings, SettingsError};
 use vhost_user_iommu::{logging, serve, signals};
 
 use vhost_user_process::report;
@@ -13,12 +12,20 @@ fn capabilities() -> String {
 }
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let mut cli = match Cli::load(std::env::args_os()) {
+        Ok(cli) => cli,
+        // Usage errors, --help and --version, as clap prints them.
+        Err(SettingsError::CommandLine(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("vhost-user-iommu: {}", report(&e));
+            return ExitCode::from(2);
+        }
+    };
     // SAFETY: the process has one thread until logging and signals start.
     let activation = unsafe { vhost_user_process::activation::Activation::take_from_env() };
     // A socket unit's socket serves when the command line names none (and
     // wins over a socket_path in the settings file).
-    if cli.fd.is_none() && cli.socket_path.is_none() {
+    if !cli.names_a_socket() {
         cli.fd = activation.vmm_socket();
     }
     if cli.print_capabilities {

@@ -1,8 +1,11 @@
-//! Daemon settings: command-line options and an optional TOML file, merged
-//! (the command line wins) and validated into a [`DeviceConfig`].
+//! Daemon settings: one definition of every option ([`Cli`]) serves the
+//! command line, the TOML file and `--help`. The file's values become the
+//! options' defaults ([`file`]), so the command line wins, then the file,
+//! then the built-in default; [`Settings::from_cli`] validates the result
+//! into a [`DeviceConfig`].
 
 use clap::{Parser, ValueEnum};
-use serde::Deserialize;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 pub use vhost_user_process::listen::Listen;
@@ -12,6 +15,9 @@ use viommu_core::{ConfigError, DeviceConfig, EndpointRange, Limits};
 use virtio_iommu_proto::config::{DomainRange, InputRange};
 use virtio_iommu_proto::probe::{ResvMem, ResvSubtype};
 
+mod file;
+pub use file::EndpointRangeText;
+
 /// `--poll-us` when not given: the longest polling window. Its shortest,
 /// a tenth, is about what one sleep and wake-up cost the request thread
 /// (measured in docs/performance.md).
@@ -20,15 +26,86 @@ pub const DEFAULT_POLL_US: u64 = 50;
 /// Default maximum virtqueue size offered to the VMM.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 
+/// Default size bound of the shared table, in MiB.
+pub const DEFAULT_TABLE_MAX_MIB: u32 = 1024;
+
+/// `--stall-warn-ms` when not given.
+pub const DEFAULT_STALL_WARN_MS: u64 = 100;
+
+/// `--stall-kill-ms` when not given: never kill.
+pub const DEFAULT_STALL_KILL_MS: u64 = 0;
+
+/// Options that only the command line takes; every other option is also a
+/// key of the settings file.
+pub const COMMAND_LINE_ONLY: [&str; 5] = ["config", "fd", "print-capabilities", "help", "version"];
+
+/// The built-in defaults of the device options, as option text, taken from
+/// [`DeviceConfig::default`] so that `--help` shows what the device gets.
+mod default_text {
+    use super::*;
+
+    pub fn endpoints() -> String {
+        DeviceConfig::default()
+            .endpoints
+            .iter()
+            .map(|r| format!("{}-{:#x}", r.first, r.last))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn reserved_regions() -> Vec<String> {
+        [X86_MSI_WINDOW].iter().map(region).collect()
+    }
+
+    pub fn region(r: &ResvMem) -> String {
+        let kind = match r.subtype {
+            ResvSubtype::Msi => "msi",
+            _ => "reserved",
+        };
+        format!("{kind}:{:#x}-{:#x}", r.start, r.end)
+    }
+
+    pub fn page_size_mask() -> String {
+        format!("{:#x}", DeviceConfig::default().page_size_mask)
+    }
+
+    pub fn input_range() -> String {
+        match DeviceConfig::default().input_range {
+            Some(r) => format!("{}-{:#x}", r.start, r.end),
+            None => "none".into(),
+        }
+    }
+
+    pub fn domain_range() -> String {
+        match DeviceConfig::default().domain_range {
+            Some(r) => format!("{}-{:#x}", r.start, r.end),
+            None => "none".into(),
+        }
+    }
+
+    pub fn probe_size() -> u32 {
+        DeviceConfig::default().probe_size.unwrap_or(0)
+    }
+
+    pub fn bypass() -> OnOff {
+        if DeviceConfig::default().initial_bypass {
+            OnOff::On
+        } else {
+            OnOff::Off
+        }
+    }
+}
+
 /// virtio-iommu device (virtio ID 23) as a vhost-user backend.
 ///
 /// Start it with a socket path, then point a VMM's vhost-user device at
 /// that socket (QEMU: `-chardev socket,id=viommu,path=PATH -device
 /// vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40`).
-/// Every option has a default that works for x86 Linux guests; a TOML file
-/// (`--config`) takes the same settings, and options given on the command
-/// line override it.
-#[derive(Parser, Debug, Default, Clone)]
+/// Every option has a default that works for x86 Linux guests. A TOML file
+/// (`--config`) takes the same settings under the same names (with `_` for
+/// `-`): its values replace the defaults shown here, and options given on
+/// the command line override it.
+#[derive(Parser, Debug, Clone)]
 #[command(name = "vhost-user-iommu", version)]
 pub struct Cli {
     /// Listen for the VMM on this Unix socket. A stale socket there is
@@ -39,7 +116,8 @@ pub struct Cli {
 
     /// Listen on an inherited, already listening Unix socket file descriptor
     /// (a systemd socket unit's is 3). With neither this nor --socket-path,
-    /// a socket systemd passed (LISTEN_FDS, LISTEN_PID) is served.
+    /// a socket systemd passed (LISTEN_FDS, LISTEN_PID) is served. Wins over
+    /// a socket_path from the settings file.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
 
@@ -59,45 +137,51 @@ pub struct Cli {
     pub print_capabilities: bool,
 
     /// TOML file with device settings (same names as these options, with
-    /// `_` for `-`, plus `[[endpoint]]` tables for per-range reserved regions).
+    /// `_` for `-`, plus `[[endpoint]]` tables for per-range reserved
+    /// regions). Its values replace the defaults; the command line wins.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
 
     /// Endpoint IDs that exist, as a list of IDs and inclusive ranges
-    /// (PCI requester IDs: bus<<8 | dev<<3 | fn). Default: 0-0xffff.
-    #[arg(long, value_name = "LIST")]
-    pub endpoints: Option<String>,
+    /// (PCI requester IDs: bus<<8 | dev<<3 | fn).
+    #[arg(long, value_name = "LIST", default_value_t = default_text::endpoints())]
+    pub endpoints: String,
 
     /// Reserved IOVA region of every endpoint, `msi:START-END` or
-    /// `reserved:START-END`; repeat for several. Replaces the default, the
-    /// x86 MSI window msi:0xfee00000-0xfeefffff. `none` for no region.
-    #[arg(long = "reserved-region", value_name = "KIND:START-END")]
+    /// `reserved:START-END`; repeat for several. Given on the command line,
+    /// these replace the file's list, which replaces the default (the x86
+    /// MSI window). `none` for no region.
+    #[arg(
+        long = "reserved-region",
+        value_name = "KIND:START-END",
+        default_values_t = default_text::reserved_regions()
+    )]
     pub reserved_regions: Vec<String>,
 
     /// Page sizes the device supports; the lowest set bit is the MAP
-    /// granule. Default: 0xfffffffffffff000 (4 KiB and up).
-    #[arg(long, value_name = "MASK")]
-    pub page_size_mask: Option<String>,
+    /// granule (4 KiB and up by default).
+    #[arg(long, value_name = "MASK", default_value_t = default_text::page_size_mask())]
+    pub page_size_mask: String,
 
     /// IOVA window `START-END` (inclusive), or `none` to not offer
-    /// F_INPUT_RANGE. Default: 0-0xffffffffffff (48 bits).
-    #[arg(long, value_name = "START-END")]
-    pub input_range: Option<String>,
+    /// F_INPUT_RANGE (48 bits by default).
+    #[arg(long, value_name = "START-END", default_value_t = default_text::input_range())]
+    pub input_range: String,
 
     /// Domain ID window `START-END` (inclusive), or `none` to not offer
-    /// F_DOMAIN_RANGE. Default: 0-0xffff.
-    #[arg(long, value_name = "START-END")]
-    pub domain_range: Option<String>,
+    /// F_DOMAIN_RANGE.
+    #[arg(long, value_name = "START-END", default_value_t = default_text::domain_range())]
+    pub domain_range: String,
 
-    /// PROBE properties size in bytes; 0 does not offer F_PROBE. Default: 512.
-    #[arg(long, value_name = "BYTES")]
-    pub probe_size: Option<u32>,
+    /// PROBE properties size in bytes; 0 does not offer F_PROBE.
+    #[arg(long, value_name = "BYTES", default_value_t = default_text::probe_size())]
+    pub probe_size: u32,
 
     /// Initial `bypass` config byte: unattached endpoints reach guest
-    /// memory untranslated. Default: on, so firmware can DMA before the
+    /// memory untranslated. On by default, so firmware can DMA before the
     /// guest driver attaches devices; `off` blocks them until attached.
-    #[arg(long, value_name = "on|off")]
-    pub bypass: Option<OnOff>,
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = default_text::bypass())]
+    pub bypass: OnOff,
 
     /// Offer the legacy F_BYPASS feature instead of F_BYPASS_CONFIG.
     #[arg(long)]
@@ -107,21 +191,21 @@ pub struct Cli {
     #[arg(long)]
     pub mmio: bool,
 
-    /// Domains alive at once; more answer NOMEM. Default: 4096.
-    #[arg(long, value_name = "N")]
-    pub max_domains: Option<u32>,
+    /// Domains alive at once; more answer NOMEM.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_domains)]
+    pub max_domains: u32,
 
-    /// Mappings in all domains together; more answer NOMEM. Default: 2097152.
-    #[arg(long, value_name = "N")]
-    pub max_mappings: Option<u32>,
+    /// Mappings in all domains together; more answer NOMEM.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_mappings)]
+    pub max_mappings: u32,
 
-    /// Mappings in one domain; more answer NOMEM. Default: 1048576.
-    #[arg(long, value_name = "N")]
-    pub max_mappings_per_domain: Option<u32>,
+    /// Mappings in one domain; more answer NOMEM.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_mappings_per_domain)]
+    pub max_mappings_per_domain: u32,
 
-    /// Largest virtqueue size offered to the VMM. Default: 1024.
-    #[arg(long, value_name = "N")]
-    pub queue_size: Option<u16>,
+    /// Largest virtqueue size offered to the VMM.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE)]
+    pub queue_size: u16,
 
     /// After the request queue runs dry, the request thread polls it
     /// before it sleeps on the kick, for at most this many microseconds.
@@ -131,27 +215,25 @@ pub struct Cli {
     /// it was spent before a longer sleep, and stays between a tenth of the
     /// bound and the bound. The loop yields the CPU between polls, so it
     /// never starves a guest on a shared core. 0 always sleeps at once.
-    /// Default: 50.
-    #[arg(long, value_name = "US")]
-    pub poll_us: Option<u64>,
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
+    pub poll_us: u64,
 
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing
-    /// filter directive). `RUST_LOG` is used when this is not given.
-    /// Default: info.
-    /// Given twice, the last one wins.
+    /// filter directive). `RUST_LOG` is used when this is not given, and
+    /// `info` without either. Given twice, the last one wins.
     #[arg(long, value_name = "FILTER", overrides_with = "log_level")]
     pub log_level: Option<String>,
 
     /// Log line format.
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::default())]
+    pub log_format: LogFormat,
 
     /// How request-queue kicks are waited for: `uring` (a dedicated thread
     /// reading the kick eventfd through io_uring; falls back to `epoll`
     /// when io_uring is unavailable) or `epoll` (vhost-user-backend's own
-    /// event thread). Default: uring.
-    #[arg(long, value_enum, value_name = "LOOP")]
-    pub kick_loop: Option<KickLoopKind>,
+    /// event thread).
+    #[arg(long, value_enum, value_name = "LOOP", default_value_t = KickLoopKind::default())]
+    pub kick_loop: KickLoopKind,
 
     /// Pin the request-queue thread to this CPU (with `--kick-loop uring`),
     /// e.g. a core isolated for DPDK-style polling. Default: not pinned.
@@ -167,28 +249,28 @@ pub struct Cli {
     pub backend_socket: Option<PathBuf>,
 
     /// A user ID allowed to connect to the backend socket (repeatable).
+    /// Those given on the command line are added to the settings file's.
     /// The daemon's own user and root are always allowed.
     #[arg(long = "backend-uid", value_name = "UID")]
     pub backend_uids: Vec<u32>,
 
     /// Most memory the shared table may use, in MiB; a MAP that would need
-    /// more answers NOMEM. Default: 1024.
-    #[arg(long, value_name = "MIB")]
-    pub table_max_mib: Option<u32>,
+    /// more answers NOMEM.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_TABLE_MAX_MIB)]
+    pub table_max_mib: u32,
 
     /// Log a warning when a backend holds an UNMAP back (inside a session
-    /// or holding a pin) this long. Default: 100.
-    #[arg(long, value_name = "MS")]
-    pub stall_warn_ms: Option<u64>,
+    /// or holding a pin) this long.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_STALL_WARN_MS)]
+    pub stall_warn_ms: u64,
 
     /// Kill (SIGKILL) a backend that holds an UNMAP back this long; 0 never
-    /// kills and waits for as long as the backend lives. Default: 0. The
-    /// UNMAP still completes only once the backend is gone and the I/O it
-    /// registered has drained; a kill the kernel refuses (the daemon needs
-    /// CAP_KILL or the backend's uid) is logged and the daemon keeps
-    /// waiting.
-    #[arg(long, value_name = "MS")]
-    pub stall_kill_ms: Option<u64>,
+    /// kills and waits for as long as the backend lives. The UNMAP still
+    /// completes only once the backend is gone and the I/O it registered
+    /// has drained; a kill the kernel refuses (the daemon needs CAP_KILL or
+    /// the backend's uid) is logged and the daemon keeps waiting.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_STALL_KILL_MS)]
+    pub stall_kill_ms: u64,
 
     /// Keep the device's state (features, endpoints, domains, mappings) in
     /// DIR/device-state, written before each request completes, so that a
@@ -215,14 +297,49 @@ pub struct Cli {
 
     /// The system-call filter, installed on every thread once the sockets
     /// are bound: a call the daemon never makes kills it with SIGSYS.
-    /// `off` only to debug (docs/operations.md). Default: on.
-    #[arg(long, value_name = "on|off")]
-    pub seccomp: Option<OnOff>,
+    /// `off` only to debug (docs/operations.md).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::On)]
+    pub seccomp: OnOff,
+
+    /// The settings file's `[[endpoint]]` tables (file only).
+    #[arg(skip)]
+    endpoint_ranges: Vec<EndpointRangeText>,
+
+    /// Whether `socket_path` came from the settings file, not the command
+    /// line.
+    #[arg(skip)]
+    socket_path_from_file: bool,
+}
+
+impl Cli {
+    /// Parses the command line `args` (the program's name first) over the
+    /// settings file `--config` names, if any.
+    pub fn load<I, T>(args: I) -> Result<Cli, SettingsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let cli = Cli::try_parse_from(&args).map_err(SettingsError::CommandLine)?;
+        let Some(path) = cli.config else {
+            return Ok(cli);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        file::with_file(args, &path, &text)
+    }
+
+    /// Whether the VMM socket was named on the command line (`--socket-path`
+    /// or `--fd`), rather than by the settings file or not at all.
+    pub fn names_a_socket(&self) -> bool {
+        self.fd.is_some() || (self.socket_path.is_some() && !self.socket_path_from_file)
+    }
 }
 
 /// A switch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
     /// On.
     On,
@@ -231,65 +348,13 @@ pub enum OnOff {
 }
 
 /// Where request-queue kicks are handled.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum KickLoopKind {
     /// A dedicated thread on io_uring.
     #[default]
     Uring,
     /// vhost-user-backend's epoll thread.
     Epoll,
-}
-
-/// The TOML file: every field optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSettings {
-    socket_path: Option<PathBuf>,
-    socket_mode: Option<String>,
-    socket_group: Option<String>,
-    endpoints: Option<String>,
-    /// `--reserved-region` (the plural is the name used before 0.1.1).
-    #[serde(alias = "reserved_regions")]
-    reserved_region: Option<Vec<String>>,
-    #[serde(default, rename = "endpoint")]
-    endpoint_ranges: Vec<FileEndpointRange>,
-    page_size_mask: Option<String>,
-    input_range: Option<String>,
-    domain_range: Option<String>,
-    probe_size: Option<u32>,
-    bypass: Option<OnOff>,
-    legacy_bypass: Option<bool>,
-    mmio: Option<bool>,
-    max_domains: Option<u32>,
-    max_mappings: Option<u32>,
-    max_mappings_per_domain: Option<u32>,
-    queue_size: Option<u16>,
-    poll_us: Option<u64>,
-    log_level: Option<String>,
-    log_format: Option<LogFormat>,
-    kick_loop: Option<KickLoopKind>,
-    cpu: Option<usize>,
-    backend_socket: Option<PathBuf>,
-    /// `--backend-uid` (the plural is the name used before 0.1.1).
-    #[serde(default, alias = "backend_uids")]
-    backend_uid: Vec<u32>,
-    table_max_mib: Option<u32>,
-    stall_warn_ms: Option<u64>,
-    stall_kill_ms: Option<u64>,
-    state_dir: Option<PathBuf>,
-    admin_socket: Option<PathBuf>,
-    metrics_addr: Option<std::net::SocketAddr>,
-    seccomp: Option<OnOff>,
-}
-
-/// `[[endpoint]]`: a range of endpoints with its own reserved regions.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileEndpointRange {
-    ids: String,
-    #[serde(default, alias = "reserved_regions")]
-    reserved_region: Vec<String>,
 }
 
 /// Everything the daemon needs, validated.
@@ -324,9 +389,6 @@ pub struct Settings {
     pub seccomp: bool,
 }
 
-/// Default size bound of the shared table, in MiB.
-pub const DEFAULT_TABLE_MAX_MIB: u32 = 1024;
-
 /// The shared table and the backend socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableSettings {
@@ -345,6 +407,10 @@ pub struct TableSettings {
 /// Why settings are unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
+    /// The command line is not understood (or asks for `--help`,
+    /// `--version`: [`clap::Error::exit`] prints those).
+    #[error("{0}")]
+    CommandLine(#[source] clap::Error),
     /// The config file could not be read.
     #[error("cannot read config file {path}")]
     ReadFile {
@@ -362,6 +428,26 @@ pub enum SettingsError {
         /// The TOML error, with line and column.
         #[source]
         source: Box<toml::de::Error>,
+    },
+    /// The config file has a key that names no option.
+    #[error(
+        "config file {path}: unknown key {key:?} (keys are the options' names with `_` for `-`, and [[endpoint]])"
+    )]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A config file value is of the wrong kind or refused by its option.
+    #[error("config file {path}: {key}: {reason}")]
+    FileValue {
+        /// The file.
+        path: PathBuf,
+        /// The key (or keys, when the option's parser could not tell).
+        key: String,
+        /// Why.
+        reason: String,
     },
     /// A number could not be parsed.
     #[error("{what}: {value:?} is not a number (decimal, or hex with 0x)")]
@@ -517,55 +603,39 @@ pub fn parse_regions(list: &[String]) -> Result<Vec<ResvMem>, SettingsError> {
 }
 
 impl Settings {
-    /// Merges the command line over the file (if any) over the defaults.
+    /// Parses the command line `args` (the program's name first) over the
+    /// settings file it names, if any, and validates the result.
+    pub fn from_args<I, T>(args: I) -> Result<Settings, SettingsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        Self::from_cli(&Cli::load(args)?)
+    }
+
+    /// Validates the settings file `text` (read from `path`, named in
+    /// errors) with nothing on the command line.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Settings, SettingsError> {
+        Self::from_cli(&file::with_file(
+            vec!["vhost-user-iommu".into()],
+            path,
+            text,
+        )?)
+    }
+
+    /// Validates options already merged with their settings file
+    /// ([`Cli::load`]).
     pub fn from_cli(cli: &Cli) -> Result<Settings, SettingsError> {
-        match &cli.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| SettingsError::ReadFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Self::from_toml(cli, path, &text)
-            }
-            None => Self::merge(cli, FileSettings::default()),
-        }
-    }
-
-    /// Merges the command line over `text`, the TOML file read from `path`
-    /// (named in errors), over the defaults.
-    pub fn from_toml(cli: &Cli, path: &Path, text: &str) -> Result<Settings, SettingsError> {
-        let file =
-            toml::from_str::<FileSettings>(text).map_err(|source| SettingsError::ParseFile {
-                path: path.to_path_buf(),
-                source: Box::new(source),
-            })?;
-        Self::merge(cli, file)
-    }
-
-    fn merge(cli: &Cli, file: FileSettings) -> Result<Settings, SettingsError> {
-        let defaults = DeviceConfig::default();
-        let regions = if !cli.reserved_regions.is_empty() {
-            parse_regions(&cli.reserved_regions)?
-        } else if let Some(r) = &file.reserved_region {
-            parse_regions(r)?
-        } else {
-            vec![X86_MSI_WINDOW]
-        };
+        let regions = parse_regions(&cli.reserved_regions)?;
         let mut endpoints = Vec::new();
-        for (first, last) in parse_endpoint_list(
-            cli.endpoints
-                .as_deref()
-                .or(file.endpoints.as_deref())
-                .unwrap_or("0-0xffff"),
-        )? {
+        for (first, last) in parse_endpoint_list(&cli.endpoints)? {
             endpoints.push(EndpointRange {
                 first,
                 last,
                 resv: regions.clone(),
             });
         }
-        for r in &file.endpoint_ranges {
+        for r in &cli.endpoint_ranges {
             let resv = parse_regions(&r.reserved_region)?;
             for (first, last) in parse_endpoint_list(&r.ids)? {
                 endpoints.push(EndpointRange {
@@ -575,64 +645,30 @@ impl Settings {
                 });
             }
         }
-        let page_size_mask = match cli
-            .page_size_mask
-            .as_deref()
-            .or(file.page_size_mask.as_deref())
-        {
-            Some(s) => parse_u64("page_size_mask", s)?,
-            None => defaults.page_size_mask,
-        };
-        let input_range = match cli.input_range.as_deref().or(file.input_range.as_deref()) {
-            Some(s) => parse_optional_range("input_range", s)?
-                .map(|(start, end)| InputRange { start, end }),
-            None => defaults.input_range,
-        };
-        let domain_range = match cli.domain_range.as_deref().or(file.domain_range.as_deref()) {
-            Some(s) => match parse_optional_range("domain_range", s)? {
-                Some((a, b)) => Some(DomainRange {
-                    start: parse_u32("domain_range", &a.to_string())?,
-                    end: parse_u32("domain_range", &b.to_string())?,
-                }),
-                None => None,
-            },
-            None => defaults.domain_range,
-        };
-        let probe_size = match cli.probe_size.or(file.probe_size) {
-            Some(0) => None,
-            Some(n) => Some(n),
-            None => defaults.probe_size,
-        };
-        let legacy_bypass = cli.legacy_bypass || file.legacy_bypass.unwrap_or(false);
-        let bypass = cli
-            .bypass
-            .or(file.bypass)
-            .map_or(defaults.initial_bypass, |b| b == OnOff::On);
-        let limits = Limits {
-            max_domains: cli
-                .max_domains
-                .or(file.max_domains)
-                .unwrap_or(defaults.limits.max_domains),
-            max_mappings: cli
-                .max_mappings
-                .or(file.max_mappings)
-                .unwrap_or(defaults.limits.max_mappings),
-            max_mappings_per_domain: cli
-                .max_mappings_per_domain
-                .or(file.max_mappings_per_domain)
-                .unwrap_or(defaults.limits.max_mappings_per_domain),
+        let input_range = parse_optional_range("input_range", &cli.input_range)?
+            .map(|(start, end)| InputRange { start, end });
+        let domain_range = match parse_optional_range("domain_range", &cli.domain_range)? {
+            Some((a, b)) => Some(DomainRange {
+                start: parse_u32("domain_range", &a.to_string())?,
+                end: parse_u32("domain_range", &b.to_string())?,
+            }),
+            None => None,
         };
         let device = DeviceConfig {
             endpoints,
-            page_size_mask,
+            page_size_mask: parse_u64("page_size_mask", &cli.page_size_mask)?,
             input_range,
             domain_range,
-            probe_size,
-            mmio: cli.mmio || file.mmio.unwrap_or(false),
-            bypass_config: !legacy_bypass,
-            legacy_bypass,
-            initial_bypass: bypass,
-            limits,
+            probe_size: (cli.probe_size > 0).then_some(cli.probe_size),
+            mmio: cli.mmio,
+            bypass_config: !cli.legacy_bypass,
+            legacy_bypass: cli.legacy_bypass,
+            initial_bypass: cli.bypass == OnOff::On,
+            limits: Limits {
+                max_domains: cli.max_domains,
+                max_mappings: cli.max_mappings,
+                max_mappings_per_domain: cli.max_mappings_per_domain,
+            },
         };
         device.validate()?;
         // The same with or without --backend-socket: the daemon serves one
@@ -640,25 +676,19 @@ impl Settings {
         if device.page_size_mask.trailing_zeros() < 12 {
             return Err(SettingsError::Granule(device.page_size_mask));
         }
-        let queue_size = cli
-            .queue_size
-            .or(file.queue_size)
-            .unwrap_or(DEFAULT_QUEUE_SIZE);
+        let queue_size = cli.queue_size;
         if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
             return Err(SettingsError::QueueSize(queue_size));
         }
-        let listen = match (
-            &cli.fd,
-            cli.socket_path.as_ref().or(file.socket_path.as_ref()),
-        ) {
+        let listen = match (&cli.fd, &cli.socket_path) {
             (Some(fd), _) => Some(Listen::Fd(*fd)),
             (None, Some(p)) => Some(Listen::Path(p.clone())),
             (None, None) if cli.print_capabilities => None,
             (None, None) => return Err(SettingsError::NoSocket),
         };
         let socket_perms = vhost_user_process::socket_file::Permissions::parse(
-            cli.socket_mode.as_deref().or(file.socket_mode.as_deref()),
-            cli.socket_group.as_deref().or(file.socket_group.as_deref()),
+            cli.socket_mode.as_deref(),
+            cli.socket_group.as_deref(),
         )
         .map_err(|(which, reason)| SettingsError::SocketAccess {
             what: if which == "mode" {
@@ -668,48 +698,41 @@ impl Settings {
             },
             reason,
         })?;
-        let table = match cli.backend_socket.as_ref().or(file.backend_socket.as_ref()) {
+        let table = match &cli.backend_socket {
             None => None,
             Some(socket) => {
-                let max_mib = cli
-                    .table_max_mib
-                    .or(file.table_max_mib)
-                    .unwrap_or(DEFAULT_TABLE_MAX_MIB);
+                let max_mib = cli.table_max_mib;
                 if !(2..=1 << 20).contains(&max_mib) {
                     return Err(SettingsError::Table(format!(
                         "table_max_mib {max_mib} is not in 2..=1048576"
                     )));
                 }
-                let mut allowed_uids = file.backend_uid.clone();
-                allowed_uids.extend(&cli.backend_uids);
-                let kill = cli.stall_kill_ms.or(file.stall_kill_ms).unwrap_or(0);
+                let kill = cli.stall_kill_ms;
                 Some(TableSettings {
                     socket: socket.clone(),
-                    allowed_uids,
+                    allowed_uids: cli.backend_uids.clone(),
                     max_mib,
-                    stall_warn: Duration::from_millis(
-                        cli.stall_warn_ms.or(file.stall_warn_ms).unwrap_or(100),
-                    ),
+                    stall_warn: Duration::from_millis(cli.stall_warn_ms),
                     stall_kill: (kill > 0).then(|| Duration::from_millis(kill)),
                 })
             }
         };
         Ok(Settings {
-            admin_socket: cli.admin_socket.clone().or(file.admin_socket),
-            metrics_addr: cli.metrics_addr.or(file.metrics_addr),
-            kick_loop: cli.kick_loop.or(file.kick_loop).unwrap_or_default(),
-            cpu: cli.cpu.or(file.cpu),
-            state_dir: cli.state_dir.clone().or(file.state_dir),
-            seccomp: cli.seccomp.or(file.seccomp) != Some(OnOff::Off),
+            admin_socket: cli.admin_socket.clone(),
+            metrics_addr: cli.metrics_addr,
+            kick_loop: cli.kick_loop,
+            cpu: cli.cpu,
+            state_dir: cli.state_dir.clone(),
+            seccomp: cli.seccomp == OnOff::On,
             table,
             device,
             listen,
             socket_perms,
             queue_size,
-            poll: Duration::from_micros(cli.poll_us.or(file.poll_us).unwrap_or(DEFAULT_POLL_US)),
+            poll: Duration::from_micros(cli.poll_us),
             log: LogSettings {
-                filter: cli.log_level.clone().or(file.log_level),
-                format: cli.log_format.or(file.log_format).unwrap_or_default(),
+                filter: cli.log_level.clone(),
+                format: cli.log_format,
             },
         })
     }
@@ -719,16 +742,14 @@ impl Settings {
 mod tests {
     use super::*;
 
-    fn cli(args: &[&str]) -> Cli {
-        let mut v = vec!["vhost-user-iommu"];
-        v.extend_from_slice(args);
-        Cli::try_parse_from(v).unwrap()
+    fn settings(args: &[&str]) -> Result<Settings, SettingsError> {
+        Settings::from_args(std::iter::once("vhost-user-iommu").chain(args.iter().copied()))
     }
 
     fn refused(args: &[&str]) -> String {
         let mut all = vec!["--socket-path", "/tmp/x.sock"];
         all.extend_from_slice(args);
-        match Settings::from_cli(&cli(&all)) {
+        match settings(&all) {
             Ok(_) => panic!("{args:?} accepted"),
             Err(e) => vhost_user_process::report_line(&e),
         }
@@ -738,11 +759,10 @@ mod tests {
     fn the_example_file_holds_every_option_under_its_option_name_and_loads() {
         use clap::CommandFactory;
         const EXAMPLE: &str = include_str!("../../../deploy/example.toml");
-        let cli_only = ["config", "fd", "print-capabilities", "help", "version"];
         let options: std::collections::BTreeSet<String> = Cli::command()
             .get_arguments()
             .filter_map(|a| a.get_long())
-            .filter(|l| !cli_only.contains(l))
+            .filter(|l| !COMMAND_LINE_ONLY.contains(l))
             .map(|l| l.replace('-', "_"))
             .collect();
         // Settings without a default are shown commented out: `# key = …`.
@@ -768,7 +788,7 @@ mod tests {
         // group name, say, need not exist on this host).
         let path = std::env::temp_dir().join(format!("viommu-example-{}.toml", std::process::id()));
         std::fs::write(&path, EXAMPLE).unwrap();
-        let loaded = Settings::from_cli(&cli(&["-c", path.to_str().unwrap()]));
+        let loaded = settings(&["-c", path.to_str().unwrap()]);
         let _ = std::fs::remove_file(&path);
         let s = loaded.unwrap();
         assert_eq!(s.socket_perms.mode, Some(0o660));
@@ -820,7 +840,7 @@ mod tests {
 
     #[test]
     fn defaults_with_only_a_socket_are_the_documented_ones() {
-        let s = Settings::from_cli(&cli(&["--socket-path", "/tmp/x.sock"])).unwrap();
+        let s = settings(&["--socket-path", "/tmp/x.sock"]).unwrap();
         assert_eq!(s.device, DeviceConfig::default());
         assert_eq!(s.listen, Some(Listen::Path("/tmp/x.sock".into())));
         assert_eq!(s.queue_size, 1024);
@@ -829,7 +849,7 @@ mod tests {
 
     #[test]
     fn options_map_onto_the_device_config() {
-        let s = Settings::from_cli(&cli(&[
+        let s = settings(&[
             "--fd",
             "3",
             "--endpoints",
@@ -855,7 +875,7 @@ mod tests {
             "256",
             "--poll-us",
             "50",
-        ]))
+        ])
         .unwrap();
         let d = &s.device;
         assert_eq!(s.listen, Some(Listen::Fd(3)));
@@ -891,23 +911,27 @@ reserved_regions = ["reserved:0x0-0xfff"]
         )
         .unwrap();
         let p = path.to_str().unwrap();
-        let s = Settings::from_cli(&cli(&["-c", p, "--probe-size", "128"])).unwrap();
+        let s = settings(&["-c", p, "--probe-size", "128"]).unwrap();
         assert_eq!(s.listen, Some(Listen::Path("/run/viommu.sock".into())));
         assert_eq!(s.device.probe_size, Some(128));
         assert!(!s.device.initial_bypass);
         assert_eq!(s.device.endpoints.len(), 2);
         assert_eq!(s.device.endpoints[1].resv[0].end, 0xfff);
         std::fs::write(&path, "probe_sise = 1\n").unwrap();
-        let err = Settings::from_cli(&cli(&["-c", p])).unwrap_err();
-        assert!(matches!(err, SettingsError::ParseFile { .. }), "{err}");
+        let err = settings(&["-c", p]).unwrap_err();
+        assert!(
+            matches!(&err, SettingsError::UnknownKey { key, .. } if key == "probe_sise"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"probe_sise\""), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn the_shipped_example_file_is_valid_and_matches_the_defaults() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/example.toml");
-        let s = Settings::from_cli(&cli(&["-c", path])).unwrap();
-        let bare = Settings::from_cli(&cli(&["--socket-path", "x"])).unwrap();
+        let s = settings(&["-c", path]).unwrap();
+        let bare = settings(&["--socket-path", "x"]).unwrap();
         assert_eq!(s.device.page_size_mask, bare.device.page_size_mask);
         assert_eq!(s.device.input_range, bare.device.input_range);
         assert_eq!(s.device.domain_range, bare.device.domain_range);
@@ -918,16 +942,16 @@ reserved_regions = ["reserved:0x0-0xfff"]
 
     #[test]
     fn the_syscall_filter_is_on_unless_turned_off() {
-        let s = Settings::from_cli(&cli(&["--socket-path", "s"])).unwrap();
+        let s = settings(&["--socket-path", "s"]).unwrap();
         assert!(s.seccomp);
-        let s = Settings::from_cli(&cli(&["--socket-path", "s", "--seccomp", "off"])).unwrap();
+        let s = settings(&["--socket-path", "s", "--seccomp", "off"]).unwrap();
         assert!(!s.seccomp);
         assert!(Cli::try_parse_from(["x", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]
     fn bad_values_are_refused_with_the_setting_named() {
-        let err = |args: &[&str]| Settings::from_cli(&cli(args)).unwrap_err().to_string();
+        let err = |args: &[&str]| settings(args).unwrap_err().to_string();
         assert!(err(&["--socket-path", "s", "--endpoints", "0-zz"]).contains("endpoints"));
         assert!(err(&["--socket-path", "s", "--input-range", "9-1"]).contains("input_range"));
         assert!(err(&["--socket-path", "s", "--reserved-region", "io:1-2"]).contains("io:1-2"));
@@ -936,5 +960,206 @@ reserved_regions = ["reserved:0x0-0xfff"]
         assert!(err(&[]).contains("--socket-path"));
         assert!(err(&["--socket-path", "s", "--endpoints", "0-0x1ffffffff"]).contains("endpoints"));
         assert!(Cli::try_parse_from(["x", "--socket-path", "s", "--fd", "3"]).is_err());
+    }
+
+    /// Writes `text` as a settings file and loads it under `args`.
+    fn with_file(name: &str, text: &str, args: &[&str]) -> Result<Settings, SettingsError> {
+        let path = std::env::temp_dir().join(format!("viommu-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let mut all = vec!["-c", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let loaded = settings(&all);
+        std::fs::remove_file(&path).unwrap();
+        loaded
+    }
+
+    #[test]
+    fn a_file_value_beats_the_default_and_the_command_line_beats_it() {
+        let file = "socket_path = \"s\"\nprobe_size = 256\nmmio = true\nkick_loop = \"epoll\"\n";
+        let bare = settings(&["--socket-path", "s"]).unwrap();
+        assert_eq!(bare.device.probe_size, Some(512));
+        let s = with_file("over-default", file, &[]).unwrap();
+        assert_eq!(s.device.probe_size, Some(256));
+        assert!(s.device.mmio);
+        assert_eq!(s.kick_loop, KickLoopKind::Epoll);
+        let s = with_file(
+            "over-file",
+            file,
+            &["--probe-size", "128", "--kick-loop", "uring"],
+        )
+        .unwrap();
+        assert_eq!(s.device.probe_size, Some(128));
+        assert_eq!(s.kick_loop, KickLoopKind::Uring);
+        // Not given anywhere: the built-in default.
+        assert_eq!(s.queue_size, DEFAULT_QUEUE_SIZE);
+    }
+
+    #[test]
+    fn an_unknown_or_command_line_only_key_is_refused_by_name() {
+        for key in [
+            "probe_sise",
+            "fd",
+            "config",
+            "print_capabilities",
+            "socket-path",
+        ] {
+            let err =
+                with_file("unknown", &format!("{key} = 1\n"), &["--socket-path", "s"]).unwrap_err();
+            assert!(
+                matches!(&err, SettingsError::UnknownKey { key: k, .. } if k == key),
+                "{key}: {err}"
+            );
+            assert!(err.to_string().contains(&format!("{key:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_file_value_of_the_wrong_kind_is_refused_with_its_key() {
+        let refused = |text: &str| {
+            with_file("kind", text, &["--socket-path", "s"])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("probe_size = \"many\"\n");
+        assert!(e.contains("probe_size") && e.contains("many"), "{e}");
+        let e = refused("bypass = \"maybe\"\nqueue_size = 256\n");
+        assert!(e.contains(": bypass:") && e.contains("maybe"), "{e}");
+        let e = refused("reserved_region = \"msi:0xfee00000-0xfeefffff\"\n");
+        assert!(e.contains("reserved_region: expected a list"), "{e}");
+        let e = refused("queue_size = [256]\n");
+        assert!(e.contains("queue_size: expected one value"), "{e}");
+        let e = refused("poll_us = 1.5\n");
+        assert!(e.contains("poll_us: expected a string"), "{e}");
+        // A value that looks like an option is still a value.
+        for uid in ["-1", "--help", "--socket-path=x"] {
+            let e = refused(&format!("backend_uid = [{uid:?}]\n"));
+            assert!(
+                e.contains("backend_uid: invalid value") && e.contains(uid),
+                "{e}"
+            );
+        }
+        let e = refused("backend_uid = [1]\nbackend_uids = [2]\n");
+        assert!(e.contains("given twice"), "{e}");
+        let e = refused("[[endpoint]]\nids = \"1\"\nregion = []\n");
+        assert!(e.contains("invalid config file"), "{e}");
+        // A value the option takes but the device does not.
+        let e = refused("queue_size = 100\n");
+        assert!(e.contains("power of two"), "{e}");
+    }
+
+    #[test]
+    fn repeatable_options_replace_or_add_to_the_file_as_help_says() {
+        let file = "socket_path = \"s\"\nbackend_socket = \"b\"\n\
+                    backend_uids = [1000]\nreserved_regions = [\"reserved:0x0-0xfff\"]\n";
+        let s = with_file("repeat", file, &[]).unwrap();
+        assert_eq!(s.table.as_ref().unwrap().allowed_uids, [1000]);
+        assert_eq!(s.device.endpoints[0].resv[0].subtype, ResvSubtype::Reserved);
+        let s = with_file(
+            "repeat2",
+            file,
+            &[
+                "--backend-uid",
+                "1001",
+                "--reserved-region",
+                "msi:0x8000000-0x80fffff",
+            ],
+        )
+        .unwrap();
+        // Added to the file's uids...
+        assert_eq!(s.table.unwrap().allowed_uids, [1000, 1001]);
+        // ...but the regions replace the file's.
+        assert_eq!(s.device.endpoints[0].resv.len(), 1);
+        assert_eq!(s.device.endpoints[0].resv[0].start, 0x800_0000);
+        let s = with_file("none", "socket_path = \"s\"\nreserved_region = []\n", &[]).unwrap();
+        assert!(s.device.endpoints[0].resv.is_empty());
+    }
+
+    #[test]
+    fn a_command_line_fd_beats_the_files_socket_path_without_a_conflict() {
+        let path = std::env::temp_dir().join(format!("viommu-fd-{}.toml", std::process::id()));
+        std::fs::write(&path, "socket_path = \"/run/x.sock\"\n").unwrap();
+        let p = path.to_str().unwrap();
+        let from_file = Cli::load(["vhost-user-iommu", "-c", p]).unwrap();
+        let with_fd = Cli::load(["vhost-user-iommu", "-c", p, "--fd", "3"]);
+        let own = Cli::load(["vhost-user-iommu", "-c", p, "--socket-path", "/run/y.sock"]);
+        std::fs::remove_file(&path).unwrap();
+        // A socket unit's descriptor may still take over (main.rs).
+        assert!(!from_file.names_a_socket());
+        let s = Settings::from_cli(&with_fd.unwrap()).unwrap();
+        assert_eq!(s.listen, Some(Listen::Fd(3)));
+        let own = own.unwrap();
+        assert!(own.names_a_socket());
+        assert_eq!(own.socket_path, Some("/run/y.sock".into()));
+    }
+
+    #[test]
+    fn help_shows_each_default_the_daemon_uses() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command.render_long_help().to_string();
+        let mut shown = Vec::new();
+        for arg in command.get_arguments() {
+            let defaults: Vec<_> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy())
+                .collect();
+            // Flags (`false`) print no default.
+            if defaults.is_empty() || arg.get_num_args().is_some_and(|n| n.max_values() == 0) {
+                continue;
+            }
+            let text = format!("[default: {}]", defaults.join(", "));
+            assert!(
+                help.contains(&text),
+                "--{:?}: {text} missing",
+                arg.get_long()
+            );
+            shown.push(arg.get_long().unwrap_or_default().to_string());
+        }
+        for long in [
+            "endpoints",
+            "reserved-region",
+            "page-size-mask",
+            "input-range",
+            "domain-range",
+            "probe-size",
+            "bypass",
+            "max-domains",
+            "max-mappings",
+            "max-mappings-per-domain",
+            "queue-size",
+            "poll-us",
+            "log-format",
+            "kick-loop",
+            "table-max-mib",
+            "stall-warn-ms",
+            "stall-kill-ms",
+            "seccomp",
+        ] {
+            assert!(shown.iter().any(|s| s == long), "--{long} shows no default");
+        }
+        assert!(
+            help.contains("[default: msi:0xfee00000-0xfeefffff]"),
+            "{help}"
+        );
+        assert!(help.contains("[default: 0xfffffffffffff000]"), "{help}");
+    }
+
+    #[test]
+    fn the_fuzzed_entry_point_takes_a_file_alone() {
+        let s = Settings::from_toml(
+            Path::new("f.toml"),
+            "socket_path = \"s\"\nprobe_size = 64\n",
+        )
+        .unwrap();
+        assert_eq!(s.device.probe_size, Some(64));
+        assert!(matches!(
+            Settings::from_toml(Path::new("f.toml"), ""),
+            Err(SettingsError::NoSocket)
+        ));
+        assert!(matches!(
+            Settings::from_toml(Path::new("f.toml"), "= ="),
+            Err(SettingsError::ParseFile { .. })
+        ));
     }
 }
