@@ -6,24 +6,11 @@ use viommu_core::{
     Access, ChangeLog, Device, DeviceConfig, EndpointRange, TranslateError, Translation,
 };
 use virtio_iommu_proto::config::{DomainRange, InputRange};
-use virtio_iommu_proto::probe::{ResvMem, ResvSubtype};
 use virtio_iommu_proto::{Attach, Detach, Features, Map, MapFlags, Probe, Request, Status, Unmap};
 
-pub const MSI: ResvMem = ResvMem {
-    subtype: ResvSubtype::Msi,
-    start: 0xfee0_0000,
-    end: 0xfeef_ffff,
-};
-pub const RESERVED: ResvMem = ResvMem {
-    subtype: ResvSubtype::Reserved,
-    start: 0x1000_0000,
-    end: 0x1000_ffff,
-};
-pub const MSI_ARM: ResvMem = ResvMem {
-    subtype: ResvSubtype::Msi,
-    start: 0x0800_0000,
-    end: 0x080f_ffff,
-};
+/// The reserved regions of the conformance endpoints: the reference
+/// model's fixture.
+pub use viommu_core::reference::fixture::{MSI, MSI_ARM, RESERVED};
 pub const PROBE_SIZE: usize = 512;
 pub const RW: MapFlags = MapFlags(3);
 pub const R: MapFlags = MapFlags::READ;
