@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::backends::{Backend, Daemon, EP, attach, map, run_cases, scratch, unmap};
+use common::backends::{Backend, Daemon, EP, attach, map, ok, run_cases, scratch, unmap};
 use iotlb_shm::BackendClient;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,7 +70,7 @@ fn a_daemon_killed_mid_batch_and_restarted_keeps_every_mapping_and_completes_the
     let dir = scratch("restart-kill9");
     let mut d = start(&dir);
     let mut drv = d.driver();
-    assert_eq!(drv.send_one(&attach(1)).unwrap().status(), Some(Status::Ok));
+    ok(&mut drv, attach(1));
     let settled: Vec<_> = (0..SETTLED).map(|i| map(1, iova(i), gpa(i))).collect();
     for chunk in settled.chunks(32) {
         for o in drv.send(chunk).unwrap() {
@@ -126,10 +126,7 @@ fn a_daemon_killed_mid_batch_and_restarted_keeps_every_mapping_and_completes_the
         assert_ne!(again, Some(Status::Ok), "page {i} was mapped twice");
     }
     // The device goes on: an UNMAP completes and the translation is gone.
-    assert_eq!(
-        drv.send_one(&unmap(1, iova(7))).unwrap().status(),
-        Some(Status::Ok)
-    );
+    ok(&mut drv, unmap(1, iova(7)));
     assert_eq!(translate(&client, 7), None);
     assert_eq!(translate(&client, 8), Some(gpa(8)));
 }
@@ -138,11 +135,8 @@ fn a_restart_after_a_clean_stop_keeps_the_state_too() {
     let dir = scratch("restart-sigterm");
     let mut d = start(&dir);
     let mut drv = d.driver();
-    assert_eq!(drv.send_one(&attach(1)).unwrap().status(), Some(Status::Ok));
-    assert_eq!(
-        drv.send_one(&map(1, iova(0), gpa(0))).unwrap().status(),
-        Some(Status::Ok)
-    );
+    ok(&mut drv, attach(1));
+    ok(&mut drv, map(1, iova(0), gpa(0)));
     // systemctl restart: SIGTERM, then a new process.
     // SAFETY: kill() on our own child's pid has no memory effects.
     assert_eq!(unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }, 0);
@@ -161,11 +155,8 @@ fn a_new_guest_after_the_restart_gets_a_fresh_device() {
     let dir = scratch("restart-new-guest");
     let mut d = start(&dir);
     let mut drv = d.driver();
-    assert_eq!(drv.send_one(&attach(1)).unwrap().status(), Some(Status::Ok));
-    assert_eq!(
-        drv.send_one(&map(1, iova(0), gpa(0))).unwrap().status(),
-        Some(Status::Ok)
-    );
+    ok(&mut drv, attach(1));
+    ok(&mut drv, map(1, iova(0), gpa(0)));
     kill9(&mut d);
     drop(drv);
     let d = start(&dir);
@@ -204,12 +195,9 @@ fn a_corrupt_truncated_or_foreign_state_is_refused_and_the_daemon_exits() {
     let dir = scratch("restart-refused");
     let mut d = start(&dir);
     let mut drv = d.driver();
-    assert_eq!(drv.send_one(&attach(1)).unwrap().status(), Some(Status::Ok));
+    ok(&mut drv, attach(1));
     for i in 0..4 {
-        assert_eq!(
-            drv.send_one(&map(1, iova(i), gpa(i))).unwrap().status(),
-            Some(Status::Ok)
-        );
+        ok(&mut drv, map(1, iova(i), gpa(i)));
     }
     kill9(&mut d);
     let file = dir.join("state").join("device-state");
@@ -272,11 +260,8 @@ fn requests_applied_but_not_completed_at_the_kill_complete_without_applying_agai
     let dir = scratch("restart-applied");
     let mut d = start(&dir);
     let mut drv = d.driver();
-    assert_eq!(drv.send_one(&attach(1)).unwrap().status(), Some(Status::Ok));
-    assert_eq!(
-        drv.send_one(&map(1, iova(0), gpa(0))).unwrap().status(),
-        Some(Status::Ok)
-    );
+    ok(&mut drv, attach(1));
+    ok(&mut drv, map(1, iova(0), gpa(0)));
     // Connected first: a backend cannot register while a grace period
     // waits (the writer is busy with it).
     let client = BackendClient::connect(&d.backends, 1, 0).unwrap();
@@ -329,12 +314,9 @@ fn a_state_saved_by_one_daemon_loads_in_another_and_a_tampered_one_is_refused() 
     let dir_a = scratch("migrate-a");
     let mut a = start(&dir_a);
     let mut src = a.driver();
-    assert_eq!(src.send_one(&attach(1)).unwrap().status(), Some(Status::Ok));
+    ok(&mut src, attach(1));
     for i in 0..50 {
-        assert_eq!(
-            src.send_one(&map(1, iova(i), gpa(i))).unwrap().status(),
-            Some(Status::Ok)
-        );
+        ok(&mut src, map(1, iova(i), gpa(i)));
     }
     // A fault a backend reported that the guest has no event buffer for
     // yet: it travels with the state.
@@ -399,10 +381,7 @@ fn a_state_saved_by_one_daemon_loads_in_another_and_a_tampered_one_is_refused() 
         Some(Status::Ok),
         "the model has the mapping too"
     );
-    assert_eq!(
-        dst.send_one(&unmap(1, iova(0))).unwrap().status(),
-        Some(Status::Ok)
-    );
+    ok(&mut dst, unmap(1, iova(0)));
     assert_eq!(translate(&client, 0), None);
 
     // The journal a daemon keeps in --state-dir is the same format.
