@@ -22,7 +22,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use tracing::{error, info};
 use viommu_core::state::{
-    self, Applied, Kind, MAX_RECORD_LEN, Record, Restored, StateError, encode_record, fingerprint,
+    self, Applied, MAX_RECORD_LEN, Record, Restored, StateError, encode_record, fingerprint,
 };
 use viommu_core::{Device, DeviceConfig};
 
@@ -136,8 +136,6 @@ pub struct StateJournal {
     fingerprint: u64,
     /// Rewrite the journal once it is longer than this.
     compact_at: usize,
-    /// Records appended since the journal started (for logs).
-    appended: u64,
 }
 
 impl std::fmt::Debug for StateJournal {
@@ -161,7 +159,7 @@ impl StateJournal {
         fs::create_dir_all(dir).map_err(|e| StateStoreError::CreateDir(dir.to_path_buf(), e))?;
         // Undelivered faults are not journaled: a report, not state the guest
         // relies on (they travel with a migration's snapshot).
-        let snapshot = state::snapshot(device, &[], Kind::Journal);
+        let (snapshot, records) = state::journal_start(device);
         let path = dir.join(FILE_NAME);
         let fresh = dir.join(format!("{FILE_NAME}.new"));
         let mut f = OpenOptions::new()
@@ -173,13 +171,7 @@ impl StateJournal {
             .map_err(io_error(&fresh))?;
         f.write_all(&snapshot).map_err(io_error(&fresh))?;
         fs::rename(&fresh, &path).map_err(io_error(&path))?;
-        let restored = state::restore(device.config().clone(), &snapshot).map_err(|source| {
-            StateStoreError::Refused {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        Self::open(dir, f, snapshot.len(), restored.records, device.config())
+        Self::open(dir, f, snapshot.len(), records, device.config())
     }
 
     /// Goes on writing the journal in `dir` that `restored` was read from.
@@ -225,7 +217,6 @@ impl StateJournal {
             index,
             fingerprint: fingerprint(cfg),
             compact_at: COMPACT_MIN.max(COMPACT_FACTOR * len),
-            appended: 0,
         })
     }
 
@@ -273,7 +264,6 @@ impl StateJournal {
         );
         self.len += n;
         self.index += 1;
-        self.appended += 1;
         if self.len > self.compact_at {
             let before = self.len;
             *self = Self::start(&self.dir, device)?;

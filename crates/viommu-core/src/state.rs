@@ -430,6 +430,18 @@ impl Device {
 /// starting point is a snapshot without `End`), with the fault records the
 /// driver has not been given yet.
 pub fn snapshot(device: &Device, faults: &[FaultRecord], kind: Kind) -> Vec<u8> {
+    encode_snapshot(device, faults, kind).0
+}
+
+/// The start of a journal for `device` (a snapshot without `End` and
+/// without fault records), and how many records it holds: the index of
+/// the journal's next record.
+pub fn journal_start(device: &Device) -> (Vec<u8>, u64) {
+    encode_snapshot(device, &[], Kind::Journal)
+}
+
+/// [`snapshot`], with the number of records before any `End`.
+fn encode_snapshot(device: &Device, faults: &[FaultRecord], kind: Kind) -> (Vec<u8>, u64) {
     let fp = fingerprint(device.config());
     let requests = snapshot_records(device);
     let mut out = Vec::with_capacity(HEADER_LEN + (requests.len() + 2) * 56);
@@ -460,11 +472,11 @@ pub fn snapshot(device: &Device, faults: &[FaultRecord], kind: Kind) -> Vec<u8> 
     for f in faults {
         push(&Record::Fault(&f.to_bytes()), &mut out);
     }
+    let records = 1 + requests.len() as u64 + faults.len() as u64;
     if kind == Kind::Snapshot {
-        let records = requests.len() as u64 + 1 + faults.len() as u64;
         push(&Record::End { records }, &mut out);
     }
-    out
+    (out, records)
 }
 
 /// A device rebuilt from a state.

@@ -137,6 +137,8 @@ impl Journal {
     fn start(d: &Device) -> Self {
         let bytes = snapshot(d, &[], Kind::Journal);
         let r = restore(d.config().clone(), &bytes).expect("the start loads");
+        // journal_start says how many records it wrote without a replay.
+        assert_eq!(journal_start(d), (bytes.clone(), r.records));
         Journal {
             bytes,
             index: r.records,
