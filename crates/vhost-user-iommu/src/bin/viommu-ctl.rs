@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use vhost_user_process::number;
 
 use clap::{Parser, Subcommand};
 use serde::de::DeserializeOwned;
@@ -35,7 +36,7 @@ enum Command {
     /// Attached endpoints (paged).
     Endpoints {
         /// First endpoint ID.
-        #[arg(long, default_value = "0", value_parser = parse_u32)]
+        #[arg(long, default_value = "0", value_parser = number::parse_u32)]
         from: u32,
         /// Most rows.
         #[arg(long)]
@@ -46,10 +47,10 @@ enum Command {
     /// A domain's mappings (paged: `--from` the `next` of the last page).
     Mappings {
         /// The domain.
-        #[arg(long, value_parser = parse_u32)]
+        #[arg(long, value_parser = number::parse_u32)]
         domain: u32,
         /// List mappings that end at or after this IOVA.
-        #[arg(long, default_value = "0", value_parser = parse_u64)]
+        #[arg(long, default_value = "0", value_parser = number::parse_u64)]
         from: u64,
         /// Most rows.
         #[arg(long)]
@@ -66,18 +67,6 @@ enum Command {
     },
     /// Everything, as JSON.
     Dump,
-}
-
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|e| format!("{s:?}: {e}"))
-}
-
-fn parse_u32(s: &str) -> Result<u32, String> {
-    u32::try_from(parse_u64(s)?).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// Why a command could not be carried out.
