@@ -58,7 +58,7 @@ fn run(source: Source, batch: usize, sink: Sink) -> Result<bool, Box<dyn std::er
                 stall_warn: std::time::Duration::from_millis(100),
                 stall_kill: None,
             };
-            let writer = create(&viommu_core::DeviceConfig::default(), &settings)?;
+            let writer = create(&viommu_core::DeviceConfig::default(), &settings, false)?;
             let mut publisher =
                 ShmPublisher::new(std::sync::Arc::new(std::sync::Mutex::new(writer)), None);
             publisher.start(&dev);

@@ -27,7 +27,12 @@
  *
  * Translations from a session are valid until iotlb_session_exit (the
  * daemon completes no UNMAP affecting them before); pinned ranges until
- * iotlb_unpin. Once the daemon is gone, sessions fault IOTLB_FAULT_DETACHED.
+ * iotlb_unpin. Once the daemon is gone, sessions fault IOTLB_FAULT_DETACHED,
+ * unless the daemon keeps a --state-dir (header word HANDOVER): the table
+ * then goes on translating, frozen, until the process connects to the
+ * restarted daemon, calls iotlb_slots_retire and hands the slot file over
+ * (docs/shm-layout.md, "Restarts"); the restarted daemon completes no
+ * UNMAP until it has, or has exited.
  * The mappings are MADV_DONTFORK: a forked child has no table (it connects
  * on its own). Open the slot file once: closing its last handle (slots and
  * pins included) tells the daemon this process is done with it. A slot and its session belong to one thread at a time;
@@ -85,6 +90,9 @@ uint64_t iotlb_table_epoch(const struct iotlb_table *table);
 int iotlb_slots_open(int slots_fd, struct iotlb_slots **out);
 /* Closes a slot-file handle (NULL ignored). */
 void iotlb_slots_close(struct iotlb_slots *slots);
+/* Retires the slot file before handing it to a restarted daemon: sessions
+ * entered from now on fault IOTLB_FAULT_DETACHED (-EINVAL for NULL). */
+int iotlb_slots_retire(const struct iotlb_slots *slots);
 
 /* Claims a session slot for the calling thread (-ENOSPC if none is free). */
 int iotlb_slot_claim(const struct iotlb_slots *slots, struct iotlb_slot **out);

@@ -47,6 +47,7 @@ const IOTLB_UPDATE: u32 = 11;
 const IOTLB_FAULT: u32 = 12;
 const IOTLB_INVALIDATE: u32 = 13;
 const DRIVER_RESTARTED: u32 = 14;
+const PREVIOUS_TABLE: u32 = 15;
 
 /// [`Message::IotlbInvalidate`]'s endpoint meaning "every endpoint".
 pub const ALL_ENDPOINTS: u32 = u32::MAX;
@@ -165,6 +166,17 @@ pub enum Message {
         /// The device's endpoint ID.
         endpoint: u32,
     },
+    /// Backend → daemon, after WELCOME: what this process still holds of
+    /// the table of a previous daemon (one that died or was restarted).
+    /// With one descriptor attached — the slot file that daemon gave it —
+    /// the process has stopped starting sessions in it (its `retired` word
+    /// is set) and the daemon waits, before completing any revocation, until
+    /// the sessions and pins left in it are over. With none, the process
+    /// holds nothing of a previous daemon. Answered with ACK or ERROR.
+    PreviousTable {
+        /// Echoed in the answer.
+        cookie: u64,
+    },
     /// Daemon → backend: a message was refused; the connection and the
     /// backend's registration go on.
     Error {
@@ -266,9 +278,8 @@ impl Message {
     /// (unknown types: `None`).
     fn len_fits(kind: u32, len: usize) -> Option<bool> {
         Some(match kind {
-            HELLO | WELCOME | REGISTER_RING | REGISTER_SOCKET | ACK | IOTLB_SUBSCRIBE => {
-                len == HEADER_LEN + 8
-            }
+            HELLO | WELCOME | REGISTER_RING | REGISTER_SOCKET | ACK | IOTLB_SUBSCRIBE
+            | PREVIOUS_TABLE => len == HEADER_LEN + 8,
             IOTLB_MISS => len == HEADER_LEN + 24,
             IOTLB_UPDATE => len == HEADER_LEN + 40,
             IOTLB_FAULT | IOTLB_INVALIDATE => len == HEADER_LEN + 32,
@@ -288,6 +299,7 @@ impl Message {
             | Message::Ack { cookie }
             | Message::Error { cookie, .. }
             | Message::IotlbSubscribe { cookie }
+            | Message::PreviousTable { cookie }
             | Message::DriverRestarted { cookie, .. }
             | Message::IotlbMiss { cookie, .. }
             | Message::IotlbUpdate { cookie, .. }
@@ -348,6 +360,10 @@ impl Message {
             Message::IotlbSubscribe { cookie } => {
                 body.extend_from_slice(&cookie.to_le_bytes());
                 IOTLB_SUBSCRIBE
+            }
+            Message::PreviousTable { cookie } => {
+                body.extend_from_slice(&cookie.to_le_bytes());
+                PREVIOUS_TABLE
             }
             Message::DriverRestarted { cookie, endpoint } => {
                 body.extend_from_slice(&cookie.to_le_bytes());
@@ -474,6 +490,9 @@ impl Message {
                 Ok(Message::Fault(fault))
             }
             IOTLB_SUBSCRIBE => Ok(Message::IotlbSubscribe {
+                cookie: u64_at(body, 0),
+            }),
+            PREVIOUS_TABLE => Ok(Message::PreviousTable {
                 cookie: u64_at(body, 0),
             }),
             DRIVER_RESTARTED => Ok(Message::DriverRestarted {
@@ -775,6 +794,7 @@ mod tests {
                 reason: "unexpected HELLO".into(),
             },
             Message::IotlbSubscribe { cookie: 4 },
+            Message::PreviousTable { cookie: 7 },
             Message::DriverRestarted {
                 cookie: 5,
                 endpoint: 0x20,

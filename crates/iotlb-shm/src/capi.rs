@@ -277,6 +277,29 @@ pub unsafe extern "C" fn iotlb_slots_open(slots_fd: c_int, out: *mut *mut IotlbS
     })
 }
 
+/// Retires the slot file: sessions entered with it from now on fault
+/// `IOTLB_FAULT_DETACHED`; sessions already open and pins already held are
+/// unaffected. Call it once connected to a restarted daemon, just before
+/// handing it this file (`PREVIOUS_TABLE`, docs/backend-protocol.md).
+///
+/// Returns 0, or `-EINVAL` for a null handle.
+///
+/// # Safety
+/// `slots` is null or a live handle from `iotlb_slots_open`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iotlb_slots_retire(slots: *const IotlbSlots) -> c_int {
+    ffi(|| {
+        // SAFETY: null or a live handle (caller).
+        match unsafe { slots.as_ref() } {
+            Some(s) => {
+                s.file.retire();
+                0
+            }
+            None => -libc::EINVAL,
+        }
+    })
+}
+
 /// Closes a slot-file handle; claimed slots and held pins keep the file
 /// mapped until they are released. Null is ignored.
 ///

@@ -66,8 +66,9 @@ pub enum ClientError {
 /// own.
 ///
 /// When the daemon dies, every session faults with
-/// [`crate::FaultKind::Detached`] (see [`Self::daemon_alive`]): connect
-/// again once it is back.
+/// [`crate::FaultKind::Detached`] (see [`Self::daemon_alive`]), unless the
+/// table survives it: connect again once it is back, and hand the previous
+/// slot file over ([`Self::hand_over`]).
 #[derive(Debug)]
 pub struct BackendClient {
     sock: UnixStream,
@@ -88,8 +89,20 @@ pub type LookedUp = Result<(u64, crate::Piece), crate::Fault>;
 
 impl BackendClient {
     /// Connects to the daemon's backend socket and asks for `slots` session
-    /// slots and `pins` pin records (0 = the daemon's defaults).
+    /// slots and `pins` pin records (0 = the daemon's defaults), telling
+    /// the daemon that this process holds nothing of a previous daemon's
+    /// table.
     pub fn connect(path: &Path, slots: u32, pins: u32) -> Result<Self, ClientError> {
+        let client = Self::open(path, slots, pins)?;
+        client.hand_over(None)?;
+        Ok(client)
+    }
+
+    /// Connects and receives the table, like [`Self::connect`], but says
+    /// nothing about a previous daemon's table yet: follow it with
+    /// [`Self::hand_over`] once this connection is in use (until then, the
+    /// daemon completes no revocation).
+    pub fn open(path: &Path, slots: u32, pins: u32) -> Result<Self, ClientError> {
         let io = |step| move |source| ClientError::Io { step, source };
         let sock = UnixStream::connect(path).map_err(io("connect"))?;
         let sent = backend_proto::send_with_fds(
@@ -135,10 +148,32 @@ impl BackendClient {
     }
 
     /// Whether the daemon that serves the table is alive. Once it is not,
-    /// nothing translates ([`crate::FaultKind::Detached`]); drop this
-    /// client and connect again.
+    /// connect again: nothing translates ([`crate::FaultKind::Detached`]),
+    /// unless the table survives its daemon ([`TableReader::handed_over`]),
+    /// in which case it goes on translating, frozen, until this client's
+    /// slot file is handed to the next daemon ([`Self::hand_over`]).
     pub fn daemon_alive(&self) -> bool {
         self.table.writer_alive()
+    }
+
+    /// Tells the daemon what this process still holds of a previous
+    /// daemon's table: `Some(slots)`, the slot file that daemon gave it
+    /// (of the client connected to it), which is retired first — sessions
+    /// entered in it from now on fault — and that the daemon then waits
+    /// for, before completing any revocation, until the sessions and pins
+    /// left in it are over; `None`, nothing.
+    pub fn hand_over(&self, previous: Option<&SlotFile>) -> Result<(), ClientError> {
+        match previous {
+            Some(slots) => {
+                let fd = slots.fd().ok_or_else(|| ClientError::Io {
+                    step: "keep the previous slot file's descriptor",
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                })?;
+                slots.retire();
+                self.request(|cookie| Message::PreviousTable { cookie }, &[fd])
+            }
+            None => self.request(|cookie| Message::PreviousTable { cookie }, &[]),
+        }
     }
 
     /// The connection to the daemon (to poll it for the daemon's end of

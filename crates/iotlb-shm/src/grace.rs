@@ -23,7 +23,7 @@
 //! load of the walk before the writer's reuse.
 
 use crate::layout::liveness::{OWNER_DIED, TID_MASK};
-use crate::layout::slots::{ACTIVE, CLOSED_VALUE, PIN_HELD, QUIESCENT};
+use crate::layout::slots::{ACTIVE, CLOSED_VALUE, PIN_HELD, QUIESCENT, RETIRED_VALUE};
 use crate::sync::{AtomicU64, Ordering, fence};
 
 /// Starts a session in `slot`; returns the epoch it was entered in.
@@ -45,6 +45,31 @@ pub fn enter(global_epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
 pub fn writer_alive(liveness: &AtomicU64) -> bool {
     let word = liveness.load(Ordering::Acquire);
     word & TID_MASK != 0 && word & OWNER_DIED == 0
+}
+
+/// Whether a session that [`enter`]ed may translate: read after `enter`'s
+/// fence. `liveness` is the writer's liveness word; `handover` whether the
+/// table survives its writer ([`crate::layout::header::HANDOVER`]);
+/// `retired` the slot file's retired word ([`retire`]).
+#[inline]
+pub fn session_usable(liveness: &AtomicU64, handover: bool, retired: &AtomicU64) -> bool {
+    (handover || writer_alive(liveness)) && retired.load(Ordering::Acquire) != RETIRED_VALUE
+}
+
+/// Retires a reader's slot file: sessions [`enter`]ed from now on fault
+/// ([`session_usable`]). The SeqCst fence orders the store before whatever
+/// tells the writer (a message): a writer that then finds every slot
+/// quiescent knows that no session can start translating any more, since
+/// a session's fence comes either before this one (and the writer sees its
+/// slot active) or after it (and the session sees the word).
+pub fn retire(retired: &AtomicU64) {
+    retired.store(RETIRED_VALUE, Ordering::SeqCst);
+    fence(Ordering::SeqCst);
+}
+
+/// Whether the reader retired its slot file ([`retire`]).
+pub fn slots_retired(retired: &AtomicU64) -> bool {
+    retired.load(Ordering::Acquire) == RETIRED_VALUE
 }
 
 /// Marks a reader's slot file closed. The reader calls it once, after its
@@ -81,6 +106,11 @@ pub fn advance(global_epoch: &AtomicU64) -> u64 {
 pub fn quiescent_since(slot: &AtomicU64, epoch: u64) -> bool {
     let state = slot.load(Ordering::Acquire);
     state & ACTIVE == 0 || (state >> 1) >= epoch
+}
+
+/// Whether a slot is outside any session (whatever epoch it last held).
+pub fn outside_session(slot: &AtomicU64) -> bool {
+    slot.load(Ordering::Acquire) & ACTIVE == 0
 }
 
 /// Publishes a pin record `{endpoint, first, last}`. Call inside a session,

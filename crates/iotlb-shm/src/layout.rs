@@ -30,6 +30,9 @@ pub const MAX_LEAF_LEVEL: u32 = 2;
 /// Most levels a table can have (64-bit input range).
 pub const MAX_LEVELS: u32 = 6;
 
+/// The value of [`header::HANDOVER`] when the handover is on.
+pub const HANDOVER_VALUE: u64 = 1;
+
 /// Byte offsets of the table file's header words.
 pub mod header {
     /// [`super::TABLE_MAGIC`].
@@ -58,6 +61,12 @@ pub mod header {
     pub const SEGMENTS: usize = 128;
     /// Process ID of the writer (informational).
     pub const WRITER_PID: usize = 192;
+    /// [`super::HANDOVER_VALUE`] if the writer keeps a list of its readers
+    /// that outlives it (the daemon's `--state-dir`), so that the next
+    /// writer waits for them: readers may then go on translating through
+    /// the frozen table of a dead writer until they hand it over (`0`:
+    /// every session of a dead writer's table faults).
+    pub const HANDOVER: usize = 200;
     /// Size of the header; the endpoint words start here.
     pub const BYTES: usize = 4096;
 }
@@ -147,6 +156,12 @@ pub mod slots {
     pub const CLOSED: usize = 48;
     /// The value of [`CLOSED`] once closed (0 while open).
     pub const CLOSED_VALUE: u64 = 1;
+    /// Set to [`RETIRED_VALUE`] by the reader process when it stops
+    /// starting sessions with this file (it connected to a restarted
+    /// daemon and hands the file over): sessions entered after it fault.
+    pub const RETIRED: usize = 56;
+    /// The value of [`RETIRED`] once retired (0 before).
+    pub const RETIRED_VALUE: u64 = 1;
     /// First slot; slot `i` is the first word of the 64-byte line at
     /// `FIRST_SLOT + 64 * i`.
     pub const FIRST_SLOT: usize = 64;

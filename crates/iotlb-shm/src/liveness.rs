@@ -2,7 +2,8 @@
 //! kernel marks `OWNER_DIED` when the writer process ends, however it ends
 //! (exit, crash, `SIGKILL`), before its descriptors close. Readers check it
 //! when they enter a session, so a backend never translates through the
-//! frozen table of a dead daemon.
+//! frozen table of a dead daemon, unless the table says it survives its
+//! writer (`layout::header::HANDOVER`, the daemon's `--state-dir`).
 //!
 //! A thread of the writer process owns the word: it registers a robust
 //! list (`set_robust_list(2)`) that holds only this word, stores its thread

@@ -67,6 +67,8 @@ pub struct TableReader {
     geometry: Geometry,
     levels: u32,
     max_nodes: u64,
+    /// The table stays usable after its writer died ([`header::HANDOVER`]).
+    handover: bool,
 }
 
 impl TableReader {
@@ -97,6 +99,7 @@ impl TableReader {
             max_segments: narrow(w(header::MAX_SEGMENTS)),
         };
         geometry.validate()?;
+        let handover = w(header::HANDOVER) == layout::HANDOVER_VALUE;
         if u64::from(geometry.levels()) != w(header::LEVELS) || size < geometry.table_bytes() {
             return Err(OpenError::Seals {
                 file: "table",
@@ -125,6 +128,7 @@ impl TableReader {
             levels: geometry.levels(),
             max_nodes: geometry.max_nodes(),
             geometry,
+            handover,
         })
     }
 
@@ -139,9 +143,19 @@ impl TableReader {
     }
 
     /// Whether the daemon that writes this table is still alive. Once it is
-    /// not, every session faults ([`FaultKind::Detached`]).
+    /// not, every session faults ([`FaultKind::Detached`]), unless the
+    /// table is [`Self::handed_over`].
     pub fn writer_alive(&self) -> bool {
         grace::writer_alive(self.table.word(header::LIVENESS))
+    }
+
+    /// Whether the table stays usable once its daemon is gone, frozen as
+    /// it was, until this process connects to the restarted daemon and
+    /// hands its slot file over (`docs/shm-layout.md`, "Restarts"): the
+    /// daemon runs with `--state-dir` and the next one waits for this
+    /// process before completing any revocation.
+    pub fn handed_over(&self) -> bool {
+        self.handover
     }
 
     /// Segments currently in the arena (diagnostics).
@@ -345,7 +359,11 @@ impl ReaderSlot {
             table.table.word(header::EPOCH),
             self.file.map().slot(self.index),
         );
-        let live = grace::writer_alive(table.table.word(header::LIVENESS));
+        let live = grace::session_usable(
+            table.table.word(header::LIVENESS),
+            table.handover,
+            self.file.map().retired_word(),
+        );
         Session {
             table,
             slot: self,
@@ -370,8 +388,9 @@ pub struct Session<'a> {
     table: &'a TableReader,
     slot: &'a ReaderSlot,
     epoch: u64,
-    /// The writer was alive when the session began (checked after the
-    /// fence); if not, every translation of the session faults.
+    /// The session may translate (checked after the fence): the writer
+    /// was alive or the table survives it, and the slot file was not
+    /// retired. If not, every translation of the session faults.
     live: bool,
     /// The last leaf of the session ([`CachedLeaf::NONE`] before the
     /// first walk).
@@ -395,8 +414,10 @@ impl Session<'_> {
         self.epoch
     }
 
-    /// Whether the daemon was alive when the session began. If not, every
-    /// translation faults with [`FaultKind::Detached`].
+    /// Whether the session may translate: the daemon was alive when it
+    /// began (or the table survives it, [`TableReader::handed_over`]) and
+    /// the slot file was not retired. If not, every translation faults
+    /// with [`FaultKind::Detached`].
     pub fn writer_alive(&self) -> bool {
         self.live
     }

@@ -119,6 +119,9 @@ pub enum ReleaseReason {
     SlotsClosed,
     /// The process exited, its connection is closed, its I/O drained.
     ExitedAndDrained,
+    /// A slot file of a previous writer, handed over: the process retired
+    /// it and no session or pin is left in it.
+    PreviousFinished,
 }
 
 /// Where a reader stands, as far as the writer can tell.
@@ -158,6 +161,9 @@ impl ReaderState {
             ReaderState::Released(ReleaseReason::ExitedAndDrained) => {
                 "exited with its connection closed and its I/O drained"
             }
+            ReaderState::Released(ReleaseReason::PreviousFinished) => {
+                "finished with the previous daemon's table"
+            }
         }
     }
 }
@@ -190,6 +196,9 @@ pub struct Reader {
     io: Vec<TrackedIo>,
     /// A [`KillState`], as its discriminant (a `&Reader` records the kill).
     kill: AtomicU8,
+    /// The slot file is one a previous writer gave the process
+    /// ([`Registry::register_previous`]).
+    previous: bool,
 }
 
 impl Reader {
@@ -203,6 +212,9 @@ impl Reader {
     pub fn state(&self) -> ReaderState {
         if self.slots.closed() {
             return ReaderState::Released(ReleaseReason::SlotsClosed);
+        }
+        if self.previous && self.slots.retired() && self.slots.idle() {
+            return ReaderState::Released(ReleaseReason::PreviousFinished);
         }
         let exited = self.exited();
         let connection_closed = self
@@ -219,6 +231,11 @@ impl Reader {
                 pending => ReaderState::Draining { pending },
             },
         }
+    }
+
+    /// Whether its slot file came from a previous writer.
+    pub fn previous(&self) -> bool {
+        self.previous
     }
 
     /// Rings and sockets it registered.
@@ -287,8 +304,42 @@ impl Registry {
             slots,
             io: Vec::new(),
             kill: AtomicU8::new(KillState::None as u8),
+            previous: false,
         });
         Ok(id)
+    }
+
+    /// Registers the slot file `slots_fd` that a previous writer (a daemon
+    /// that died or was restarted) gave `process`, which hands it over
+    /// after retiring it: nothing new starts in it, and the reader is
+    /// released once the sessions and pins left in it are over. Should the
+    /// process exit first, it is released only with the process's current
+    /// registration, which tracks its I/O.
+    pub fn register_previous(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        process: ReaderProcess,
+    ) -> Result<ReaderId, RegisterError> {
+        let id = self.register(slots_fd, process)?;
+        if let Some(r) = self.readers.last_mut() {
+            r.previous = true;
+        }
+        Ok(id)
+    }
+
+    /// The state of the reader at position `i` (< [`Self::len`]): its
+    /// [`Reader::state`], with the rule of [`Self::register_previous`] for
+    /// a previous slot file whose process exited.
+    pub fn state_of(&self, i: usize) -> ReaderState {
+        let r = &self.readers[i];
+        let state = r.state();
+        if r.previous
+            && state == ReaderState::Released(ReleaseReason::ExitedAndDrained)
+            && self.readers.iter().any(|o| !o.previous && o.pid == r.pid)
+        {
+            return ReaderState::Draining { pending: 0 };
+        }
+        state
     }
 
     /// Tracks a ring or socket of reader `id` (see [`crate::drain`]).
@@ -321,17 +372,20 @@ impl Registry {
     /// Releases every reader that nothing can hold any more.
     pub fn release_finished(&mut self) -> Vec<Released> {
         let mut gone = Vec::new();
-        self.readers.retain(|r| match r.state() {
-            ReaderState::Released(reason) => {
-                gone.push(Released {
-                    id: r.id,
-                    pid: r.pid,
-                    reason,
-                });
-                false
+        let mut i = 0;
+        while i < self.readers.len() {
+            match self.state_of(i) {
+                ReaderState::Released(reason) => {
+                    let r = self.readers.remove(i);
+                    gone.push(Released {
+                        id: r.id,
+                        pid: r.pid,
+                        reason,
+                    });
+                }
+                _ => i += 1,
             }
-            _ => true,
-        });
+        }
         gone
     }
 
@@ -340,7 +394,7 @@ impl Registry {
     /// `Released` when it was removed by this call.
     pub fn try_release(&mut self, id: ReaderId) -> Option<ReaderState> {
         let i = self.readers.iter().position(|r| r.id == id)?;
-        let state = self.readers[i].state();
+        let state = self.state_of(i);
         if matches!(state, ReaderState::Released(_)) {
             self.readers.remove(i);
         }

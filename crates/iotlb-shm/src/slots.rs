@@ -9,7 +9,7 @@
 //! marked closed and unmapped: the writer then forgets the process at once,
 //! whatever its connection or liveness says.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -186,6 +186,28 @@ impl SlotMap {
         crate::grace::slots_closed(self.map.word(off::CLOSED))
     }
 
+    /// The retired word ([`crate::grace::retire`]).
+    pub fn retired_word(&self) -> &AtomicU64 {
+        self.map.word(off::RETIRED)
+    }
+
+    /// Whether the reader process retired the file: it starts no session
+    /// with it any more ([`SlotFile::retire`]).
+    pub fn retired(&self) -> bool {
+        crate::grace::slots_retired(self.retired_word())
+    }
+
+    /// Whether no slot is inside a session and no pin is held, whatever
+    /// their epochs. Once the file is [`Self::retired`] and this holds,
+    /// nothing of the process can use the table this file was given with.
+    pub fn idle(&self) -> bool {
+        (0..self.slots_in_use()).all(|s| crate::grace::outside_session(self.slot(s)))
+            && (0..self.pins_in_use()).all(|j| {
+                let (state, fields) = self.pin(j);
+                crate::grace::read_pin(state, fields).is_none()
+            })
+    }
+
     /// Pin records the writer must scan, likewise.
     pub fn pins_in_use(&self) -> usize {
         (self
@@ -236,6 +258,9 @@ pub struct SlotFile {
     map: SlotMap,
     free_slots: Claims,
     free_pins: Claims,
+    /// The file's descriptor, kept to hand the file to a restarted daemon
+    /// ([`crate::BackendClient::hand_over`]).
+    fd: Option<OwnedFd>,
 }
 
 impl SlotFile {
@@ -250,7 +275,27 @@ impl SlotFile {
             free_slots: Claims::new(map.slot_count),
             free_pins: Claims::new(map.pin_count),
             map,
+            fd: fd.try_clone_to_owned().ok(),
         }))
+    }
+
+    /// The file's descriptor (`None` if it could not be kept).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Stops sessions from starting with this file: every session entered
+    /// from now on faults ([`crate::FaultKind::Detached`]); the sessions
+    /// already open and the pins already held are unaffected. Called once
+    /// the process has connected to a restarted daemon, before it hands
+    /// this file to it.
+    pub fn retire(&self) {
+        crate::grace::retire(self.map.retired_word());
+    }
+
+    /// Whether [`Self::retire`] was called.
+    pub fn retired(&self) -> bool {
+        self.map.retired()
     }
 
     /// The mapping.

@@ -249,3 +249,48 @@ fn a_session_that_begins_after_the_writer_died_sees_it_dead() {
         reader.join().unwrap();
     });
 }
+
+/// A restarted daemon and the previous daemon's frozen table: the backend
+/// retires its slot file of that table and hands it over; the new daemon
+/// completes a revocation (here: lets the page be reused) only once every
+/// slot of the retired file is outside a session. A session either began
+/// before the retirement — and is waited for — or sees the file retired and
+/// translates nothing.
+#[test]
+fn a_retired_slot_file_is_waited_for_or_its_session_translates_nothing() {
+    use iotlb_shm::layout::liveness::OWNER_DIED;
+    model(|| {
+        let t = Table::mapped();
+        // The previous daemon is dead; its table survives it.
+        let liveness = Arc::new(AtomicU64::new(OWNER_DIED));
+        let retired = Arc::new(AtomicU64::new(0));
+        let handed_over = Arc::new(AtomicU64::new(0));
+        let (t2, l2, r2) = (t.clone(), liveness.clone(), retired.clone());
+        let queue_thread = thread::spawn(move || {
+            grace::enter(&t2.epoch, &t2.slots[0]);
+            if grace::session_usable(&l2, true, &r2) {
+                if let Some(v) = t2.walk() {
+                    assert_eq!(v, LIVE, "translated a page the new daemon let be reused");
+                }
+            }
+            grace::exit(&t2.slots[0]);
+        });
+        let (r3, h3) = (retired.clone(), handed_over.clone());
+        let reconnecting_thread = thread::spawn(move || {
+            grace::retire(&r3);
+            // PREVIOUS_TABLE on the socket: a Release/Acquire pair.
+            h3.store(1, Ordering::Release);
+        });
+        // The new daemon, after the revocation's own grace period.
+        while handed_over.load(Ordering::Acquire) == 0 {
+            thread::yield_now();
+        }
+        assert!(grace::slots_retired(&retired));
+        while !grace::outside_session(&t.slots[0]) {
+            thread::yield_now();
+        }
+        t.node.store(RECYCLED, Ordering::Relaxed);
+        queue_thread.join().unwrap();
+        reconnecting_thread.join().unwrap();
+    });
+}

@@ -86,6 +86,7 @@ fn writer(stall: StallPolicy, geometry: Geometry) -> TableWriter {
         geometry,
         stall,
         reserved_roots: 0,
+        handover: false,
     })
     .unwrap();
     w.create_domain(1).unwrap();

@@ -23,7 +23,16 @@ const RW: Perms = Perms {
 };
 
 fn writer() -> TableWriter {
-    let mut w = TableWriter::new(&WriterConfig::default()).unwrap();
+    writer_with(false)
+}
+
+/// [`writer`], with its table outliving it if `handover`.
+fn writer_with(handover: bool) -> TableWriter {
+    let mut w = TableWriter::new(&WriterConfig {
+        handover,
+        ..WriterConfig::default()
+    })
+    .unwrap();
     w.create_domain(1).unwrap();
     w.set_endpoint(8, EndpointTarget::Domain(1)).unwrap();
     w.map(1, 0x1000, 0x1fff, 0x8000, RW).unwrap();
@@ -286,4 +295,76 @@ fn a_dropped_writer_detaches_every_reader() {
         Some(Err(FaultKind::Detached))
     );
     assert!(s.pin(8, 0x1000, 0x100, Access::READ).is_err());
+}
+
+/// A table that outlives its writer (`WriterConfig::handover`, the daemon's
+/// `--state-dir`) goes on translating, frozen, once the writer is gone —
+/// until the reader retires its slot file: sessions entered after that
+/// fault, sessions entered before keep what they translated.
+#[test]
+fn a_handover_table_translates_after_its_writer_until_the_slot_file_is_retired() {
+    let w = writer_with(true);
+    let table = TableReader::open(w.table_fd(), w.arena_fd()).unwrap();
+    assert!(table.handed_over());
+    let slot_fd = iotlb_shm::slots::create(2, 2).unwrap();
+    let file = SlotFile::open(slot_fd.as_fd()).unwrap();
+    let (mut a, mut b) = (file.claim_slot().unwrap(), file.claim_slot().unwrap());
+    drop(w);
+    assert!(!table.writer_alive());
+    let before = a.enter(&table);
+    assert!(before.writer_alive());
+    assert_eq!(
+        before.translate_one(8, 0x1234, Access::READ).unwrap().gpa,
+        0x8234
+    );
+    let pin = before.pin(8, 0x1000, 0x100, Access::READ).unwrap();
+    file.retire();
+    assert!(file.retired());
+    // Open before the retirement: still translates.
+    assert_eq!(
+        before.translate_one(8, 0x1100, Access::READ).unwrap().gpa,
+        0x8100
+    );
+    let after = b.enter(&table);
+    assert!(!after.writer_alive());
+    assert_eq!(
+        after
+            .translate_one(8, 0x1234, Access::READ)
+            .map_err(|f| f.kind),
+        Err(FaultKind::Detached)
+    );
+    drop((after, before, pin));
+}
+
+/// A slot file of a previous writer, handed over to the next one after it
+/// was retired, is released once nothing is left in it: sessions and pins
+/// of any epoch hold it. A file that was not retired is not released when
+/// idle (its process may start a session at any time).
+#[test]
+fn a_previous_slot_file_is_released_once_retired_and_idle() {
+    let mut w = writer();
+    let previous = writer_with(true);
+    let old_table = TableReader::open(previous.table_fd(), previous.arena_fd()).unwrap();
+    let slot_fd = iotlb_shm::slots::create(2, 2).unwrap();
+    let file = SlotFile::open(slot_fd.as_fd()).unwrap();
+    let me = std::process::id() as i32;
+
+    let id = w
+        .register_previous(slot_fd.as_fd(), ReaderProcess::watch(me).unwrap())
+        .unwrap();
+    assert_eq!(w.previous_readers(), 1);
+    assert_eq!(w.release_previous_readers(), 1, "not retired: kept");
+
+    let mut slot = file.claim_slot().unwrap();
+    let session = slot.enter(&old_table);
+    let pin = session.pin(8, 0x1000, 0x1000, Access::READ).unwrap();
+    file.retire();
+    assert_eq!(w.release_previous_readers(), 1, "a session is open");
+    drop(session);
+    assert_eq!(w.release_previous_readers(), 1, "a pin is held");
+    drop(pin);
+    assert_eq!(w.release_previous_readers(), 0);
+    assert_eq!(w.try_release_reader(id), None, "already released");
+    drop(slot);
+    drop(previous);
 }

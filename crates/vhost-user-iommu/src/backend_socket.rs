@@ -22,12 +22,13 @@ use std::time::Duration;
 use iotlb_shm::backend_proto::{self, FrameError, MAX_LEN, Message};
 use iotlb_shm::drain::{self, RingSentinel, TrackError};
 use iotlb_shm::{Access, Fault, FaultKind, ReaderId, ReaderProcess, ReaderState, TrackedIo};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use virtio_iommu_proto::{FaultFlags, FaultReason, FaultRecord};
 
 use tokio::io::unix::AsyncFd;
 
 use crate::backend::IommuBackend;
+use crate::backend_ledger::Ledger;
 use crate::frame_ready;
 use crate::iotlb_msg::Subscribers;
 use crate::shm_table::{SharedWriter, lock};
@@ -221,6 +222,7 @@ pub struct BackendSocket {
     route: FaultRoute,
     subscribers: Subscribers,
     connected: std::sync::atomic::AtomicUsize,
+    ledger: Arc<Ledger>,
 }
 
 /// Most backend connections served at once; more are refused (`EBUSY`), so
@@ -281,7 +283,16 @@ impl BackendSocket {
             route,
             subscribers,
             connected: std::sync::atomic::AtomicUsize::new(0),
+            ledger: Arc::new(Ledger::in_memory(iotlb_shm::StallPolicy::default())),
         })
+    }
+
+    /// Records backends in `ledger` (the state directory's, so that the
+    /// next daemon waits for them) and takes their hand-overs of a previous
+    /// daemon's table there.
+    pub fn with_ledger(mut self, ledger: Arc<Ledger>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     /// The backends served, for the admin socket and metrics.
@@ -470,6 +481,25 @@ impl BackendSocket {
             Some(Err(e)) => return Self::refuse(&stream, libc::ESRCH, format!("{e}")),
             None => return Self::refuse(&stream, libc::EIO, "registration failed".into()),
         };
+        // Recorded before it gets the table, so that a daemon started after
+        // this one dies knows to wait for it.
+        let pid = cred.pid;
+        let admitted = self
+            .blocking(move |me| {
+                me.ledger.admit(id.0, pid).inspect_err(|_| {
+                    lock(&me.writer).unregister_reader(id);
+                })
+            })
+            .await;
+        match admitted {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                let reason = vhost_user_process::report_line(&e);
+                error!(pid, %reason, "cannot record a backend in the state directory; refused");
+                return Self::refuse(&stream, libc::EIO, reason);
+            }
+            None => return Self::refuse(&stream, libc::EIO, "registration failed".into()),
+        }
         let welcome = Message::Welcome { reader_id: id.0 }.encode();
         let fds = [
             self.table_fd.as_fd(),
@@ -508,6 +538,7 @@ impl BackendSocket {
             pid: cred.pid,
             id,
             errors: 0,
+            previous_taken: false,
         };
         self.read_messages(&watched, &mut conn, &mut buf).await;
         self.subscribers.remove(id);
@@ -523,6 +554,7 @@ impl BackendSocket {
         );
         drop(watched);
         self.wait_for_release(id, cred.pid).await;
+        self.blocking(move |me| me.ledger.forget(id.0)).await;
         self.book.with(|b| b.remove(&id.0));
     }
 
@@ -647,6 +679,31 @@ impl BackendSocket {
                 Message::Ack { cookie } if frame.fds.is_empty() => {
                     self.subscribers.ack(conn.id, cookie);
                 }
+                Message::PreviousTable { cookie }
+                    if frame.fds.len() == 1 && conn.previous_taken =>
+                {
+                    conn.error(
+                        cookie,
+                        libc::EPROTO,
+                        "a previous slot file was already handed over on this connection".into(),
+                    );
+                }
+                Message::PreviousTable { cookie } if frame.fds.len() <= 1 => {
+                    let fd = frame.fds.into_iter().next();
+                    let with_file = fd.is_some();
+                    let (stream, pid) = (Arc::clone(&conn.stream), conn.pid);
+                    let result = self
+                        .blocking(move |me| me.take_previous(&stream, pid, fd))
+                        .await
+                        .unwrap_or_else(|| Err("the hand-over failed".into()));
+                    match result {
+                        Ok(()) => {
+                            conn.previous_taken |= with_file;
+                            conn.reply(&Message::Ack { cookie });
+                        }
+                        Err(reason) => conn.error(cookie, libc::EINVAL, reason),
+                    }
+                }
                 Message::DriverRestarted { cookie, endpoint } if frame.fds.is_empty() => {
                     let pid = conn.pid;
                     // May reset the device and wait for a grace period.
@@ -664,6 +721,40 @@ impl BackendSocket {
                 ),
             }
         }
+    }
+
+    /// Takes what backend `pid` holds of a previous daemon's table: its
+    /// slot file `fd` (retired), waited for by every revocation until the
+    /// sessions and pins left in it are over, or nothing.
+    fn take_previous(
+        &self,
+        stream: &UnixStream,
+        pid: i32,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), String> {
+        if let Some(fd) = fd {
+            let slots = iotlb_shm::slots::SlotMap::open(fd.as_fd(), false)
+                .map_err(|e| format!("not a slot file: {}", vhost_user_process::report_line(&e)))?;
+            if !slots.retired() {
+                return Err(
+                    "the previous slot file must be retired before it is handed over".into(),
+                );
+            }
+            let process = ReaderProcess::of_peer(stream.as_fd()).map_err(|e| e.to_string())?;
+            let id = lock(&self.writer)
+                .register_previous(fd.as_fd(), process)
+                .map_err(|e| vhost_user_process::report_line(&e))?;
+            self.ledger.previous_registered();
+            info!(
+                pid,
+                reader = id.0,
+                "backend handed over the previous daemon's table; revocations wait until its sessions and pins there are over"
+            );
+        }
+        if self.ledger.handed_over(pid) {
+            info!(pid, "a backend of the previous daemon reconnected");
+        }
+        Ok(())
     }
 
     async fn track(
@@ -760,6 +851,7 @@ fn message_name(msg: &Message, with_fds: bool) -> String {
         Message::IotlbFault { .. } => "IOTLB_FAULT",
         Message::IotlbInvalidate { .. } => "IOTLB_INVALIDATE",
         Message::DriverRestarted { .. } => "DRIVER_RESTARTED",
+        Message::PreviousTable { .. } => "PREVIOUS_TABLE",
     };
     if with_fds {
         format!("{name} with descriptors")
@@ -774,6 +866,9 @@ struct Connection {
     pid: i32,
     id: ReaderId,
     errors: u32,
+    /// A previous slot file was handed over on this connection (one is
+    /// taken per connection, so the registry stays bounded).
+    previous_taken: bool,
 }
 
 impl Connection {

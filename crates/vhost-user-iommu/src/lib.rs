@@ -37,6 +37,7 @@
 mod admin;
 pub mod admin_proto;
 mod backend;
+pub mod backend_ledger;
 pub mod backend_socket;
 pub mod chain;
 mod control;

@@ -6,21 +6,37 @@
 
 use viommu_core::{Change, ChangeSink, Refused};
 
+use std::sync::Arc;
+
+use crate::backend_ledger::Ledger;
 use crate::iotlb_msg::AckWait;
+use crate::shm_table::SharedWriter;
 
 /// What is left after a grace period of the shared table: the
 /// acknowledgements of message-mode backends. Wait for them **without the
 /// device lock held** (a backend may need a miss answered first), then
 /// complete the requests.
+///
+/// And the backends of a previous daemon (one that died or was restarted)
+/// that may still use its table, frozen: the revocation completes only
+/// once none can ([`crate::backend_ledger`]).
 #[must_use = "wait before completing the requests"]
 #[derive(Debug, Default)]
-pub struct GraceWait(pub Option<AckWait>);
+pub struct GraceWait {
+    /// Acknowledgements of message-mode backends.
+    pub acks: Option<AckWait>,
+    /// The previous daemon's backends, when some may still use its table.
+    pub previous: Option<(Arc<Ledger>, SharedWriter)>,
+}
 
 impl GraceWait {
     /// Waits for whatever is outstanding.
     pub fn wait(self) {
-        if let Some(w) = self.0 {
+        if let Some(w) = self.acks {
             w.wait();
+        }
+        if let Some((ledger, writer)) = self.previous {
+            ledger.wait_for_previous(&writer);
         }
     }
 }
@@ -49,6 +65,15 @@ pub trait Publish {
     /// own bookkeeping answers — the one place that decides, so the request
     /// path and the grace period cannot disagree.
     fn needs_grace(&self) -> bool;
+
+    /// Whether every request that may take access away (anything but MAP
+    /// and PROBE) must wait for [`TablePublisher::synchronize`], even one
+    /// that changed nothing in the table: backends of a previous daemon may
+    /// still translate through its frozen table, which the guest's view
+    /// no longer matches.
+    fn revocations_wait(&self) -> bool {
+        false
+    }
 }
 
 /// A published copy of the translation state that other processes read.

@@ -92,7 +92,10 @@ impl RequestServer {
         }
         let writable_len = usize::try_from(self.parts.writable_len()).unwrap_or(usize::MAX);
         if !self.applied.is_empty() {
-            if let Some(served) = self.complete_applied(origin.position, &readable[..got], mem) {
+            if let Some(mut served) = self.complete_applied(origin.position, &readable[..got], mem)
+            {
+                served.needs_grace =
+                    revokes(readable.first().copied().unwrap_or(0)) && publisher.revocations_wait();
                 return served;
             }
         }
@@ -118,6 +121,7 @@ impl RequestServer {
                 needs_grace,
             };
         };
+        let needs_grace = needs_grace || (revokes(req_type as u8) && publisher.revocations_wait());
         // MAP/UNMAP and friends write only the 4-byte tail: no allocation.
         let (tail_only, whole);
         let bytes: &[u8] = match reply.tail() {
@@ -159,6 +163,12 @@ impl RequestServer {
             needs_grace,
         }
     }
+}
+
+/// Whether a request of type `t` (its first byte) may take access away:
+/// anything but MAP and PROBE.
+fn revokes(t: u8) -> bool {
+    t != RequestType::Map as u8 && t != RequestType::Probe as u8
 }
 
 impl RequestServer {

@@ -5,6 +5,7 @@
 
 use crate::admin::DaemonView;
 use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
+use crate::backend_ledger::{Ledger, LedgerError};
 use crate::backend_socket::{BackendBook, BackendSocket, FaultRoute};
 use crate::iotlb_msg::Subscribers;
 use crate::publish::{NoTable, TablePublisher};
@@ -46,12 +47,17 @@ pub enum ServeError {
     /// The saved device state cannot be loaded, or no state can be kept.
     #[error(transparent)]
     State(#[from] StateStoreError),
+    /// The state directory's list of backends cannot be used.
+    #[error("cannot use the state directory's list of backends")]
+    Ledger(#[from] LedgerError),
 }
 
 /// The shared table and what serves it to backends.
 struct Table {
     writer: SharedWriter,
     subscribers: Subscribers,
+    /// This daemon's backends and its predecessor's.
+    ledger: Arc<Ledger>,
     book: BackendBook,
     /// Served by the control plane once it starts.
     socket: Option<BackendSocket>,
@@ -118,13 +124,22 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
         info!("no --backend-socket: translations are not published to backends");
         return Ok(None);
     };
-    let writer = shm_table::create(&settings.device, t).map_err(ServeError::Table)?;
-    let g = *writer.geometry();
-    let writer: SharedWriter = Arc::new(Mutex::new(writer));
-    let subscribers = Subscribers::new(iotlb_shm::StallPolicy {
+    let stall = iotlb_shm::StallPolicy {
         warn_after: t.stall_warn,
         kill_after: t.stall_kill,
-    });
+    };
+    // With a state directory the backends are recorded there, so the table
+    // may outlive this daemon: the next one waits for them.
+    let ledger = match &settings.state_dir {
+        Some(dir) => Ledger::open(dir, stall)?,
+        None => Ledger::in_memory(stall),
+    };
+    let ledger = Arc::new(ledger);
+    let writer = shm_table::create(&settings.device, t, settings.state_dir.is_some())
+        .map_err(ServeError::Table)?;
+    let g = *writer.geometry();
+    let writer: SharedWriter = Arc::new(Mutex::new(writer));
+    let subscribers = Subscribers::new(stall);
     let socket_error = |e| ServeError::BackendSocket(t.socket.display().to_string(), e);
     let socket = BackendSocket::bind(
         &t.socket,
@@ -133,7 +148,8 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
         route.clone(),
         subscribers.clone(),
     )
-    .map_err(socket_error)?;
+    .map_err(socket_error)?
+    .with_ledger(Arc::clone(&ledger));
     let book = socket.book();
     info!(
         backend_socket = %t.socket.display(),
@@ -145,6 +161,7 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
     Ok(Some(Table {
         writer,
         subscribers,
+        ledger,
         book,
         socket: Some(socket),
     }))
@@ -158,6 +175,12 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
     let mut listener = listen.listener(settings.socket_perms)?;
     let where_ = describe(listen);
     let route = FaultRoute::default();
+    // Locked before anything reads or writes the state directory.
+    let _state_dir = settings
+        .state_dir
+        .as_deref()
+        .map(state_journal::lock)
+        .transpose()?;
     let mut table = start_table(settings, &route)?;
     let telemetry = Arc::new(Telemetry::default());
     crate::control::start(
@@ -173,11 +196,6 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         },
         table.as_mut().and_then(|t| t.socket.take()),
     )?;
-    let _state_dir = settings
-        .state_dir
-        .as_deref()
-        .map(state_journal::lock)
-        .transpose()?;
     let mut resumed = Some(first_device(settings)?);
     // Every socket is bound: from here on only the calls serving needs.
     crate::seccomp::install(settings.seccomp)?;
@@ -189,7 +207,8 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         let publisher: Box<dyn TablePublisher> = match &table {
             Some(t) => Box::new(
                 ShmPublisher::new(t.writer.clone(), Some(t.subscribers.clone()))
-                    .timed(Arc::clone(&telemetry)),
+                    .timed(Arc::clone(&telemetry))
+                    .waiting_for_previous(Arc::clone(&t.ledger)),
             ),
             None => Box::new(NoTable),
         };

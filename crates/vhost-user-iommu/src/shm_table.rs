@@ -10,6 +10,7 @@ use iotlb_shm::{
 use viommu_core::{Change, Device, DeviceConfig, EndpointState};
 use virtio_iommu_proto::MapFlags;
 
+use crate::backend_ledger::Ledger;
 use crate::iotlb_msg::{AckWait, Invalidation, Subscribers};
 use crate::publish::{GraceWait, Publish, PublishError, Publishing, TablePublisher};
 use crate::settings::TableSettings;
@@ -26,8 +27,13 @@ pub fn lock(writer: &SharedWriter) -> MutexGuard<'_, TableWriter> {
 /// Most endpoint words the table will hold (8 bytes each).
 pub const MAX_TABLE_ENDPOINTS: u64 = 1 << 24;
 
-/// Creates the table for a device configuration.
-pub fn create(device: &DeviceConfig, t: &TableSettings) -> Result<TableWriter, String> {
+/// Creates the table for a device configuration; `handover`: it outlives
+/// the daemon ([`iotlb_shm::WriterConfig::handover`]).
+pub fn create(
+    device: &DeviceConfig,
+    t: &TableSettings,
+    handover: bool,
+) -> Result<TableWriter, String> {
     let first = device.endpoints.iter().map(|r| r.first).min().unwrap_or(0);
     let last = device.endpoints.iter().map(|r| r.last).max().unwrap_or(0);
     let count = u64::from(last) - u64::from(first) + 1;
@@ -56,6 +62,7 @@ pub fn create(device: &DeviceConfig, t: &TableSettings) -> Result<TableWriter, S
             .limits
             .max_domains
             .min((geometry.max_nodes() / 2) as u32),
+        handover,
     };
     TableWriter::new(&config).map_err(|e| vhost_user_process::report_line(&e))
 }
@@ -68,6 +75,8 @@ pub struct ShmPublisher {
     invalidations: Vec<Invalidation>,
     /// Where grace periods are timed, if anywhere.
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// The backends of a previous daemon, waited for after grace periods.
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl ShmPublisher {
@@ -78,7 +87,16 @@ impl ShmPublisher {
             subscribers,
             invalidations: Vec::new(),
             telemetry: None,
+            ledger: None,
         }
+    }
+
+    /// Makes revocations wait, after their grace period, for the backends
+    /// of a previous daemon that `ledger` knows of
+    /// ([`crate::backend_ledger`]).
+    pub fn waiting_for_previous(mut self, ledger: Arc<Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// Times every grace period into `telemetry` (two clock reads per
@@ -162,6 +180,7 @@ fn apply(w: &mut TableWriter, change: &Change) -> Result<(), PublishError> {
 /// The table locked for one batch of changes.
 struct Locked<'a> {
     writer: &'a mut TableWriter,
+    ledger: Option<&'a Ledger>,
     invalidations: &'a mut Vec<Invalidation>,
     subscribed: bool,
 }
@@ -174,6 +193,9 @@ impl Publish for Locked<'_> {
     fn needs_grace(&self) -> bool {
         self.writer.needs_grace() || !self.invalidations.is_empty()
     }
+    fn revocations_wait(&self) -> bool {
+        self.ledger.is_some_and(|l| l.pending_with(self.writer))
+    }
 }
 
 impl Publish for ShmPublisher {
@@ -184,6 +206,11 @@ impl Publish for ShmPublisher {
     fn needs_grace(&self) -> bool {
         lock(&self.writer).needs_grace() || !self.invalidations.is_empty()
     }
+    fn revocations_wait(&self) -> bool {
+        self.ledger
+            .as_ref()
+            .is_some_and(|l| l.pending(&self.writer))
+    }
 }
 
 impl TablePublisher for ShmPublisher {
@@ -191,6 +218,7 @@ impl TablePublisher for ShmPublisher {
         let mut writer = lock(&self.writer);
         f(&mut Locked {
             writer: &mut writer,
+            ledger: self.ledger.as_deref(),
             invalidations: &mut self.invalidations,
             subscribed: self.subscribers.is_some(),
         });
@@ -221,7 +249,12 @@ impl TablePublisher for ShmPublisher {
                 "a grace period released backends that were gone (exited with their I/O drained)"
             );
         }
-        GraceWait(acks)
+        let previous = self
+            .ledger
+            .as_ref()
+            .filter(|l| l.pending(&self.writer))
+            .map(|l| (Arc::clone(l), self.writer.clone()));
+        GraceWait { acks, previous }
     }
 
     /// Empties the table and publishes the state of a fresh `device`.
@@ -230,7 +263,13 @@ impl TablePublisher for ShmPublisher {
         lock(&self.writer).reset();
         self.invalidations = vec![Invalidation::ALL];
         // No device lock is held yet: wait right here.
-        GraceWait(self.send_invalidations()).wait();
+        // Not the previous daemon's backends: a fresh device takes nothing
+        // away that the guest could have seen completed.
+        GraceWait {
+            acks: self.send_invalidations(),
+            previous: None,
+        }
+        .wait();
         let mut sink = Publishing::new(self);
         device.publish_state(&mut sink);
         if sink.refused > 0 {

@@ -7,11 +7,16 @@
 
 mod common;
 
-use common::backends::{Backend, Daemon, EP, attach, map, ok, run_cases, scratch, unmap};
+use common::backends::{
+    Backend, Daemon, EP, attach, map, ok, request_racing, run_cases, scratch, unmap,
+};
 use iotlb_shm::BackendClient;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use viommu_frontend::driver::Driver;
 use virtio_iommu_proto::Status;
 
@@ -292,6 +297,10 @@ fn requests_applied_but_not_completed_at_the_kill_complete_without_applying_agai
     holder.kill9();
 
     let d = start(&dir);
+    // This process was a backend of the killed daemon: the UNMAP completes
+    // only once it has connected again, saying it holds nothing of the
+    // previous table (the holder was killed; the daemon sees it gone).
+    let client = BackendClient::connect(&d.backends, 1, 0).unwrap();
     drv.reconnect(&d.vmm).unwrap();
     let mut done = collect_all(&mut drv);
     done.sort_by_key(|(i, _)| *i);
@@ -301,7 +310,6 @@ fn requests_applied_but_not_completed_at_the_kill_complete_without_applying_agai
         "{}",
         d.log()
     );
-    let client = BackendClient::connect(&d.backends, 1, 0).unwrap();
     assert_eq!(translate(&client, 0), None);
     assert_eq!(translate(&client, 1), Some(gpa(1)));
 }
@@ -395,7 +403,305 @@ fn a_state_saved_by_one_daemon_loads_in_another_and_a_tampered_one_is_refused() 
     assert_eq!(translate(&client, 49), Some(gpa(49)));
 }
 
+// ------------------------------------------------------------ a DMA backend
+
+/// Set (to the backend socket) in a re-executed test binary that plays a
+/// backend translating through `viommu_backend::Dma`, the library real
+/// backends use: table mode, with its reconnection and hand-over.
+const DMA_ROLE_ENV: &str = "VIOMMU_TEST_DMA_BACKEND";
+/// IOVA pages the DMA backend's loop translates.
+const LOOP_PAGES: u64 = 16;
+
+/// The DMA backend process: one command per stdin line, one answer line.
+struct DmaBackend {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl DmaBackend {
+    fn spawn(socket: &Path) -> DmaBackend {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(DMA_ROLE_ENV, socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = BufReader::new(child.stdout.take().unwrap());
+        let mut b = DmaBackend {
+            child,
+            input,
+            output,
+        };
+        assert_eq!(b.line(), "connected");
+        b
+    }
+
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.output.read_line(&mut s).unwrap();
+        s.trim().to_string()
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        self.input.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        self.line()
+    }
+
+    /// (translations, faults) of the loop so far.
+    fn counts(&mut self) -> (u64, u64) {
+        let answer = self.ask("counts");
+        let mut w = answer.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+        (w.next().unwrap(), w.next().unwrap())
+    }
+}
+
+impl Drop for DmaBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The DMA backend role: translates IOVA pages 0..LOOP_PAGES of EP in a
+/// loop of batches on one thread (counting translations and faults), and
+/// holds pins for the test on another.
+fn dma_backend_main(socket: &Path) -> ! {
+    use viommu_backend::{Access, Dma, DmaOptions, IommuMode};
+    let dma = Dma::connect(&DmaOptions {
+        mode: IommuMode::Table(socket.to_path_buf()),
+        endpoint: EP,
+        slots: 4,
+        pins: 16,
+    })
+    .unwrap();
+    // Translation needs a memory table; any RAM of the guest's size does.
+    let ram =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 64 << 20)])
+            .unwrap();
+    dma.set_memory(Arc::new(ram));
+    let (translations, faults) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let running = Arc::new(AtomicBool::new(false));
+    {
+        let (dma, translations, faults, running) = (
+            dma.clone(),
+            Arc::clone(&translations),
+            Arc::clone(&faults),
+            Arc::clone(&running),
+        );
+        std::thread::spawn(move || {
+            let mut q = dma.queue().unwrap();
+            loop {
+                if !running.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let batch = q.batch().unwrap();
+                for i in 0..LOOP_PAGES {
+                    match batch.host_range(iova(i), 0x1000, Access::READ) {
+                        Ok(_) => translations.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            if faults.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!("first fault: {e}");
+                            }
+                            0
+                        }
+                    };
+                }
+                drop(batch);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+    }
+    let mut q = dma.queue().unwrap();
+    let mut holds = Vec::new();
+    println!("connected");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let answer = match w.as_slice() {
+            ["run"] => {
+                running.store(true, Ordering::Relaxed);
+                "running".to_string()
+            }
+            ["stop"] => {
+                running.store(false, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+                "stopped".to_string()
+            }
+            ["counts"] => format!(
+                "{} {}",
+                translations.load(Ordering::Relaxed),
+                faults.load(Ordering::Relaxed)
+            ),
+            ["hold", page] => {
+                let batch = q.batch().unwrap();
+                let page: u64 = page.parse().unwrap();
+                match batch.hold(&[(iova(page), 0x1000)], Access::WRITE, |_, _| {}) {
+                    Ok(h) => {
+                        holds.push(h);
+                        "held".to_string()
+                    }
+                    Err(e) => format!("fault {e}"),
+                }
+            }
+            ["release"] => {
+                holds.clear();
+                "released".to_string()
+            }
+            _ => "?".to_string(),
+        };
+        println!("{answer}");
+    }
+    std::process::exit(0)
+}
+
+/// Waits until the loop has made `more` translations past `from`.
+fn wait_for_translations(b: &mut DmaBackend, from: u64, more: u64) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (t, f) = b.counts();
+        if t >= from + more {
+            return (t, f);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backend stopped translating ({t} translations)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin() {
+    let dir = scratch("restart-backend");
+    let mut d = start(&dir);
+    let mut drv = d.driver();
+    ok(&mut drv, attach(1));
+    for i in 0..LOOP_PAGES {
+        ok(&mut drv, map(1, iova(i), gpa(i)));
+    }
+    let mut b = DmaBackend::spawn(&d.backends);
+    assert_eq!(b.ask("run"), "running");
+    // A DMA in flight across the restart: page 0 pinned in the first
+    // daemon's table.
+    assert_eq!(b.ask("hold 0"), "held");
+    let (before, faults) = wait_for_translations(&mut b, 0, 1000);
+    assert_eq!(faults, 0);
+
+    kill9(&mut d);
+    // No daemon runs: the backend goes on translating through the frozen
+    // table, which is the guest's view (no UNMAP can complete meanwhile).
+    let (during, faults) = wait_for_translations(&mut b, before, 1000);
+    assert_eq!(faults, 0, "a translation disappeared while no daemon ran");
+
+    let d = start(&dir);
+    let log = || d.log();
+    assert!(
+        log().contains("backends of the previous daemon still run"),
+        "{}",
+        log()
+    );
+    drv.reconnect(&d.vmm).unwrap();
+    d.wait_for_log(
+        "backend handed over the previous daemon's table",
+        Duration::from_secs(10),
+    );
+    // Translations go on through the new daemon's table.
+    let (after, faults) = wait_for_translations(&mut b, during, 1000);
+    assert_eq!(faults, 0, "a translation disappeared across the restart");
+    eprintln!("translations: {before} before the kill, {during} without a daemon, {after} after");
+
+    // The pin taken in the first daemon's table still holds page 0: the
+    // guest's UNMAP of it completes only once the DMA is over.
+    assert_eq!(b.ask("stop"), "stopped");
+    let (waited, status) = request_racing(
+        &mut drv,
+        unmap(1, iova(0)),
+        Duration::from_millis(500),
+        || assert_eq!(b.ask("release"), "released"),
+    );
+    assert!(
+        !waited,
+        "the UNMAP completed while the backend still held the page"
+    );
+    assert_eq!(status, Some(Status::Ok));
+    // An UNMAP of a page no DMA holds completes at once, and the backend
+    // sees both translations gone (through the new table).
+    ok(&mut drv, unmap(1, iova(1)));
+    let (t0, f0) = b.counts();
+    assert_eq!(b.ask("run"), "running");
+    let (_, f1) = wait_for_translations(&mut b, t0, 100);
+    assert!(f1 > f0, "the unmapped pages still translate");
+}
+
+fn a_backend_of_the_previous_daemon_that_does_not_reconnect_holds_unmaps_until_it_exits() {
+    let dir = scratch("restart-awaited");
+    let mut d = start(&dir);
+    let mut drv = d.driver();
+    ok(&mut drv, attach(1));
+    ok(&mut drv, map(1, iova(0), gpa(0)));
+    ok(&mut drv, map(1, iova(1), gpa(1)));
+    // A backend that never reconnects (the raw client of the other tests).
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    kill9(&mut d);
+    let d = start(&dir);
+    drv.reconnect(&d.vmm).unwrap();
+    // MAPs are not held back.
+    ok(&mut drv, map(1, iova(2), gpa(2)));
+    let (waited, status) = request_racing(
+        &mut drv,
+        unmap(1, iova(0)),
+        Duration::from_millis(500),
+        || b.kill9(),
+    );
+    assert!(
+        !waited,
+        "the UNMAP completed while a backend of the previous daemon ran"
+    );
+    assert_eq!(status, Some(Status::Ok));
+    d.wait_for_log(
+        "exited before handing its table over",
+        Duration::from_secs(5),
+    );
+    ok(&mut drv, unmap(1, iova(1)));
+
+    // With --stall-kill-ms, such a backend is killed instead.
+    let mut drv2 = drv;
+    let mut d = d;
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    kill9(&mut d);
+    let state = dir.join("state");
+    let d = Daemon::start_in(
+        &dir,
+        BIN.as_ref(),
+        None,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--stall-kill-ms",
+            "300",
+        ],
+    );
+    drv2.reconnect(&d.vmm).unwrap();
+    ok(&mut drv2, unmap(1, iova(2)));
+    let status = b.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(
+        d.log().contains("killed a backend of the previous daemon"),
+        "{}",
+        d.log()
+    );
+}
+
 fn main() {
+    if let Ok(socket) = std::env::var(DMA_ROLE_ENV) {
+        dma_backend_main(Path::new(&socket));
+    }
     run_cases(
         "restart",
         &[
@@ -425,6 +731,20 @@ fn main() {
                 "a_state_saved_by_one_daemon_loads_in_another_and_a_tampered_one_is_refused",
                 || {
                     a_state_saved_by_one_daemon_loads_in_another_and_a_tampered_one_is_refused();
+                    Ok(())
+                },
+            ),
+            (
+                "a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin",
+                || {
+                    a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin();
+                    Ok(())
+                },
+            ),
+            (
+                "a_backend_of_the_previous_daemon_that_does_not_reconnect_holds_unmaps_until_it_exits",
+                || {
+                    a_backend_of_the_previous_daemon_that_does_not_reconnect_holds_unmaps_until_it_exits();
                     Ok(())
                 },
             ),

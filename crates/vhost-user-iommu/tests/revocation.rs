@@ -96,6 +96,25 @@ fn protocol_errors_never_drop_a_live_backend() {
     bad_fault[16 + 4] = 9; // access 9
     let mut foreign = hello.clone();
     foreign[0] = b'X';
+    let previous = Message::PreviousTable { cookie: 5 }.encode();
+    // A previous table that is no slot file is refused as unsuitable; one
+    // with no descriptor (nothing held) is acknowledged.
+    assert_eq!(
+        b.ask(&format!("raw-fds 1 {}", hexed(&previous))),
+        format!("error {}", libc::EINVAL)
+    );
+    assert_eq!(
+        b.ask(&format!("raw {}", hexed(&previous))),
+        "other Ack { cookie: 5 }"
+    );
+    // A slot file must be retired before it is handed over, and one per
+    // connection is taken.
+    assert_eq!(
+        b.ask("previous-file fresh"),
+        format!("error {}", libc::EINVAL)
+    );
+    assert_eq!(b.ask("previous-file retired"), "other Ack { cookie: 5 }");
+    assert_eq!(b.ask("previous-file retired"), eproto);
     let mut answers = Vec::new();
     for (what, cmd) in [
         ("a second HELLO", format!("raw {}", hexed(&hello))),
@@ -112,6 +131,11 @@ fn protocol_errors_never_drop_a_live_backend() {
             "a WELCOME from a backend",
             format!("raw {}", hexed(&Message::Welcome { reader_id: 3 }.encode())),
         ),
+        (
+            "a PREVIOUS_TABLE with two descriptors",
+            format!("raw-fds 2 {}", hexed(&previous)),
+        ),
+        // Last: the framing is lost, nothing else of the connection is read.
         (
             "a header with a foreign magic",
             format!("raw {}", hexed(&foreign)),

@@ -25,11 +25,16 @@ use crate::guest::{self, GuestRam};
 use crate::mode::IommuMode;
 use crate::msg::{MsgHold, MsgIotlb};
 
-/// How often a backend whose daemon died tries to connect again (a batch
-/// tries, so this bounds the connects a guest's kicks can cause). Short: a
-/// VMM reconnects to the restarted daemon before it sets up the backend's
-/// queues, and the first batch of that set-up must find the new daemon.
+/// How often a backend whose daemon died tries to connect again (its
+/// watcher thread and its batches try, so this bounds the connects a
+/// guest's kicks can cause). Short: a VMM reconnects to the restarted
+/// daemon before it sets up the backend's queues, and the first batch of
+/// that set-up must find the new daemon; and the restarted daemon completes
+/// no UNMAP until this backend has handed the previous table over.
 const RECONNECT_EVERY: Duration = Duration::from_millis(100);
+/// How long the watcher thread sleeps in `poll` on the daemon connection
+/// before it checks whether the device is gone.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
 
 /// Why a device's DMA could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -56,9 +61,14 @@ struct TableState {
     slots: u32,
     pins: u32,
     current: RwLock<Arc<TableConnection>>,
+    /// `current`'s generation, read by every batch without the lock.
+    generation: AtomicU64,
     /// Rings registered with the daemon, re-registered on reconnection.
     rings: Mutex<Vec<OwnedFd>>,
+    /// When a batch last tried to reconnect (batches are paced).
     last_attempt: Mutex<Option<Instant>>,
+    /// Held by the thread that reconnects.
+    reconnecting: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -122,8 +132,10 @@ impl Dma {
                         client,
                         generation: 0,
                     })),
+                    generation: AtomicU64::new(0),
                     rings: Mutex::new(Vec::new()),
                     last_attempt: Mutex::new(None),
+                    reconnecting: Mutex::new(()),
                 })
             }
             IommuMode::IotlbMsg(socket) => {
@@ -146,7 +158,7 @@ impl Dma {
                 }
             }
         };
-        Ok(Dma {
+        let dma = Dma {
             inner: Arc::new(Inner {
                 endpoint: options.endpoint,
                 translation,
@@ -154,7 +166,18 @@ impl Dma {
                 ram_generation: AtomicU64::new(0),
                 faults_reported: AtomicU64::new(0),
             }),
-        })
+        };
+        if matches!(dma.inner.translation, Translation::Table(_)) {
+            let weak = Arc::downgrade(&dma.inner);
+            let spawned = std::thread::Builder::new()
+                .name("iommu-daemon-watch".into())
+                .spawn(move || watch_daemon(weak));
+            if let Err(e) = spawned {
+                // Batches still reconnect; an idle device only later.
+                tracing::warn!(error = %e, "cannot start the thread that watches the vhost-user-iommu daemon");
+            }
+        }
+        Ok(dma)
     }
 
     /// Whether device addresses are IOVAs (offer VIRTIO_F_ACCESS_PLATFORM).
@@ -225,6 +248,8 @@ impl Dma {
         let endpoint = self.inner.endpoint;
         let result = match &self.inner.translation {
             Translation::Table(t) => {
+                // The restarted daemon must hear it: it decides about a reset.
+                self.reconnect_if_detached(Reconnect::Wait);
                 let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
                 conn.client.driver_restarted(endpoint)
             }
@@ -280,13 +305,34 @@ impl Dma {
     }
 
     /// Connects to the daemon again if the current table is detached (its
-    /// daemon died), at most once per [`RECONNECT_EVERY`]; re-registers
-    /// the rings. Returns whether a new table is in place.
-    fn reconnect_if_detached(&self) -> bool {
+    /// daemon died); re-registers the rings and hands the previous table
+    /// over. One reconnection at a time: a [`Reconnect::Batch`] does not
+    /// wait for another one in progress and tries at most once per
+    /// [`RECONNECT_EVERY`]. Returns whether a live table is in place.
+    fn reconnect_if_detached(&self, who: Reconnect) -> bool {
         let Translation::Table(t) = &self.inner.translation else {
             return false;
         };
+        let _one_at_a_time = match who {
+            Reconnect::Batch => match t.reconnecting.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            },
+            Reconnect::Wait => t
+                .reconnecting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        };
+        if t.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .client
+            .daemon_alive()
         {
+            return true; // another thread reconnected already
+        }
+        if who == Reconnect::Batch {
             let mut last = t
                 .last_attempt
                 .lock()
@@ -303,7 +349,7 @@ impl Dma {
             }
             cur.generation
         };
-        match BackendClient::connect(&t.socket, t.slots, t.pins) {
+        match BackendClient::open(&t.socket, t.slots, t.pins) {
             Ok(client) => {
                 for ring in t
                     .rings
@@ -321,16 +367,86 @@ impl Dma {
                     reader = client.reader_id,
                     "connected to the restarted vhost-user-iommu daemon"
                 );
-                *t.current.write().unwrap_or_else(PoisonError::into_inner) =
-                    Arc::new(TableConnection {
-                        client,
-                        generation: generation + 1,
-                    });
+                let new = Arc::new(TableConnection {
+                    client,
+                    generation: generation + 1,
+                });
+                let old = std::mem::replace(
+                    &mut *t.current.write().unwrap_or_else(PoisonError::into_inner),
+                    Arc::clone(&new),
+                );
+                t.generation.store(generation + 1, Ordering::SeqCst);
+                // Queue threads move to the new table at their next batch;
+                // the previous one is retired (no session starts in it any
+                // more) and handed over: the new daemon completes no
+                // revocation until the sessions and pins left in it end.
+                match new.client.hand_over(Some(&old.client.slots)) {
+                    Ok(()) => tracing::info!("handed the previous daemon's table over"),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "cannot hand the previous daemon's table over; the restarted daemon waits for this process until it exits"
+                    ),
+                }
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the vhost-user-iommu daemon is gone; DMA fails until it is back");
                 false
+            }
+        }
+    }
+}
+
+/// Who reconnects, and so how ([`Dma::reconnect_if_detached`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reconnect {
+    /// A queue thread starting a batch: never waits for another
+    /// reconnection, tries at most once per [`RECONNECT_EVERY`].
+    Batch,
+    /// The watcher thread, or a call that needs the new daemon: waits for
+    /// a reconnection in progress, tries now.
+    Wait,
+}
+
+/// The watcher thread of a table-mode device: waits for the daemon
+/// connection's end of stream and connects to the restarted daemon, so
+/// that a device whose guest is idle hands the previous table over too.
+/// Ends once the device is dropped.
+fn watch_daemon(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        let Translation::Table(t) = &inner.translation else {
+            return;
+        };
+        let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+        let dma = Dma {
+            inner: Arc::clone(&inner),
+        };
+        drop(inner);
+        if !conn.client.daemon_alive() {
+            if !dma.reconnect_if_detached(Reconnect::Wait) {
+                std::thread::sleep(RECONNECT_EVERY);
+            }
+            continue;
+        }
+        drop(dma);
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&conn.client.connection()),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on a descriptor `conn` keeps open; bounded.
+        let ready = unsafe { libc::poll(&mut p, 1, WATCH_EVERY.as_millis() as i32) };
+        if ready > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
+            // The daemon's end of stream comes as it exits, a moment after
+            // the kernel marked its table dead: wait for that mark.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while conn.client.daemon_alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if conn.client.daemon_alive() {
+                // Closed by the daemon but alive: nothing to reconnect to.
+                std::thread::sleep(WATCH_EVERY);
             }
         }
     }
@@ -398,8 +514,12 @@ impl QueueDma {
                 .clone();
             self.ram_generation = generation;
         }
-        if let Some((conn, _)) = &self.table {
-            if !conn.client.daemon_alive() && self.dma.reconnect_if_detached() {
+        if let (Some((conn, _)), Translation::Table(t)) = (&self.table, &self.dma.inner.translation)
+        {
+            if !conn.client.daemon_alive() {
+                self.dma.reconnect_if_detached(Reconnect::Batch);
+            }
+            if t.generation.load(Ordering::Acquire) != conn.generation {
                 let _ = self.refresh_table();
             }
         }

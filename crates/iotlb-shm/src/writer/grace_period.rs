@@ -186,7 +186,7 @@ impl TableWriter {
             }
             // The release check makes system calls: at most once a ms.
             next_check = now + RELEASE_CHECK_EVERY;
-            let state = reader.state();
+            let state = self.readers.state_of(r);
             if let ReaderState::Released(_) = state {
                 return WaitEnd::Released(state);
             }

@@ -98,6 +98,9 @@ impl TableWriter {
         put(header::EPOCH, 1);
         put(header::SEGMENTS, 1);
         put(header::WRITER_PID, u64::from(std::process::id()));
+        if config.handover {
+            put(header::HANDOVER, layout::HANDOVER_VALUE);
+        }
         table
             .word(header::MAGIC)
             .store(layout::TABLE_MAGIC, Ordering::Release);
@@ -193,6 +196,61 @@ impl TableWriter {
         process: ReaderProcess,
     ) -> Result<ReaderId, WriterError> {
         Ok(self.readers.register(slots_fd, process)?)
+    }
+
+    /// Registers the slot file a previous writer gave `process`, which
+    /// retired it and hands it over ([`Registry::register_previous`]). The
+    /// grace periods of this writer do not cover it: its sessions and pins
+    /// are in another table. Wait for it with
+    /// [`Self::release_previous_readers`] before completing a revocation.
+    pub fn register_previous(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        process: ReaderProcess,
+    ) -> Result<ReaderId, WriterError> {
+        Ok(self.readers.register_previous(slots_fd, process)?)
+    }
+
+    /// Previous slot files still registered ([`Self::register_previous`]).
+    pub fn previous_readers(&self) -> usize {
+        self.readers
+            .readers()
+            .iter()
+            .filter(|r| r.previous())
+            .count()
+    }
+
+    /// Releases the readers that nothing holds any more (every kind), and
+    /// returns how many previous slot files are still in use.
+    pub fn release_previous_readers(&mut self) -> usize {
+        if self.previous_readers() == 0 {
+            return 0;
+        }
+        self.release_finished_readers();
+        self.previous_readers()
+    }
+
+    /// Sends SIGKILL to the processes of the previous slot files still in
+    /// use (the stall policy), once each.
+    pub fn kill_previous_readers(&mut self) {
+        for r in self.readers.readers().iter().filter(|r| r.previous()) {
+            if r.kill_state() != crate::registry::KillState::None {
+                continue;
+            }
+            match r.kill() {
+                Ok(()) => {
+                    self.stats.kills += 1;
+                    tracing::error!(
+                        pid = r.pid,
+                        "killed a backend still using the previous daemon's table past --stall-kill-ms"
+                    );
+                }
+                Err(e) => {
+                    self.stats.kill_failures += 1;
+                    tracing::error!(pid = r.pid, error = %e, "could not kill a backend still using the previous daemon's table");
+                }
+            }
+        }
     }
 
     /// Tracks an io_uring or zero-copy socket of reader `id`: once the

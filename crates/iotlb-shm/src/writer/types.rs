@@ -75,6 +75,11 @@ pub struct WriterConfig {
     /// this many) never fails for lack of space. Set it to the device's
     /// domain limit.
     pub reserved_roots: u32,
+    /// Whether readers may go on using the table once this writer is gone
+    /// ([`crate::layout::header::HANDOVER`]): set it only if the next
+    /// writer learns of every reader of this one and waits for them (the
+    /// daemon's `--state-dir` keeps that list).
+    pub handover: bool,
 }
 
 /// A writer operation that failed; the table is unchanged.

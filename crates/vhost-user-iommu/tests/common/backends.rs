@@ -455,6 +455,21 @@ impl Role {
                     Err(_) => println!("closed"),
                 }
             }
+            "previous-file" => {
+                // previous-file fresh|retired: a slot file of this process's
+                // own making, handed over as a previous daemon's (kept open).
+                let fd = iotlb_shm::slots::create(1, 1).unwrap();
+                let file = iotlb_shm::SlotFile::open(fd.as_fd()).unwrap();
+                if w[1] == "retired" {
+                    file.retire();
+                }
+                let msg = Message::PreviousTable { cookie: 5 }.encode();
+                match backend_proto::send_with_fds(self.client.connection(), &msg, &[fd.as_fd()]) {
+                    Ok(()) => println!("{}", self.answer()),
+                    Err(_) => println!("closed"),
+                }
+                self.keep.push(Box::new((file, fd)));
+            }
             "fork-exit" => fork_exit(),
             "zc-send" => self.zc_send(num(1) as u32, num(2), num(3), num(4) as u16, session),
             "zc-ring-send" => {
