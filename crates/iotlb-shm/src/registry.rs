@@ -189,7 +189,8 @@ pub struct Reader {
     pub id: ReaderId,
     /// Its PID.
     pub pid: i32,
-    pidfd: OwnedFd,
+    /// `None`: the process was already gone when it was registered.
+    pidfd: Option<OwnedFd>,
     connection: Option<OwnedFd>,
     /// Its slot file, read-only.
     pub slots: SlotMap,
@@ -204,7 +205,9 @@ pub struct Reader {
 impl Reader {
     /// Whether the process has exited.
     pub fn exited(&self) -> bool {
-        memfd::pidfd_exited(self.pidfd.as_fd())
+        self.pidfd
+            .as_ref()
+            .is_none_or(|p| memfd::pidfd_exited(p.as_fd()))
     }
 
     /// Where the reader stands (a few non-blocking system calls; one kernel
@@ -255,7 +258,10 @@ impl Reader {
     /// Sends the process SIGKILL through its pidfd (no PID-reuse race).
     /// Only a delivered signal counts; the process is still waited for.
     pub fn kill(&self) -> std::io::Result<()> {
-        let result = memfd::pidfd_kill(self.pidfd.as_fd());
+        let result = match &self.pidfd {
+            Some(p) => memfd::pidfd_kill(p.as_fd()),
+            None => Err(std::io::Error::from_raw_os_error(libc::ESRCH)),
+        };
         let state = if result.is_ok() {
             KillState::Sent
         } else {
@@ -299,7 +305,7 @@ impl Registry {
         self.readers.push(Reader {
             id,
             pid,
-            pidfd: process.pidfd,
+            pidfd: Some(process.pidfd),
             connection: process.connection,
             slots,
             io: Vec::new(),
@@ -324,6 +330,32 @@ impl Registry {
         if let Some(r) = self.readers.last_mut() {
             r.previous = true;
         }
+        Ok(id)
+    }
+
+    /// Registers the slot file `slots_fd` of a previous writer whose
+    /// process `pid` is already gone (its pidfd was not kept): it is
+    /// released once the file is closed or retired and idle, or once the
+    /// I/O registered with [`Self::track`] has drained.
+    pub fn register_previous_of_gone(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        pid: i32,
+    ) -> Result<ReaderId, RegisterError> {
+        let slots = SlotMap::open(slots_fd, false)
+            .map_err(|source| RegisterError::Slots { pid, source })?;
+        let id = ReaderId(self.next_id);
+        self.next_id += 1;
+        self.readers.push(Reader {
+            id,
+            pid,
+            pidfd: None,
+            connection: None,
+            slots,
+            io: Vec::new(),
+            kill: AtomicU8::new(KillState::None as u8),
+            previous: true,
+        });
         Ok(id)
     }
 

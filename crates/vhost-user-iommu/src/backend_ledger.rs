@@ -25,12 +25,13 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use iotlb_shm::{StallPolicy, TableWriter};
 use tracing::{error, info, warn};
 
+use crate::fd_store::FdStore;
 use crate::shm_table::{SharedWriter, lock};
 
 /// The ledger's file name in the state directory.
@@ -107,6 +108,9 @@ pub struct Ledger {
     changes: AtomicU64,
     /// The value of `changes` when nothing was found pending last.
     quiet_at: AtomicU64,
+    /// Names in systemd's descriptor store of the previous daemon's
+    /// backends (`crate::fd_store`), removed once none is pending.
+    carried: Mutex<Option<(Arc<FdStore>, Vec<String>)>>,
 }
 
 /// The start time of process `pid` (field 22 of `/proc/PID/stat`, clock
@@ -248,6 +252,26 @@ impl Ledger {
             stall,
             changes: AtomicU64::new(0),
             quiet_at: AtomicU64::new(u64::MAX),
+            carried: Mutex::new(None),
+        }
+    }
+
+    /// Removes `names` from `store` once no backend of the previous daemon
+    /// is pending any more (they name its backends' descriptors).
+    pub fn forget_carried_later(&self, store: Arc<FdStore>, names: Vec<String>) {
+        if !names.is_empty() {
+            *self.carried.lock().unwrap_or_else(PoisonError::into_inner) = Some((store, names));
+        }
+    }
+
+    fn forget_carried(&self) {
+        let carried = self
+            .carried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((store, names)) = carried {
+            store.forget(&names);
         }
     }
 
@@ -375,6 +399,7 @@ impl Ledger {
         let pending = self.awaited() > 0 || writer.previous_readers() > 0;
         if !pending {
             self.quiet_at.store(changes, Ordering::SeqCst);
+            self.forget_carried();
         }
         pending
     }
@@ -395,6 +420,7 @@ impl Ledger {
             let awaited = self.drop_exited();
             let handed_over = lock(writer).release_previous_readers();
             if awaited == 0 && handed_over == 0 {
+                self.forget_carried();
                 return;
             }
             let now = Instant::now();

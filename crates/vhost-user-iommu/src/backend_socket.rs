@@ -29,6 +29,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::backend::IommuBackend;
 use crate::backend_ledger::Ledger;
+use crate::fd_store::{FdStore, backend_name};
 use crate::frame_ready;
 use crate::iotlb_msg::Subscribers;
 use crate::shm_table::{SharedWriter, lock};
@@ -223,6 +224,7 @@ pub struct BackendSocket {
     subscribers: Subscribers,
     connected: std::sync::atomic::AtomicUsize,
     ledger: Arc<Ledger>,
+    fd_store: Option<Arc<FdStore>>,
 }
 
 /// Most backend connections served at once; more are refused (`EBUSY`), so
@@ -284,7 +286,16 @@ impl BackendSocket {
             subscribers,
             connected: std::sync::atomic::AtomicUsize::new(0),
             ledger: Arc::new(Ledger::in_memory(iotlb_shm::StallPolicy::default())),
+            fd_store: None,
         })
+    }
+
+    /// Keeps every backend's slot file, pidfd and ring sentinels in
+    /// systemd's descriptor store until it is released
+    /// ([`crate::fd_store`]).
+    pub fn with_fd_store(mut self, store: Option<Arc<FdStore>>) -> Self {
+        self.fd_store = store;
+        self
     }
 
     /// Records backends in `ledger` (the state directory's, so that the
@@ -468,6 +479,7 @@ impl BackendSocket {
             Ok(fd) => fd,
             Err(e) => return Self::refuse(&stream, libc::EINVAL, e.to_string()),
         };
+        let pidfd = process.pidfd.try_clone().ok();
         let registered = {
             let slot_fd = match slot_fd.try_clone() {
                 Ok(fd) => fd,
@@ -500,6 +512,20 @@ impl BackendSocket {
             }
             None => return Self::refuse(&stream, libc::EIO, "registration failed".into()),
         }
+        // Stored before it gets the table too (a daemon started by systemd
+        // after this one dies gets them back).
+        let mut stored = Vec::new();
+        if let Some(store) = &self.fd_store {
+            store.keep(
+                &mut stored,
+                backend_name(pid, id.0, "slots"),
+                slot_fd.as_fd(),
+            );
+            if let Some(pidfd) = &pidfd {
+                store.keep(&mut stored, backend_name(pid, id.0, "pidfd"), pidfd.as_fd());
+            }
+        }
+        drop(pidfd);
         let welcome = Message::Welcome { reader_id: id.0 }.encode();
         let fds = [
             self.table_fd.as_fd(),
@@ -539,6 +565,7 @@ impl BackendSocket {
             id,
             errors: 0,
             previous_taken: false,
+            stored,
         };
         self.read_messages(&watched, &mut conn, &mut buf).await;
         self.subscribers.remove(id);
@@ -555,6 +582,9 @@ impl BackendSocket {
         drop(watched);
         self.wait_for_release(id, cred.pid).await;
         self.blocking(move |me| me.ledger.forget(id.0)).await;
+        if let Some(store) = &self.fd_store {
+            store.forget(&conn.stored);
+        }
         self.book.with(|b| b.remove(&id.0));
     }
 
@@ -628,6 +658,7 @@ impl BackendSocket {
                     );
                 }
                 Message::RegisterRing { cookie } => {
+                    let kept = frame.fds.first().and_then(|f| f.try_clone().ok());
                     let io = frame
                         .fds
                         .into_iter()
@@ -635,7 +666,12 @@ impl BackendSocket {
                         .ok_or_else(|| TrackError::Unsuitable("no descriptor".into()))
                         .and_then(RingSentinel::new)
                         .map(TrackedIo::Ring);
-                    self.track(conn, cookie, io).await;
+                    if self.track(conn, cookie, io).await {
+                        if let (Some(store), Some(fd)) = (&self.fd_store, kept) {
+                            let name = backend_name(conn.pid, conn.id.0, &format!("ring-{cookie}"));
+                            store.keep(&mut conn.stored, name, fd.as_fd());
+                        }
+                    }
                 }
                 Message::RegisterSocket { cookie } => {
                     let fds = frame.fds;
@@ -762,7 +798,7 @@ impl BackendSocket {
         conn: &mut Connection,
         cookie: u64,
         io: Result<TrackedIo, TrackError>,
-    ) {
+    ) -> bool {
         let id = conn.id;
         let result = self
             .blocking(move |me| {
@@ -777,8 +813,12 @@ impl BackendSocket {
             Ok(what) => {
                 info!(pid = conn.pid, reader = conn.id.0, %what, "backend registered I/O to wait for should it die");
                 conn.reply(&Message::Ack { cookie });
+                true
             }
-            Err(e) => conn.error(cookie, e.code(), format!("cannot track it: {e}")),
+            Err(e) => {
+                conn.error(cookie, e.code(), format!("cannot track it: {e}"));
+                false
+            }
         }
     }
 
@@ -869,6 +909,8 @@ struct Connection {
     /// A previous slot file was handed over on this connection (one is
     /// taken per connection, so the registry stays bounded).
     previous_taken: bool,
+    /// Names of the descriptors kept in systemd's store for it.
+    stored: Vec<String>,
 }
 
 impl Connection {

@@ -43,6 +43,7 @@ pub mod chain;
 mod control;
 mod device_state;
 mod eventq;
+pub mod fd_store;
 mod frame_ready;
 mod http;
 pub mod iotlb_msg;

@@ -62,7 +62,11 @@ fn main() -> ExitCode {
         poll_us = settings.poll.as_micros() as u64,
         "starting"
     );
-    let result = serve::run(&settings, &listen);
+    // SAFETY: systemd passed these descriptors to this process, and
+    // nothing else has taken them (the VMM socket is named otherwise).
+    let stored = unsafe { vhost_user_iommu::fd_store::take_passed(&activation.fds) };
+    let carried = vhost_user_iommu::fd_store::carried_backends(stored);
+    let result = serve::run_carrying(&settings, &listen, carried);
     vhost_user_process::socket_file::remove_owned();
     match result {
         Ok(()) => ExitCode::SUCCESS,

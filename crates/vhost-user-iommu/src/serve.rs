@@ -7,12 +7,16 @@ use crate::admin::DaemonView;
 use crate::backend::{FAULT_WAKE_EVENT, IommuBackend};
 use crate::backend_ledger::{Ledger, LedgerError};
 use crate::backend_socket::{BackendBook, BackendSocket, FaultRoute};
+use crate::fd_store::{CarriedBackend, FdStore};
 use crate::iotlb_msg::Subscribers;
 use crate::publish::{NoTable, TablePublisher};
 use crate::settings::{KickLoopKind, Listen, Settings};
 use crate::shm_table::{self, SharedWriter, ShmPublisher};
 use crate::state_journal::{self, Resumed, StateJournal, StateStoreError};
 use crate::telemetry::Telemetry;
+use iotlb_shm::drain::RingSentinel;
+use iotlb_shm::{ReaderProcess, TableWriter, TrackedIo};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn};
 use vhost_user_backend::VhostUserDaemon;
@@ -119,7 +123,11 @@ pub fn describe(listen: &Listen) -> String {
 }
 
 /// Creates the shared table and starts the backend socket, if configured.
-fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>, ServeError> {
+fn start_table(
+    settings: &Settings,
+    route: &FaultRoute,
+    carried: Vec<CarriedBackend>,
+) -> Result<Option<Table>, ServeError> {
     let Some(t) = &settings.table else {
         info!("no --backend-socket: translations are not published to backends");
         return Ok(None);
@@ -138,6 +146,12 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
     let writer = shm_table::create(&settings.device, t, settings.state_dir.is_some())
         .map_err(ServeError::Table)?;
     let g = *writer.geometry();
+    let fd_store = FdStore::from_env().map(Arc::new);
+    let mut writer = writer;
+    let carried_names = register_carried(&mut writer, carried);
+    if let Some(store) = &fd_store {
+        ledger.forget_carried_later(Arc::clone(store), carried_names);
+    }
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
     let subscribers = Subscribers::new(stall);
     let socket_error = |e| ServeError::BackendSocket(t.socket.display().to_string(), e);
@@ -149,7 +163,8 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
         subscribers.clone(),
     )
     .map_err(socket_error)?
-    .with_ledger(Arc::clone(&ledger));
+    .with_ledger(Arc::clone(&ledger))
+    .with_fd_store(fd_store);
     let book = socket.book();
     info!(
         backend_socket = %t.socket.display(),
@@ -167,11 +182,64 @@ fn start_table(settings: &Settings, route: &FaultRoute) -> Result<Option<Table>,
     }))
 }
 
+/// Registers the backends of the previous daemon that systemd's store
+/// carried over as readers of the previous table; returns the names they
+/// were stored under.
+fn register_carried(writer: &mut TableWriter, carried: Vec<CarriedBackend>) -> Vec<String> {
+    let mut names = Vec::new();
+    for b in carried {
+        let registered = match b.pidfd {
+            Some(pidfd) => {
+                let process = ReaderProcess {
+                    pid: b.pid,
+                    pidfd,
+                    connection: None,
+                };
+                writer.register_previous(b.slots.as_fd(), process)
+            }
+            None => writer.register_previous_of_gone(b.slots.as_fd(), b.pid),
+        };
+        let id = match registered {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(pid = b.pid, error = %vhost_user_process::report_line(&e), "a stored backend of the previous daemon cannot be tracked");
+                continue;
+            }
+        };
+        let mut rings = 0;
+        for fd in b.rings {
+            // A sentinel that hung up: that ring is gone, nothing to wait for.
+            if let Ok(sentinel) = RingSentinel::new(fd) {
+                if writer.track_io(id, TrackedIo::Ring(sentinel)).is_ok() {
+                    rings += 1;
+                }
+            }
+        }
+        info!(
+            pid = b.pid,
+            rings,
+            "a backend of the previous daemon, from systemd's descriptor store: revocations wait until it has finished with the previous table (or exited with its rings drained)"
+        );
+        names.extend(b.names);
+    }
+    names
+}
+
 /// Serves connections until the process is told to stop. With
 /// `settings.seccomp`, the system-call filter is installed on every thread
 /// of the process once the sockets are bound: a program that embeds the
 /// daemon and does more than serve must turn it off.
 pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
+    run_carrying(settings, listen, Vec::new())
+}
+
+/// [`run`], with the backends of a previous daemon that systemd's
+/// descriptor store carried over ([`crate::fd_store`]).
+pub fn run_carrying(
+    settings: &Settings,
+    listen: &Listen,
+    carried: Vec<CarriedBackend>,
+) -> Result<(), ServeError> {
     let mut listener = listen.listener(settings.socket_perms)?;
     let where_ = describe(listen);
     let route = FaultRoute::default();
@@ -181,7 +249,7 @@ pub fn run(settings: &Settings, listen: &Listen) -> Result<(), ServeError> {
         .as_deref()
         .map(state_journal::lock)
         .transpose()?;
-    let mut table = start_table(settings, &route)?;
+    let mut table = start_table(settings, &route, carried)?;
     let telemetry = Arc::new(Telemetry::default());
     crate::control::start(
         crate::control::ControlSettings {

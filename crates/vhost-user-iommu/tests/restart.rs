@@ -698,6 +698,222 @@ fn a_backend_of_the_previous_daemon_that_does_not_reconnect_holds_unmaps_until_i
     );
 }
 
+// ------------------------------------------------------------ systemd's store
+
+/// A stand-in for systemd's notification socket and descriptor store: it
+/// keeps what `FDSTORE=1` gives and drops what `FDSTOREREMOVE=1` names.
+struct FakeSystemd {
+    path: PathBuf,
+    store: Arc<std::sync::Mutex<Vec<(String, std::os::fd::OwnedFd)>>>,
+}
+
+impl FakeSystemd {
+    fn start(dir: &Path) -> FakeSystemd {
+        let path = dir.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let store = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = Arc::clone(&store);
+        std::thread::spawn(move || {
+            while let Ok((text, fds)) = vhost_user_iommu::fd_store::recv_notification(&sock) {
+                let field = |k: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(k))
+                        .map(str::to_owned)
+                };
+                let Some(name) = field("FDNAME=") else {
+                    continue;
+                };
+                let mut store = kept.lock().unwrap();
+                if field("FDSTORE=").as_deref() == Some("1") {
+                    store.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+                } else if field("FDSTOREREMOVE=").as_deref() == Some("1") {
+                    store.retain(|(n, _)| *n != name);
+                }
+            }
+        });
+        FakeSystemd { path, store }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.store
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Starts the daemon as systemd restarts a service: its stored
+    /// descriptors from 3 on, named in LISTEN_FDNAMES.
+    fn start_daemon(&self, dir: &Path) -> Daemon {
+        let state = dir.join("state");
+        let (vmm, backends, log) = (
+            dir.join("vmm.sock"),
+            dir.join("backends.sock"),
+            dir.join("daemon.log"),
+        );
+        let store = self.store.lock().unwrap();
+        let raw: Vec<i32> = store
+            .iter()
+            .map(|(_, fd)| std::os::fd::AsRawFd::as_raw_fd(fd))
+            .collect();
+        let names = store
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(":");
+        // LISTEN_PID is the daemon's own PID: a shell that sets it to its
+        // own and execs the daemon (the environment a Command sets cannot
+        // be changed between fork and exec).
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(BIN)
+            .arg("--socket-path")
+            .arg(&vmm)
+            .arg("--backend-socket")
+            .arg(&backends)
+            .args(["--state-dir", state.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .env("NOTIFY_SOCKET", &self.path)
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", names)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec the child only duplicates
+        // descriptors (fcntl and dup2 are async-signal-safe).
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut high = Vec::with_capacity(raw.len());
+                for &fd in &raw {
+                    let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 200);
+                    if h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    high.push(h);
+                }
+                for (i, &h) in high.iter().enumerate() {
+                    if libc::dup2(h, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        drop(store);
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(vmm.exists() && backends.exists()) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "daemon exited: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its sockets"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Daemon {
+            child,
+            dir: dir.to_path_buf(),
+            vmm,
+            backends,
+            log,
+        }
+    }
+}
+
+/// The case the state directory's list cannot cover: a backend dies while
+/// no daemon runs, with an io_uring read into a guest page that the kernel
+/// completes later. The first daemon kept the backend's slot file, pidfd
+/// and ring sentinel in systemd's descriptor store; the restarted daemon
+/// gets them back and completes the guest's UNMAP of the page only once
+/// the read has landed. Then the store is emptied of that backend.
+fn a_backend_that_dies_while_no_daemon_runs_holds_the_unmap_through_systemds_store()
+-> Result<(), String> {
+    // SAFETY: getuid has no failure mode.
+    if unsafe { libc::getuid() } != 0 {
+        return Err("needs root (FUSE)".into());
+    }
+    const IOVA: u64 = 0x40_0000;
+    let dir = scratch("restart-fdstore");
+    let disk = viommu_test_support::fuse::FuseDisk::mount(&dir.join("mnt"), 1 << 20)?;
+    let systemd = FakeSystemd::start(&dir);
+    let mut d = systemd.start_daemon(&dir);
+    let mut drv = d.driver();
+    let gpa = drv.ram().alloc(0x1000, 0x1000).unwrap();
+    ok(&mut drv, attach(1));
+    ok(&mut drv, map(1, IOVA, gpa.0));
+    let mut b =
+        Backend::spawn_with_ram(&d.backends, None, Some(common::backends::ram_fd(&mut drv)));
+    assert!(b.line().starts_with("connected"));
+    assert_eq!(
+        b.ask(&format!(
+            "uring-read {EP:x} {IOVA:x} {}",
+            disk.file().display()
+        )),
+        "submitted"
+    );
+    let read = disk
+        .next_read(Duration::from_secs(5))
+        .ok_or("the read never reached the file system")?;
+    let pid = b.child.id();
+    let prefix = format!("backend-{pid}-");
+    let stored: Vec<String> = systemd
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert_eq!(stored.len(), 3, "slots, pidfd, ring: {stored:?}");
+
+    kill9(&mut d);
+    b.kill9(); // while no daemon runs; its read is still in flight
+    let d = systemd.start_daemon(&dir);
+    drv.reconnect(&d.vmm).unwrap();
+    let ram = drv.ram().mem().clone();
+    let page = |ram: &viommu_frontend::memory::Mem| {
+        let mut p = [0u8; 0x1000];
+        vm_memory::Bytes::read_slice(ram, &mut p, gpa).unwrap();
+        p
+    };
+    let (early, status) =
+        request_racing(&mut drv, unmap(1, IOVA), Duration::from_millis(500), || {
+            disk.answer(&read, b'F');
+        });
+    if early {
+        disk.answer(&read, b'F');
+    }
+    assert!(
+        !early,
+        "the UNMAP completed while the dead backend's read was in flight"
+    );
+    assert_eq!(status, Some(Status::Ok));
+    assert!(
+        page(&ram).iter().all(|&x| x == b'F'),
+        "the read landed before the UNMAP completed"
+    );
+    assert!(
+        d.log().contains("from systemd's descriptor store"),
+        "{}",
+        d.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while systemd.names().iter().any(|n| n.starts_with(&prefix)) {
+        assert!(
+            Instant::now() < deadline,
+            "the released backend is still in the store: {:?}",
+            systemd.names()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(disk);
+    Ok(())
+}
+
 fn main() {
     if let Ok(socket) = std::env::var(DMA_ROLE_ENV) {
         dma_backend_main(Path::new(&socket));
@@ -747,6 +963,10 @@ fn main() {
                     a_backend_of_the_previous_daemon_that_does_not_reconnect_holds_unmaps_until_it_exits();
                     Ok(())
                 },
+            ),
+            (
+                "a_backend_that_dies_while_no_daemon_runs_holds_the_unmap_through_systemds_store",
+                a_backend_that_dies_while_no_daemon_runs_holds_the_unmap_through_systemds_store,
             ),
             (
                 "requests_applied_but_not_completed_at_the_kill_complete_without_applying_again",

@@ -211,6 +211,15 @@ impl TableWriter {
         Ok(self.readers.register_previous(slots_fd, process)?)
     }
 
+    /// [`Registry::register_previous_of_gone`].
+    pub fn register_previous_of_gone(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        pid: i32,
+    ) -> Result<ReaderId, WriterError> {
+        Ok(self.readers.register_previous_of_gone(slots_fd, pid)?)
+    }
+
     /// Previous slot files still registered ([`Self::register_previous`]).
     pub fn previous_readers(&self) -> usize {
         self.readers
