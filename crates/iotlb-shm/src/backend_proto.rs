@@ -32,6 +32,8 @@ pub const MAX_LEN: usize = HEADER_LEN + 16 + MAX_REASON;
 pub const MAX_REASON: usize = 240;
 /// Descriptors sent with WELCOME: table, arena, slots.
 pub const WELCOME_FDS: usize = 3;
+/// Most slot files one PREVIOUS_TABLE may carry.
+pub const MAX_PREVIOUS_FILES: usize = 8;
 
 const HELLO: u32 = 1;
 const WELCOME: u32 = 2;
@@ -166,13 +168,13 @@ pub enum Message {
         /// The device's endpoint ID.
         endpoint: u32,
     },
-    /// Backend → daemon, after WELCOME: what this process still holds of
-    /// the table of a previous daemon (one that died or was restarted).
-    /// With one descriptor attached — the slot file that daemon gave it —
-    /// the process has stopped starting sessions in it (its `retired` word
-    /// is set) and the daemon waits, before completing any revocation, until
-    /// the sessions and pins left in it are over. With none, the process
-    /// holds nothing of a previous daemon. Answered with ACK or ERROR.
+    /// Backend → daemon, once per connection after WELCOME: what this
+    /// connection of the process still holds of previous daemons' tables
+    /// (daemons that died or were restarted). Each descriptor attached (at
+    /// most [`MAX_PREVIOUS_FILES`]) is a slot file such a daemon gave it,
+    /// retired (no session starts in it any more): the daemon waits, before
+    /// completing any revocation, until the sessions and pins left in it
+    /// are over. With none, it holds nothing. Answered with ACK or ERROR.
     PreviousTable {
         /// Echoed in the answer.
         cookie: u64,

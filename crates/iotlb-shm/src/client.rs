@@ -94,7 +94,7 @@ impl BackendClient {
     /// table.
     pub fn connect(path: &Path, slots: u32, pins: u32) -> Result<Self, ClientError> {
         let client = Self::open(path, slots, pins)?;
-        client.hand_over(None)?;
+        client.hand_over(&[])?;
         Ok(client)
     }
 
@@ -156,24 +156,27 @@ impl BackendClient {
         self.table.writer_alive()
     }
 
-    /// Tells the daemon what this process still holds of a previous
-    /// daemon's table: `Some(slots)`, the slot file that daemon gave it
-    /// (of the client connected to it), which is retired first — sessions
-    /// entered in it from now on fault — and that the daemon then waits
-    /// for, before completing any revocation, until the sessions and pins
-    /// left in it are over; `None`, nothing.
-    pub fn hand_over(&self, previous: Option<&SlotFile>) -> Result<(), ClientError> {
-        match previous {
-            Some(slots) => {
-                let fd = slots.fd().ok_or_else(|| ClientError::Io {
-                    step: "keep the previous slot file's descriptor",
-                    source: io::Error::from(io::ErrorKind::NotFound),
-                })?;
-                slots.retire();
-                self.request(|cookie| Message::PreviousTable { cookie }, &[fd])
-            }
-            None => self.request(|cookie| Message::PreviousTable { cookie }, &[]),
+    /// Tells the daemon what this process still holds of previous
+    /// daemons' tables, in one message: the slot files those daemons gave
+    /// it (of the clients connected to them) that still have a session or
+    /// a pin, each retired first — sessions entered in it from now on
+    /// fault — and waited for by the daemon, before it completes any
+    /// revocation, until the sessions and pins left in them are over. An
+    /// empty list says it holds nothing. At most
+    /// [`backend_proto::MAX_PREVIOUS_FILES`] files.
+    pub fn hand_over(&self, previous: &[&SlotFile]) -> Result<(), ClientError> {
+        let mut fds = Vec::with_capacity(previous.len());
+        for slots in previous {
+            let fd = slots.fd().ok_or_else(|| ClientError::Io {
+                step: "keep the previous slot file's descriptor",
+                source: io::Error::from(io::ErrorKind::NotFound),
+            })?;
+            fds.push(fd);
         }
+        for slots in previous {
+            slots.retire();
+        }
+        self.request(|cookie| Message::PreviousTable { cookie }, &fds)
     }
 
     /// The connection to the daemon (to poll it for the daemon's end of

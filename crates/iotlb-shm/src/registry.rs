@@ -200,6 +200,9 @@ pub struct Reader {
     /// The slot file is one a previous writer gave the process
     /// ([`Registry::register_previous`]).
     previous: bool,
+    /// For a previous slot file: the registration of the same process with
+    /// this writer, which tracks its I/O.
+    current: Option<ReaderId>,
 }
 
 impl Reader {
@@ -311,6 +314,7 @@ impl Registry {
             io: Vec::new(),
             kill: AtomicU8::new(KillState::None as u8),
             previous: false,
+            current: None,
         });
         Ok(id)
     }
@@ -325,12 +329,22 @@ impl Registry {
         &mut self,
         slots_fd: BorrowedFd<'_>,
         process: ReaderProcess,
+        current: Option<ReaderId>,
     ) -> Result<ReaderId, RegisterError> {
         let id = self.register(slots_fd, process)?;
         if let Some(r) = self.readers.last_mut() {
             r.previous = true;
+            r.current = current;
         }
         Ok(id)
+    }
+
+    /// Previous slot files registered for process `pid`.
+    pub fn previous_of(&self, pid: i32) -> usize {
+        self.readers
+            .iter()
+            .filter(|r| r.previous && r.pid == pid)
+            .count()
     }
 
     /// Registers the slot file `slots_fd` of a previous writer whose
@@ -355,6 +369,7 @@ impl Registry {
             io: Vec::new(),
             kill: AtomicU8::new(KillState::None as u8),
             previous: true,
+            current: None,
         });
         Ok(id)
     }
@@ -367,7 +382,8 @@ impl Registry {
         let state = r.state();
         if r.previous
             && state == ReaderState::Released(ReleaseReason::ExitedAndDrained)
-            && self.readers.iter().any(|o| !o.previous && o.pid == r.pid)
+            && r.current
+                .is_some_and(|c| self.readers.iter().any(|o| o.id == c))
         {
             return ReaderState::Draining { pending: 0 };
         }

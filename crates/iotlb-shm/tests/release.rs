@@ -350,7 +350,7 @@ fn a_previous_slot_file_is_released_once_retired_and_idle() {
     let me = std::process::id() as i32;
 
     let id = w
-        .register_previous(slot_fd.as_fd(), ReaderProcess::watch(me).unwrap())
+        .register_previous(slot_fd.as_fd(), ReaderProcess::watch(me).unwrap(), None)
         .unwrap();
     assert_eq!(w.previous_readers(), 1);
     assert_eq!(w.release_previous_readers(), 1, "not retired: kept");

@@ -40,6 +40,9 @@ pub const FILE_NAME: &str = "backends";
 /// The first line of the file.
 const HEADER: &str = "# vhost-user-iommu backends v1: pid start-time (clock ticks since boot)";
 
+/// The start time recorded when it cannot be read.
+const UNKNOWN_START: u64 = 0;
+
 /// How often the barrier looks at the processes it waits for.
 const POLL: Duration = Duration::from_millis(1);
 /// How often a stuck barrier repeats its warning.
@@ -80,11 +83,15 @@ struct Process {
     start: u64,
 }
 
-/// A backend of the previous daemon that still runs.
+/// A backend connection of the previous daemon whose process still runs.
 #[derive(Debug)]
 struct Awaited {
     process: Process,
     pidfd: OwnedFd,
+    /// Its start time matched: the PID was not reused. An unverified one
+    /// (its `/proc` entry is hidden, e.g. `ProtectProc=invisible`) is
+    /// waited for but never killed.
+    verified: bool,
     killed: bool,
 }
 
@@ -167,10 +174,11 @@ impl Inner {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        // One line per connection: a process with two connections hands
+        // over twice.
         let mut processes: Vec<Process> = self.current.values().copied().collect();
         processes.extend(self.awaited.iter().map(|a| a.process));
         processes.sort();
-        processes.dedup();
         let mut text = format!("{HEADER}\n");
         for p in &processes {
             text.push_str(&format!("{} {}\n", p.pid, p.start));
@@ -209,14 +217,17 @@ impl Ledger {
             // Opened first, checked after: the pidfd then names the
             // process whose start time matched, never a reused PID.
             let Ok(pidfd) = iotlb_shm::memfd::pidfd_open(process.pid) else {
-                continue;
+                continue; // gone
             };
-            if start_time(process.pid).ok() != Some(process.start) {
-                continue;
-            }
+            let verified = match start_time(process.pid) {
+                Ok(start) if start == process.start && start != UNKNOWN_START => true,
+                Ok(_) if process.start != UNKNOWN_START => continue, // PID reused
+                _ => false,
+            };
             awaited.push(Awaited {
                 process,
                 pidfd,
+                verified,
                 killed: false,
             });
         }
@@ -283,11 +294,9 @@ impl Ledger {
     /// A backend that cannot be recorded must not get the table: the next
     /// daemon would not wait for it.
     pub fn admit(&self, id: u64, pid: i32) -> Result<(), LedgerError> {
-        let start = start_time(pid).map_err(|source| LedgerError::Io {
-            path: PathBuf::from(format!("/proc/{pid}/stat")),
-            step: "read the backend's start time",
-            source,
-        })?;
+        // Hidden from this daemon (`ProtectProc=invisible` and another
+        // user): recorded as unknown, waited for but never killed.
+        let start = start_time(pid).unwrap_or(UNKNOWN_START);
         let mut inner = self.inner();
         inner.current.insert(id, Process { pid, start });
         inner.save().inspect_err(|_| {
@@ -308,20 +317,38 @@ impl Ledger {
         }
     }
 
-    /// Process `pid` handed over what it held of the previous daemon's
-    /// table (or said it holds nothing): it is no longer awaited. True if
-    /// it was.
+    /// A connection of process `pid` handed over what it held of the
+    /// previous daemon's table (or said it holds nothing): one connection
+    /// of the process that daemon recorded is no longer awaited. True if
+    /// one was.
     pub fn handed_over(&self, pid: i32) -> bool {
         let mut inner = self.inner();
-        let before = inner.awaited.len();
-        inner.awaited.retain(|a| a.process.pid != pid);
-        let was = inner.awaited.len() != before;
+        let i = inner.awaited.iter().position(|a| a.process.pid == pid);
+        let was = i.is_some();
+        if let Some(i) = i {
+            // One connection of the process: another one it had with the
+            // previous daemon is still awaited.
+            inner.awaited.remove(i);
+        }
         if was {
             if let Err(e) = inner.save() {
                 warn!(error = %vhost_user_process::report_line(&e), "cannot update the backend ledger");
             }
         }
         was
+    }
+
+    /// Stops awaiting the processes of `pids`: systemd's descriptor store
+    /// carried their slot files and pidfds, which track them exactly.
+    pub fn tracked_from_store(&self, pids: &[i32]) {
+        let mut inner = self.inner();
+        let before = inner.awaited.len();
+        inner.awaited.retain(|a| !pids.contains(&a.process.pid));
+        if inner.awaited.len() != before {
+            if let Err(e) = inner.save() {
+                warn!(error = %vhost_user_process::report_line(&e), "cannot update the backend ledger");
+            }
+        }
     }
 
     /// Backends of the previous daemon still awaited.
@@ -356,6 +383,13 @@ impl Ledger {
         let mut inner = self.inner();
         for a in inner.awaited.iter_mut().filter(|a| !a.killed) {
             a.killed = true;
+            if !a.verified {
+                warn!(
+                    pid = a.process.pid,
+                    "not killing a backend of the previous daemon whose start time cannot be read (its PID may have been reused)"
+                );
+                continue;
+            }
             match iotlb_shm::memfd::pidfd_kill(a.pidfd.as_fd()) {
                 Ok(()) => error!(
                     pid = a.process.pid,
@@ -503,6 +537,49 @@ mod tests {
         assert_eq!(ledger.awaited(), 0);
         let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
         assert!(parse(&dir, &text).unwrap().is_empty());
+    }
+
+    #[test]
+    fn each_connection_of_a_process_is_awaited_until_it_hands_over() {
+        let dir = scratch("connections");
+        let me = std::process::id() as i32;
+        let start = start_time(me).unwrap();
+        std::fs::write(
+            dir.join(FILE_NAME),
+            format!("{HEADER}\n{me} {start}\n{me} {start}\n"),
+        )
+        .unwrap();
+        let ledger = Ledger::open(&dir, policy()).unwrap();
+        assert_eq!(ledger.awaited(), 2);
+        assert!(ledger.handed_over(me));
+        assert_eq!(ledger.awaited(), 1, "the process's other connection");
+        let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
+        assert_eq!(parse(&dir, &text).unwrap().len(), 1);
+        assert!(ledger.handed_over(me));
+        assert_eq!(ledger.awaited(), 0);
+    }
+
+    /// A start time that could not be read (another user's process behind
+    /// `ProtectProc=invisible`) is recorded as 0: such a process is
+    /// awaited, but the stall policy never kills it — its PID may belong
+    /// to another process by now.
+    #[test]
+    fn an_unverified_backend_is_awaited_but_never_killed() {
+        let dir = scratch("unverified");
+        let me = std::process::id() as i32;
+        std::fs::write(dir.join(FILE_NAME), format!("{me} {UNKNOWN_START}\n")).unwrap();
+        let ledger = Ledger::open(
+            &dir,
+            StallPolicy {
+                warn_after: Duration::ZERO,
+                kill_after: Some(Duration::ZERO),
+            },
+        )
+        .unwrap();
+        assert_eq!(ledger.awaited(), 1);
+        // Would be SIGKILL for this very test process if it were killed.
+        ledger.kill_awaited();
+        assert_eq!(ledger.awaited(), 1);
     }
 
     #[test]

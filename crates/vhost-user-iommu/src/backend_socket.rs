@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use iotlb_shm::backend_proto::{self, FrameError, MAX_LEN, Message};
+use iotlb_shm::backend_proto::{self, FrameError, MAX_LEN, MAX_PREVIOUS_FILES, Message};
 use iotlb_shm::drain::{self, RingSentinel, TrackError};
 use iotlb_shm::{Access, Fault, FaultKind, ReaderId, ReaderProcess, ReaderState, TrackedIo};
 use tracing::{debug, error, info, warn};
@@ -44,6 +44,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const RELEASE_POLL: Duration = Duration::from_millis(20);
 /// How long a backend's state must last before it is logged.
 const STATE_LOG_AFTER: Duration = Duration::from_millis(200);
+/// Previous slot files of one process registered at once (the registry
+/// stays bounded whatever a backend sends).
+pub const MAX_PREVIOUS: usize = 2 * MAX_PREVIOUS_FILES;
+/// Ring sentinels of one backend kept in systemd's descriptor store.
+const MAX_STORED_RINGS: usize = 64;
 /// Protocol errors logged per backend connection; later ones are counted.
 const LOGGED_ERRORS: u32 = 8;
 
@@ -564,7 +569,7 @@ impl BackendSocket {
             pid: cred.pid,
             id,
             errors: 0,
-            previous_taken: false,
+            declared: false,
             stored,
         };
         self.read_messages(&watched, &mut conn, &mut buf).await;
@@ -581,7 +586,15 @@ impl BackendSocket {
         );
         drop(watched);
         self.wait_for_release(id, cred.pid).await;
-        self.blocking(move |me| me.ledger.forget(id.0)).await;
+        // Kept listed while a previous table it handed over is in use: a
+        // daemon started after this one must still wait for it.
+        let pid = cred.pid;
+        self.blocking(move |me| {
+            if lock(&me.writer).readers().previous_of(pid) == 0 {
+                me.ledger.forget(id.0);
+            }
+        })
+        .await;
         if let Some(store) = &self.fd_store {
             store.forget(&conn.stored);
         }
@@ -666,7 +679,8 @@ impl BackendSocket {
                         .ok_or_else(|| TrackError::Unsuitable("no descriptor".into()))
                         .and_then(RingSentinel::new)
                         .map(TrackedIo::Ring);
-                    if self.track(conn, cookie, io).await {
+                    let room = conn.stored.len() < MAX_STORED_RINGS + 2 + MAX_PREVIOUS;
+                    if self.track(conn, cookie, io).await && room {
                         if let (Some(store), Some(fd)) = (&self.fd_store, kept) {
                             let name = backend_name(conn.pid, conn.id.0, &format!("ring-{cookie}"));
                             store.keep(&mut conn.stored, name, fd.as_fd());
@@ -715,29 +729,27 @@ impl BackendSocket {
                 Message::Ack { cookie } if frame.fds.is_empty() => {
                     self.subscribers.ack(conn.id, cookie);
                 }
-                Message::PreviousTable { cookie }
-                    if frame.fds.len() == 1 && conn.previous_taken =>
-                {
+                Message::PreviousTable { cookie } if conn.declared => {
                     conn.error(
                         cookie,
                         libc::EPROTO,
-                        "a previous slot file was already handed over on this connection".into(),
+                        "this connection already said what it holds of previous tables".into(),
                     );
                 }
-                Message::PreviousTable { cookie } if frame.fds.len() <= 1 => {
-                    let fd = frame.fds.into_iter().next();
-                    let with_file = fd.is_some();
-                    let (stream, pid) = (Arc::clone(&conn.stream), conn.pid);
+                Message::PreviousTable { cookie } if frame.fds.len() <= MAX_PREVIOUS_FILES => {
+                    let (stream, pid, id) = (Arc::clone(&conn.stream), conn.pid, conn.id);
+                    let fds = frame.fds;
                     let result = self
-                        .blocking(move |me| me.take_previous(&stream, pid, fd))
+                        .blocking(move |me| me.take_previous(&stream, pid, id, fds))
                         .await
-                        .unwrap_or_else(|| Err("the hand-over failed".into()));
+                        .unwrap_or_else(|| Err((libc::EIO, "the hand-over failed".into())));
                     match result {
-                        Ok(()) => {
-                            conn.previous_taken |= with_file;
+                        Ok(stored) => {
+                            conn.declared = true;
+                            conn.stored.extend(stored);
                             conn.reply(&Message::Ack { cookie });
                         }
-                        Err(reason) => conn.error(cookie, libc::EINVAL, reason),
+                        Err((code, reason)) => conn.error(cookie, code, reason),
                     }
                 }
                 Message::DriverRestarted { cookie, endpoint } if frame.fds.is_empty() => {
@@ -759,38 +771,74 @@ impl BackendSocket {
         }
     }
 
-    /// Takes what backend `pid` holds of a previous daemon's table: its
-    /// slot file `fd` (retired), waited for by every revocation until the
-    /// sessions and pins left in it are over, or nothing.
+    /// Takes what connection `current` of backend `pid` holds of previous
+    /// daemons' tables: slot files `fds` (retired), each waited for by
+    /// every revocation until the sessions and pins left in it are over,
+    /// or nothing. All of them are checked before any is registered, and
+    /// the process's connection is no longer awaited only once all are.
+    /// Returns the names they were stored under in systemd's store; the
+    /// error is an errno value and a reason.
     fn take_previous(
         &self,
         stream: &UnixStream,
         pid: i32,
-        fd: Option<OwnedFd>,
-    ) -> Result<(), String> {
-        if let Some(fd) = fd {
-            let slots = iotlb_shm::slots::SlotMap::open(fd.as_fd(), false)
-                .map_err(|e| format!("not a slot file: {}", vhost_user_process::report_line(&e)))?;
+        current: ReaderId,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Vec<String>, (i32, String)> {
+        let einval = |reason: String| (libc::EINVAL, reason);
+        for fd in &fds {
+            let slots = iotlb_shm::slots::SlotMap::open(fd.as_fd(), false).map_err(|e| {
+                einval(format!(
+                    "not a slot file: {}",
+                    vhost_user_process::report_line(&e)
+                ))
+            })?;
             if !slots.retired() {
-                return Err(
-                    "the previous slot file must be retired before it is handed over".into(),
-                );
+                return Err(einval(
+                    "a previous slot file must be retired before it is handed over".into(),
+                ));
             }
-            let process = ReaderProcess::of_peer(stream.as_fd()).map_err(|e| e.to_string())?;
-            let id = lock(&self.writer)
-                .register_previous(fd.as_fd(), process)
-                .map_err(|e| vhost_user_process::report_line(&e))?;
+        }
+        let mut stored = Vec::new();
+        if !fds.is_empty() {
+            let mut w = lock(&self.writer);
+            if w.readers().previous_of(pid) + fds.len() > MAX_PREVIOUS {
+                return Err((
+                    libc::ENOSPC,
+                    format!("more than {MAX_PREVIOUS} previous slot files of this process in use"),
+                ));
+            }
+            for fd in &fds {
+                // Watched through its pidfd only: its release does not
+                // depend on the connection, which stays with `current`.
+                let pidfd = ReaderProcess::of_peer(stream.as_fd())
+                    .map_err(|e| (libc::ESRCH, e.to_string()))?
+                    .pidfd;
+                let process = ReaderProcess {
+                    pid,
+                    pidfd,
+                    connection: None,
+                };
+                let id = w
+                    .register_previous(fd.as_fd(), process, Some(current))
+                    .map_err(|e| einval(vhost_user_process::report_line(&e)))?;
+                if let Some(store) = &self.fd_store {
+                    let name = backend_name(pid, current.0, &format!("previous-{}", id.0));
+                    store.keep(&mut stored, name, fd.as_fd());
+                }
+            }
+            drop(w);
             self.ledger.previous_registered();
             info!(
                 pid,
-                reader = id.0,
-                "backend handed over the previous daemon's table; revocations wait until its sessions and pins there are over"
+                files = fds.len(),
+                "backend handed over previous daemons' tables; revocations wait until its sessions and pins there are over"
             );
         }
         if self.ledger.handed_over(pid) {
             info!(pid, "a backend of the previous daemon reconnected");
         }
-        Ok(())
+        Ok(stored)
     }
 
     async fn track(
@@ -906,9 +954,9 @@ struct Connection {
     pid: i32,
     id: ReaderId,
     errors: u32,
-    /// A previous slot file was handed over on this connection (one is
-    /// taken per connection, so the registry stays bounded).
-    previous_taken: bool,
+    /// The connection said what it holds of previous tables
+    /// (PREVIOUS_TABLE, accepted once).
+    declared: bool,
     /// Names of the descriptors kept in systemd's store for it.
     stored: Vec<String>,
 }

@@ -98,9 +98,23 @@ impl FdStore {
 }
 
 /// The name of the stored descriptor `what` of backend `id` (process
-/// `pid`).
+/// `pid`) of this daemon: `backend-PID-NONCE.ID-WHAT`, where the nonce
+/// tells this daemon's backends from its predecessors' (reader IDs start
+/// again in every daemon).
 pub fn backend_name(pid: i32, id: u64, what: &str) -> String {
-    format!("{BACKEND_PREFIX}{pid}-{id}-{what}")
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let nonce = NONCE.get_or_init(|| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+        (u64::from(std::process::id()) << 40)
+            ^ (ts.tv_sec as u64).wrapping_mul(1_000_000_000)
+            ^ ts.tv_nsec as u64
+    });
+    format!("{BACKEND_PREFIX}{pid}-{nonce:x}.{id}-{what}")
 }
 
 /// A backend of a previous daemon, from the descriptors it stored.
@@ -115,6 +129,10 @@ pub struct CarriedBackend {
     pub pidfd: Option<OwnedFd>,
     /// Sentinels of its io_urings.
     pub rings: Vec<OwnedFd>,
+    /// Slot files of earlier daemons' tables it had handed over to the
+    /// daemon that stored them and was still using (a restart after a
+    /// restart).
+    pub previous: Vec<OwnedFd>,
     /// The names they were stored under.
     pub names: Vec<String>,
 }
@@ -130,6 +148,7 @@ pub fn carried_backends(passed: Vec<(String, OwnedFd)>) -> Vec<CarriedBackend> {
         slots: Option<OwnedFd>,
         pidfd: Option<OwnedFd>,
         rings: Vec<OwnedFd>,
+        previous: Vec<OwnedFd>,
         names: Vec<String>,
     }
     let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
@@ -153,6 +172,7 @@ pub fn carried_backends(passed: Vec<(String, OwnedFd)>) -> Vec<CarriedBackend> {
             "slots" => parts.slots = Some(fd),
             "pidfd" => parts.pidfd = Some(fd),
             w if w.starts_with("ring-") => parts.rings.push(fd),
+            w if w.starts_with("previous-") => parts.previous.push(fd),
             _ => {
                 warn!(%name, "a stored descriptor with a name this daemon does not give; ignored");
                 continue;
@@ -170,6 +190,7 @@ pub fn carried_backends(passed: Vec<(String, OwnedFd)>) -> Vec<CarriedBackend> {
                 slots,
                 pidfd: p.pidfd,
                 rings: p.rings,
+                previous: p.previous,
                 names: p.names,
             }),
             None => {

@@ -16,7 +16,7 @@ use crate::state_journal::{self, Resumed, StateJournal, StateStoreError};
 use crate::telemetry::Telemetry;
 use iotlb_shm::drain::RingSentinel;
 use iotlb_shm::{ReaderProcess, TableWriter, TrackedIo};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn};
 use vhost_user_backend::VhostUserDaemon;
@@ -148,7 +148,13 @@ fn start_table(
     let g = *writer.geometry();
     let fd_store = FdStore::from_env().map(Arc::new);
     let mut writer = writer;
+    let carried_pids: Vec<i32> = carried
+        .iter()
+        .filter(|b| b.pidfd.is_some())
+        .map(|b| b.pid)
+        .collect();
     let carried_names = register_carried(&mut writer, carried);
+    ledger.tracked_from_store(&carried_pids);
     if let Some(store) = &fd_store {
         ledger.forget_carried_later(Arc::clone(store), carried_names);
     }
@@ -188,17 +194,28 @@ fn start_table(
 fn register_carried(writer: &mut TableWriter, carried: Vec<CarriedBackend>) -> Vec<String> {
     let mut names = Vec::new();
     for b in carried {
-        let registered = match b.pidfd {
-            Some(pidfd) => {
-                let process = ReaderProcess {
-                    pid: b.pid,
-                    pidfd,
-                    connection: None,
-                };
-                writer.register_previous(b.slots.as_fd(), process)
-            }
-            None => writer.register_previous_of_gone(b.slots.as_fd(), b.pid),
+        // Each slot file of the process (its own with the previous daemon,
+        // and those it had handed over to it) is waited for on its own.
+        let register = |writer: &mut TableWriter, slots: &OwnedFd| match &b.pidfd {
+            Some(pidfd) => match pidfd.try_clone() {
+                Ok(pidfd) => {
+                    let process = ReaderProcess {
+                        pid: b.pid,
+                        pidfd,
+                        connection: None,
+                    };
+                    writer.register_previous(slots.as_fd(), process, None)
+                }
+                Err(_) => writer.register_previous_of_gone(slots.as_fd(), b.pid),
+            },
+            None => writer.register_previous_of_gone(slots.as_fd(), b.pid),
         };
+        for earlier in &b.previous {
+            if let Err(e) = register(writer, earlier) {
+                warn!(pid = b.pid, error = %vhost_user_process::report_line(&e), "an earlier table's slot file of a stored backend cannot be tracked");
+            }
+        }
+        let registered = register(writer, &b.slots);
         let id = match registered {
             Ok(id) => id,
             Err(e) => {

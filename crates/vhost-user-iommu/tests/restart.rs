@@ -596,6 +596,7 @@ fn a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin()
     let (during, faults) = wait_for_translations(&mut b, before, 1000);
     assert_eq!(faults, 0, "a translation disappeared while no daemon ran");
 
+    let restarted = Instant::now();
     let d = start(&dir);
     let log = || d.log();
     assert!(
@@ -605,13 +606,16 @@ fn a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin()
     );
     drv.reconnect(&d.vmm).unwrap();
     d.wait_for_log(
-        "backend handed over the previous daemon's table",
+        "backend handed over previous daemons' tables",
         Duration::from_secs(10),
     );
+    let handed_over = restarted.elapsed();
     // Translations go on through the new daemon's table.
     let (after, faults) = wait_for_translations(&mut b, during, 1000);
     assert_eq!(faults, 0, "a translation disappeared across the restart");
-    eprintln!("translations: {before} before the kill, {during} without a daemon, {after} after");
+    eprintln!(
+        "translations: {before} before the kill, {during} without a daemon, {after} after; handed over {handed_over:?} after the restart began"
+    );
 
     // The pin taken in the first daemon's table still holds page 0: the
     // guest's UNMAP of it completes only once the DMA is over.

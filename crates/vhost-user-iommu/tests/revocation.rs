@@ -97,24 +97,6 @@ fn protocol_errors_never_drop_a_live_backend() {
     let mut foreign = hello.clone();
     foreign[0] = b'X';
     let previous = Message::PreviousTable { cookie: 5 }.encode();
-    // A previous table that is no slot file is refused as unsuitable; one
-    // with no descriptor (nothing held) is acknowledged.
-    assert_eq!(
-        b.ask(&format!("raw-fds 1 {}", hexed(&previous))),
-        format!("error {}", libc::EINVAL)
-    );
-    assert_eq!(
-        b.ask(&format!("raw {}", hexed(&previous))),
-        "other Ack { cookie: 5 }"
-    );
-    // A slot file must be retired before it is handed over, and one per
-    // connection is taken.
-    assert_eq!(
-        b.ask("previous-file fresh"),
-        format!("error {}", libc::EINVAL)
-    );
-    assert_eq!(b.ask("previous-file retired"), "other Ack { cookie: 5 }");
-    assert_eq!(b.ask("previous-file retired"), eproto);
     let mut answers = Vec::new();
     for (what, cmd) in [
         ("a second HELLO", format!("raw {}", hexed(&hello))),
@@ -132,8 +114,8 @@ fn protocol_errors_never_drop_a_live_backend() {
             format!("raw {}", hexed(&Message::Welcome { reader_id: 3 }.encode())),
         ),
         (
-            "a PREVIOUS_TABLE with two descriptors",
-            format!("raw-fds 2 {}", hexed(&previous)),
+            "a second PREVIOUS_TABLE (the client said at connect that it holds nothing)",
+            format!("raw {}", hexed(&previous)),
         ),
         // Last: the framing is lost, nothing else of the connection is read.
         (
@@ -412,6 +394,48 @@ fn a_dead_daemon_fails_every_translation_closed() {
     assert_eq!(b.ask(&format!("translate {EP:x} 1000")), "gpa 0xa000");
 }
 
+/// PREVIOUS_TABLE (what a reconnecting backend holds of previous daemons'
+/// tables) is checked before anything is registered: every descriptor must
+/// be a retired slot file, at most 8 of them; a connection says it once.
+fn previous_table_messages_are_checked_and_accepted_once() {
+    let d = Daemon::start("previous", &[]);
+    let mut b = Backend::spawn(&d.backends, None);
+    assert!(b.line().starts_with("connected"));
+    // A connection that has not said anything yet.
+    assert!(b.ask("open").starts_with("connected"));
+    let previous = Message::PreviousTable { cookie: 5 }.encode();
+    let einval = format!("error {}", libc::EINVAL);
+    assert_eq!(
+        b.ask(&format!("raw-fds 1 {}", hexed(&previous))),
+        einval,
+        "not a slot file"
+    );
+    assert_eq!(
+        b.ask(&format!("raw-fds 2 {}", hexed(&previous))),
+        einval,
+        "not slot files"
+    );
+    assert_eq!(
+        b.ask(&format!("raw-fds 9 {}", hexed(&previous))),
+        format!("error {}", libc::EPROTO),
+        "more than 8 files"
+    );
+    assert_eq!(b.ask("previous-file fresh"), einval, "not retired");
+    // Refusals changed nothing: the declaration is still to be made.
+    assert_eq!(b.ask("previous-file retired"), "other Ack { cookie: 5 }");
+    assert_eq!(
+        b.ask(&format!("raw {}", hexed(&previous))),
+        format!("error {}", libc::EPROTO),
+        "said twice"
+    );
+    assert!(
+        d.log()
+            .contains("backend handed over previous daemons' tables"),
+        "{}",
+        d.log()
+    );
+}
+
 fn main() {
     run_cases(
         "revocation",
@@ -427,6 +451,13 @@ fn main() {
                 protocol_errors_never_drop_a_live_backend();
                 Ok(())
             }),
+            (
+                "previous_table_messages_are_checked_and_accepted_once",
+                || {
+                    previous_table_messages_are_checked_and_accepted_once();
+                    Ok(())
+                },
+            ),
             (
                 "a_backend_that_dies_with_a_zero_copy_send_queued_holds_the_unmap",
                 || {

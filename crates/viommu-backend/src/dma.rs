@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use iotlb_shm::{Access, BackendClient, Fault, FaultKind, Pin, ReaderSlot, SentinelSlot, Session};
+use iotlb_shm::{
+    Access, BackendClient, Fault, FaultKind, Pin, ReaderSlot, SentinelSlot, Session, SlotFile,
+};
 
 use crate::error::DmaError;
 use crate::guest::{self, GuestRam};
@@ -69,6 +71,16 @@ struct TableState {
     last_attempt: Mutex<Option<Instant>>,
     /// Held by the thread that reconnects.
     reconnecting: Mutex<()>,
+    /// Slot files of previous daemons' tables, retired, that may still
+    /// have a session or pin; handed to every new daemon until idle.
+    previous: Mutex<Vec<Arc<SlotFile>>>,
+    /// The generation the previous files were last handed over to
+    /// (`u64::MAX`: not yet).
+    declared: AtomicU64,
+    /// Queue threads between reading `generation` and entering their
+    /// session: a reconnection retires the previous files only once none
+    /// is (so no thread enters a session in a file retired under it).
+    entering: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -136,6 +148,9 @@ impl Dma {
                     rings: Mutex::new(Vec::new()),
                     last_attempt: Mutex::new(None),
                     reconnecting: Mutex::new(()),
+                    previous: Mutex::new(Vec::new()),
+                    declared: AtomicU64::new(0),
+                    entering: AtomicU64::new(0),
                 })
             }
             IommuMode::IotlbMsg(socket) => {
@@ -376,17 +391,23 @@ impl Dma {
                     Arc::clone(&new),
                 );
                 t.generation.store(generation + 1, Ordering::SeqCst);
-                // Queue threads move to the new table at their next batch;
-                // the previous one is retired (no session starts in it any
-                // more) and handed over: the new daemon completes no
-                // revocation until the sessions and pins left in it end.
-                match new.client.hand_over(Some(&old.client.slots)) {
-                    Ok(()) => tracing::info!("handed the previous daemon's table over"),
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "cannot hand the previous daemon's table over; the restarted daemon waits for this process until it exits"
-                    ),
+                // A queue thread that read the old generation is about to
+                // enter its session in the old file: let it, before the
+                // file is retired (its session is then waited for).
+                while t.entering.load(Ordering::SeqCst) != 0 {
+                    std::thread::yield_now();
                 }
+                t.previous
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Arc::clone(&old.client.slots));
+                drop(old);
+                // Queue threads move to the new table at their next batch;
+                // the previous files are retired (no session starts in
+                // them any more) and handed over: the new daemon completes
+                // no revocation until the sessions and pins left in them
+                // end.
+                hand_over_previous(t, &new);
                 true
             }
             Err(e) => {
@@ -394,6 +415,33 @@ impl Dma {
                 false
             }
         }
+    }
+}
+
+/// Hands the previous files still in use to the daemon of `conn`, in one
+/// message (forgetting those with nothing left in them), unless that was
+/// done already; a failure is retried by the watcher thread.
+fn hand_over_previous(t: &TableState, conn: &TableConnection) {
+    if t.declared.load(Ordering::Acquire) == conn.generation {
+        return;
+    }
+    let mut previous = t.previous.lock().unwrap_or_else(PoisonError::into_inner);
+    // Retired and idle: nothing of this process can use that table any more.
+    previous.retain(|f| !(f.retired() && f.map().idle()));
+    previous.truncate(iotlb_shm::backend_proto::MAX_PREVIOUS_FILES);
+    let files: Vec<&SlotFile> = previous.iter().map(|f| &**f).collect();
+    match conn.client.hand_over(&files) {
+        Ok(()) => {
+            t.declared.store(conn.generation, Ordering::Release);
+            tracing::info!(
+                files = files.len(),
+                "handed the previous daemon's table over"
+            );
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot hand the previous daemon's table over yet; the restarted daemon holds UNMAPs back until it is"
+        ),
     }
 }
 
@@ -415,20 +463,19 @@ enum Reconnect {
 fn watch_daemon(inner: std::sync::Weak<Inner>) {
     loop {
         let Some(inner) = inner.upgrade() else { return };
-        let Translation::Table(t) = &inner.translation else {
+        let dma = Dma { inner };
+        let Translation::Table(t) = &dma.inner.translation else {
             return;
         };
         let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
-        let dma = Dma {
-            inner: Arc::clone(&inner),
-        };
-        drop(inner);
         if !conn.client.daemon_alive() {
             if !dma.reconnect_if_detached(Reconnect::Wait) {
                 std::thread::sleep(RECONNECT_EVERY);
             }
             continue;
         }
+        // A hand-over that failed is tried again.
+        hand_over_previous(t, &conn);
         drop(dma);
         let mut p = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&conn.client.connection()),
@@ -442,11 +489,12 @@ fn watch_daemon(inner: std::sync::Weak<Inner>) {
             // the kernel marked its table dead: wait for that mark.
             let deadline = Instant::now() + Duration::from_secs(1);
             while conn.client.daemon_alive() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(10));
             }
             if conn.client.daemon_alive() {
-                // Closed by the daemon but alive: nothing to reconnect to.
-                std::thread::sleep(WATCH_EVERY);
+                // The daemon closed this connection but lives: nothing to
+                // reconnect to; look again later.
+                std::thread::sleep(Duration::from_secs(1));
             }
         }
     }
@@ -481,22 +529,7 @@ impl QueueDma {
     }
 
     fn refresh_table(&mut self) -> Result<(), SetupError> {
-        let Translation::Table(t) = &self.dma.inner.translation else {
-            return Ok(());
-        };
-        let current = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
-        if self
-            .table
-            .as_ref()
-            .is_some_and(|(c, _)| c.generation == current.generation)
-        {
-            return Ok(());
-        }
-        // The old slot (if any) is released before the new one is claimed.
-        self.table = None;
-        let slot = current.client.slots.claim_slot()?;
-        self.table = Some((current, slot));
-        Ok(())
+        refresh_table(&self.dma, &mut self.table)
     }
 
     /// Starts a batch: picks up a new memory table, enters a session (table
@@ -514,20 +547,48 @@ impl QueueDma {
                 .clone();
             self.ram_generation = generation;
         }
-        if let (Some((conn, _)), Translation::Table(t)) = (&self.table, &self.dma.inner.translation)
-        {
-            if !conn.client.daemon_alive() {
-                self.dma.reconnect_if_detached(Reconnect::Batch);
+        let table_mode = matches!(self.dma.inner.translation, Translation::Table(_));
+        let entering = match &self.dma.inner.translation {
+            Translation::Table(t) => {
+                if self
+                    .table
+                    .as_ref()
+                    .is_some_and(|(conn, _)| !conn.client.daemon_alive())
+                {
+                    self.dma.reconnect_if_detached(Reconnect::Batch);
+                }
+                // Counted from before the generation is read until the
+                // session is entered (see `TableState::entering`).
+                t.entering.fetch_add(1, Ordering::SeqCst);
+                let stale = self
+                    .table
+                    .as_ref()
+                    .is_none_or(|(c, _)| t.generation.load(Ordering::SeqCst) != c.generation);
+                if stale {
+                    if let Err(e) = refresh_table(&self.dma, &mut self.table) {
+                        tracing::warn!(error = %e, "cannot move a queue to the restarted daemon's table");
+                    }
+                }
+                Some(&t.entering)
             }
-            if t.generation.load(Ordering::Acquire) != conn.generation {
-                let _ = self.refresh_table();
+            _ => None,
+        };
+        let ram = match self.ram.as_ref() {
+            Some(ram) => ram,
+            None => {
+                if let Some(e) = entering {
+                    e.fetch_sub(1, Ordering::SeqCst);
+                }
+                return Err(DmaError::NoMemory);
             }
-        }
-        let ram = self.ram.as_ref().ok_or(DmaError::NoMemory)?;
+        };
         let session = match &mut self.table {
             Some((conn, slot)) => Some(slot.enter(&conn.client.table)),
             None => None,
         };
+        if let Some(e) = entering {
+            e.fetch_sub(1, Ordering::SeqCst);
+        }
         let msg = match &self.dma.inner.translation {
             Translation::Msg { iotlb, .. } => Some((iotlb, iotlb.section())),
             _ => None,
@@ -535,6 +596,7 @@ impl QueueDma {
         Ok(Batch {
             ram,
             session,
+            table_mode,
             msg,
             scratch: std::cell::RefCell::new(std::mem::take(&mut self.scratch)),
             home: &mut self.scratch,
@@ -543,11 +605,36 @@ impl QueueDma {
     }
 }
 
+/// Moves a queue's session slot to the device's current connection if it
+/// is on another one. The new slot is claimed before the old one goes: a
+/// queue never loses its table (and a failed claim leaves it where it was).
+fn refresh_table(
+    dma: &Dma,
+    table: &mut Option<(Arc<TableConnection>, ReaderSlot)>,
+) -> Result<(), SetupError> {
+    let Translation::Table(t) = &dma.inner.translation else {
+        return Ok(());
+    };
+    let current = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+    if table
+        .as_ref()
+        .is_some_and(|(c, _)| c.generation == current.generation)
+    {
+        return Ok(());
+    }
+    let slot = current.client.slots.claim_slot()?;
+    *table = Some((current, slot));
+    Ok(())
+}
+
 /// The translations of one batch; see the [module documentation](self).
 #[derive(Debug)]
 pub struct Batch<'a> {
     ram: &'a Arc<GuestRam>,
     session: Option<Session<'a>>,
+    /// Table mode: without a session, nothing translates (never treat an
+    /// IOVA as a guest-physical address).
+    table_mode: bool,
     /// Message mode: the IOTLB, and this batch's read-side section of it.
     msg: Option<(&'a Arc<MsgIotlb>, std::sync::RwLockReadGuard<'a, ()>)>,
     /// The queue's buffers while the batch lasts; taken by each call (a
@@ -564,6 +651,16 @@ impl Drop for Batch<'_> {
 }
 
 impl Batch<'_> {
+    /// The fault of a table-mode batch that has no table.
+    fn detached(&self, addr: u64, access: Access) -> DmaError {
+        DmaError::Fault(Fault {
+            kind: FaultKind::Detached,
+            endpoint: self.endpoint,
+            iova: addr,
+            access,
+        })
+    }
+
     /// Runs `f` with the batch's buffers, host pieces emptied.
     fn with_scratch<T>(&self, f: impl FnOnce(&mut Scratch) -> T) -> T {
         let mut s = self.scratch.take();
@@ -586,6 +683,9 @@ impl Batch<'_> {
             return Ok(());
         }
         let Some(session) = &self.session else {
+            if self.table_mode {
+                return Err(self.detached(addr, access));
+            }
             return guest::push_host_pieces(self.ram, addr, len, &mut s.host);
         };
         for p in session.translate(self.endpoint, addr, len, access) {
@@ -690,6 +790,7 @@ impl Batch<'_> {
             _msg: self.msg.as_ref().map(|(iotlb, _)| iotlb.hold(ranges)),
         };
         let Some(session) = &self.session else {
+            // No IOMMU (or, in table mode, no table: `gather` faults).
             for &(addr, len) in ranges {
                 self.gather(addr, len, access, s)?;
             }

@@ -50,7 +50,13 @@ impl TableWriter {
         let mut r = 0;
         while r < self.readers.len() {
             let mut end = WaitEnd::Done;
-            let slots = self.readers.get(r).map_or(0, |x| x.slots.slots_in_use());
+            // A previous writer's slot file: its epochs are not this
+            // table's; the caller waits for it after the grace period.
+            let slots = self
+                .readers
+                .get(r)
+                .filter(|x| !x.previous())
+                .map_or(0, |x| x.slots.slots_in_use());
             for s in 0..slots {
                 let quiet = |reader: &Reader| grace::quiescent_since(reader.slots.slot(s), epoch);
                 if self.readers.get(r).is_some_and(|x| !quiet(x)) {
@@ -98,7 +104,11 @@ impl TableWriter {
         let mut r = 0;
         while r < self.readers.len() {
             let mut end = WaitEnd::Done;
-            let pins = self.readers.get(r).map_or(0, |x| x.slots.pins_in_use());
+            let pins = self
+                .readers
+                .get(r)
+                .filter(|x| !x.previous())
+                .map_or(0, |x| x.slots.pins_in_use());
             for j in 0..pins {
                 let Some(snap) = self.readers.get(r).and_then(|x| {
                     let (state, fields) = x.slots.pin(j);

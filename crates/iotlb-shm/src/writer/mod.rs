@@ -207,8 +207,9 @@ impl TableWriter {
         &mut self,
         slots_fd: BorrowedFd<'_>,
         process: ReaderProcess,
+        current: Option<ReaderId>,
     ) -> Result<ReaderId, WriterError> {
-        Ok(self.readers.register_previous(slots_fd, process)?)
+        Ok(self.readers.register_previous(slots_fd, process, current)?)
     }
 
     /// [`Registry::register_previous_of_gone`].
