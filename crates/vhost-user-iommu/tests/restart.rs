@@ -551,6 +551,15 @@ fn dma_backend_main(socket: &Path) -> ! {
                 holds.clear();
                 "released".to_string()
             }
+            ["check", first, count] => {
+                // How many of the pages translate, in one batch.
+                let (first, count): (u64, u64) = (first.parse().unwrap(), count.parse().unwrap());
+                let batch = q.batch().unwrap();
+                let ok = (first..first + count)
+                    .filter(|&i| batch.host_range(iova(i), 0x1000, Access::READ).is_ok())
+                    .count();
+                ok.to_string()
+            }
             _ => "?".to_string(),
         };
         println!("{answer}");
@@ -590,6 +599,21 @@ fn a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin()
     let (before, faults) = wait_for_translations(&mut b, 0, 1000);
     assert_eq!(faults, 0);
 
+    // Requests flow when the daemon dies: MAPs posted, not waited for.
+    const POSTED: u64 = 64;
+    let specs: Vec<_> = (LOOP_PAGES..LOOP_PAGES + POSTED)
+        .map(|i| drv.chain_spec(&map(1, iova(i), gpa(i))))
+        .collect();
+    let mut posted = 0;
+    while posted < specs.len() {
+        posted += drv.post_batch(&specs[posted..], posted).unwrap();
+        if posted < specs.len() {
+            drv.collect(1, |i, o| {
+                assert_eq!(o.status(), Some(Status::Ok), "request {i}")
+            })
+            .unwrap();
+        }
+    }
     kill9(&mut d);
     // No daemon runs: the backend goes on translating through the frozen
     // table, which is the guest's view (no UNMAP can complete meanwhile).
@@ -605,6 +629,9 @@ fn a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin()
         log()
     );
     drv.reconnect(&d.vmm).unwrap();
+    for (i, status) in collect_all(&mut drv) {
+        assert_eq!(status, Some(Status::Ok), "MAP {i} in flight at the kill");
+    }
     d.wait_for_log(
         "backend handed over previous daemons' tables",
         Duration::from_secs(10),
@@ -613,6 +640,11 @@ fn a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin()
     // Translations go on through the new daemon's table.
     let (after, faults) = wait_for_translations(&mut b, during, 1000);
     assert_eq!(faults, 0, "a translation disappeared across the restart");
+    // Every mapping is there, those completed after the restart included.
+    assert_eq!(
+        b.ask(&format!("check 0 {}", LOOP_PAGES + POSTED)),
+        (LOOP_PAGES + POSTED).to_string()
+    );
     eprintln!(
         "translations: {before} before the kill, {during} without a daemon, {after} after; handed over {handed_over:?} after the restart began"
     );
