@@ -168,16 +168,20 @@ pub enum Message {
         /// The device's endpoint ID.
         endpoint: u32,
     },
-    /// Backend → daemon, once per connection after WELCOME: what this
-    /// connection of the process still holds of previous daemons' tables
-    /// (daemons that died or were restarted). Each descriptor attached (at
-    /// most [`MAX_PREVIOUS_FILES`]) is a slot file such a daemon gave it,
-    /// retired (no session starts in it any more): the daemon waits, before
-    /// completing any revocation, until the sessions and pins left in it
-    /// are over. With none, it holds nothing. Answered with ACK or ERROR.
+    /// Backend → daemon, at most once per connection, after WELCOME: this
+    /// connection replaces the connections `replaced` (reader IDs that
+    /// previous daemons — ones that died or were restarted — gave it), and
+    /// holds what is attached of their tables: each descriptor (at most
+    /// [`MAX_PREVIOUS_FILES`]) is a slot file such a daemon gave it,
+    /// retired (no session starts in it any more), that the daemon waits
+    /// for, before completing any revocation, until the sessions and pins
+    /// left in it are over. Answered with ACK or ERROR.
     PreviousTable {
         /// Echoed in the answer.
         cookie: u64,
+        /// Reader IDs of the connections replaced (at most
+        /// [`MAX_PREVIOUS_FILES`]).
+        replaced: Vec<u64>,
     },
     /// Daemon → backend: a message was refused; the connection and the
     /// backend's registration go on.
@@ -280,8 +284,13 @@ impl Message {
     /// (unknown types: `None`).
     fn len_fits(kind: u32, len: usize) -> Option<bool> {
         Some(match kind {
-            HELLO | WELCOME | REGISTER_RING | REGISTER_SOCKET | ACK | IOTLB_SUBSCRIBE
-            | PREVIOUS_TABLE => len == HEADER_LEN + 8,
+            HELLO | WELCOME | REGISTER_RING | REGISTER_SOCKET | ACK | IOTLB_SUBSCRIBE => {
+                len == HEADER_LEN + 8
+            }
+            PREVIOUS_TABLE => {
+                (HEADER_LEN + 16..=HEADER_LEN + 16 + 8 * MAX_PREVIOUS_FILES).contains(&len)
+                    && (len - HEADER_LEN) % 8 == 0
+            }
             IOTLB_MISS => len == HEADER_LEN + 24,
             IOTLB_UPDATE => len == HEADER_LEN + 40,
             IOTLB_FAULT | IOTLB_INVALIDATE => len == HEADER_LEN + 32,
@@ -301,7 +310,7 @@ impl Message {
             | Message::Ack { cookie }
             | Message::Error { cookie, .. }
             | Message::IotlbSubscribe { cookie }
-            | Message::PreviousTable { cookie }
+            | Message::PreviousTable { cookie, .. }
             | Message::DriverRestarted { cookie, .. }
             | Message::IotlbMiss { cookie, .. }
             | Message::IotlbUpdate { cookie, .. }
@@ -363,8 +372,13 @@ impl Message {
                 body.extend_from_slice(&cookie.to_le_bytes());
                 IOTLB_SUBSCRIBE
             }
-            Message::PreviousTable { cookie } => {
+            Message::PreviousTable { cookie, replaced } => {
                 body.extend_from_slice(&cookie.to_le_bytes());
+                body.extend_from_slice(&(replaced.len() as u32).to_le_bytes());
+                body.extend_from_slice(&0u32.to_le_bytes());
+                for id in replaced {
+                    body.extend_from_slice(&id.to_le_bytes());
+                }
                 PREVIOUS_TABLE
             }
             Message::DriverRestarted { cookie, endpoint } => {
@@ -494,9 +508,16 @@ impl Message {
             IOTLB_SUBSCRIBE => Ok(Message::IotlbSubscribe {
                 cookie: u64_at(body, 0),
             }),
-            PREVIOUS_TABLE => Ok(Message::PreviousTable {
-                cookie: u64_at(body, 0),
-            }),
+            PREVIOUS_TABLE => {
+                let n = u32_at(body, 8) as usize;
+                if u32_at(body, 12) != 0 || body.len() != 16 + 8 * n {
+                    return Err(DecodeError::Bad(kind));
+                }
+                Ok(Message::PreviousTable {
+                    cookie: u64_at(body, 0),
+                    replaced: (0..n).map(|i| u64_at(body, 16 + 8 * i)).collect(),
+                })
+            }
             DRIVER_RESTARTED => Ok(Message::DriverRestarted {
                 cookie: u64_at(body, 0),
                 endpoint: u32_at(body, 8),
@@ -796,7 +817,14 @@ mod tests {
                 reason: "unexpected HELLO".into(),
             },
             Message::IotlbSubscribe { cookie: 4 },
-            Message::PreviousTable { cookie: 7 },
+            Message::PreviousTable {
+                cookie: 7,
+                replaced: vec![],
+            },
+            Message::PreviousTable {
+                cookie: 8,
+                replaced: vec![3, u64::MAX],
+            },
             Message::DriverRestarted {
                 cookie: 5,
                 endpoint: 0x20,

@@ -89,20 +89,11 @@ pub type LookedUp = Result<(u64, crate::Piece), crate::Fault>;
 
 impl BackendClient {
     /// Connects to the daemon's backend socket and asks for `slots` session
-    /// slots and `pins` pin records (0 = the daemon's defaults), telling
-    /// the daemon that this process holds nothing of a previous daemon's
-    /// table.
+    /// slots and `pins` pin records (0 = the daemon's defaults). A client
+    /// that replaces one connected to a previous daemon says so with
+    /// [`Self::hand_over`] (until it has, that daemon's successor completes
+    /// no revocation).
     pub fn connect(path: &Path, slots: u32, pins: u32) -> Result<Self, ClientError> {
-        let client = Self::open(path, slots, pins)?;
-        client.hand_over(&[])?;
-        Ok(client)
-    }
-
-    /// Connects and receives the table, like [`Self::connect`], but says
-    /// nothing about a previous daemon's table yet: follow it with
-    /// [`Self::hand_over`] once this connection is in use (until then, the
-    /// daemon completes no revocation).
-    pub fn open(path: &Path, slots: u32, pins: u32) -> Result<Self, ClientError> {
         let io = |step| move |source| ClientError::Io { step, source };
         let sock = UnixStream::connect(path).map_err(io("connect"))?;
         let sent = backend_proto::send_with_fds(
@@ -156,15 +147,15 @@ impl BackendClient {
         self.table.writer_alive()
     }
 
-    /// Tells the daemon what this process still holds of previous
-    /// daemons' tables, in one message: the slot files those daemons gave
-    /// it (of the clients connected to them) that still have a session or
-    /// a pin, each retired first — sessions entered in it from now on
-    /// fault — and waited for by the daemon, before it completes any
-    /// revocation, until the sessions and pins left in them are over. An
-    /// empty list says it holds nothing. At most
-    /// [`backend_proto::MAX_PREVIOUS_FILES`] files.
-    pub fn hand_over(&self, previous: &[&SlotFile]) -> Result<(), ClientError> {
+    /// Tells the daemon, in one message, that this connection replaces the
+    /// connections `replaced` (the reader IDs previous daemons gave this
+    /// process's earlier clients: [`Self::reader_id`]) and what it holds of
+    /// their tables: the slot files of those clients that still have a
+    /// session or a pin, each retired first — sessions entered in it from
+    /// now on fault — and waited for by the daemon, before it completes any
+    /// revocation, until the sessions and pins left in them are over. At
+    /// most [`backend_proto::MAX_PREVIOUS_FILES`] of each.
+    pub fn hand_over(&self, previous: &[&SlotFile], replaced: &[u64]) -> Result<(), ClientError> {
         let mut fds = Vec::with_capacity(previous.len());
         for slots in previous {
             let fd = slots.fd().ok_or_else(|| ClientError::Io {
@@ -176,7 +167,14 @@ impl BackendClient {
         for slots in previous {
             slots.retire();
         }
-        self.request(|cookie| Message::PreviousTable { cookie }, &fds)
+        let replaced = replaced.to_vec();
+        self.request(
+            |cookie| Message::PreviousTable {
+                cookie,
+                replaced: replaced.clone(),
+            },
+            &fds,
+        )
     }
 
     /// The connection to the daemon (to poll it for the daemon's end of

@@ -294,6 +294,13 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Numbers the readers registered from now on from `first` (a daemon
+    /// starts from a value of its own, so that reader IDs name one
+    /// connection across daemon restarts).
+    pub fn number_from(&mut self, first: u64) {
+        self.next_id = self.next_id.max(first);
+    }
+
     /// Registers `process` with the slot file `slots_fd`.
     pub fn register(
         &mut self,

@@ -10,12 +10,15 @@
 //! (`PREVIOUS_TABLE`). The restarted daemon must therefore complete no
 //! revocation until every backend of the previous daemon has handed its
 //! table over and finished with it, or has exited. This ledger is how it
-//! knows them: the daemon records each backend (its PID and start time,
-//! which together name one process for the life of the host) before it
-//! sends it the table, and forgets it once the backend is released.
+//! knows them: the daemon records each backend connection (its process's
+//! PID and start time, which together name one process for the life of the
+//! host, and its reader ID, which names the connection across daemons)
+//! before it sends it the table, and forgets it once the backend is
+//! released and no previous table it handed over is in use.
 //!
 //! At start-up the daemon reads the ledger its predecessor left: each
-//! process still running is **awaited**. Until none is, every request that
+//! connection whose process still runs is **awaited**, until a connection
+//! of the same process says it replaces it (`PREVIOUS_TABLE`). Until none is, every request that
 //! takes access away (UNMAP, DETACH, ATTACH, a reset) waits after its grace
 //! period ([`Ledger::wait_for_previous`]). An awaited backend that neither
 //! hands over nor exits is warned about and, with `--stall-kill-ms`,
@@ -38,7 +41,7 @@ use crate::shm_table::{SharedWriter, lock};
 pub const FILE_NAME: &str = "backends";
 
 /// The first line of the file.
-const HEADER: &str = "# vhost-user-iommu backends v1: pid start-time (clock ticks since boot)";
+const HEADER: &str = "# vhost-user-iommu backends v2: pid start-time (clock ticks since boot) reader-id, one line per connection";
 
 /// The start time recorded when it cannot be read.
 const UNKNOWN_START: u64 = 0;
@@ -76,11 +79,14 @@ pub enum LedgerError {
     },
 }
 
-/// One process, for the life of the host: its PID and its start time.
+/// One backend connection: its process, for the life of the host (PID and
+/// start time), and its reader ID (unique across daemons: each numbers its
+/// readers from a value of its own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Process {
     pid: i32,
     start: u64,
+    id: u64,
 }
 
 /// A backend connection of the previous daemon whose process still runs.
@@ -142,14 +148,16 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Process>, LedgerError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut fields = line.split_whitespace();
-        let process = match (fields.next(), fields.next(), fields.next()) {
-            (Some(pid), Some(start), None) => pid
-                .parse::<i32>()
-                .ok()
-                .filter(|p| *p > 0)
-                .zip(start.parse::<u64>().ok())
-                .map(|(pid, start)| Process { pid, start }),
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let process = match fields.as_slice() {
+            [pid, start, id] => match (
+                pid.parse::<i32>().ok().filter(|p| *p > 0),
+                start.parse::<u64>().ok(),
+                id.parse::<u64>().ok(),
+            ) {
+                (Some(pid), Some(start), Some(id)) => Some(Process { pid, start, id }),
+                _ => None,
+            },
             _ => None,
         };
         match process {
@@ -174,14 +182,14 @@ impl Inner {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        // One line per connection: a process with two connections hands
-        // over twice.
+        // One line per connection, of this daemon or awaited from the
+        // previous one: each is resolved by the connection that replaces it.
         let mut processes: Vec<Process> = self.current.values().copied().collect();
         processes.extend(self.awaited.iter().map(|a| a.process));
         processes.sort();
         let mut text = format!("{HEADER}\n");
         for p in &processes {
-            text.push_str(&format!("{} {}\n", p.pid, p.start));
+            text.push_str(&format!("{} {} {}\n", p.pid, p.start, p.id));
         }
         let io = |step| {
             let path = path.clone();
@@ -298,7 +306,7 @@ impl Ledger {
         // user): recorded as unknown, waited for but never killed.
         let start = start_time(pid).unwrap_or(UNKNOWN_START);
         let mut inner = self.inner();
-        inner.current.insert(id, Process { pid, start });
+        inner.current.insert(id, Process { pid, start, id });
         inner.save().inspect_err(|_| {
             inner.current.remove(&id);
         })
@@ -317,38 +325,23 @@ impl Ledger {
         }
     }
 
-    /// A connection of process `pid` handed over what it held of the
-    /// previous daemon's table (or said it holds nothing): one connection
-    /// of the process that daemon recorded is no longer awaited. True if
-    /// one was.
-    pub fn handed_over(&self, pid: i32) -> bool {
-        let mut inner = self.inner();
-        let i = inner.awaited.iter().position(|a| a.process.pid == pid);
-        let was = i.is_some();
-        if let Some(i) = i {
-            // One connection of the process: another one it had with the
-            // previous daemon is still awaited.
-            inner.awaited.remove(i);
-        }
-        if was {
-            if let Err(e) = inner.save() {
-                warn!(error = %vhost_user_process::report_line(&e), "cannot update the backend ledger");
-            }
-        }
-        was
-    }
-
-    /// Stops awaiting the processes of `pids`: systemd's descriptor store
-    /// carried their slot files and pidfds, which track them exactly.
-    pub fn tracked_from_store(&self, pids: &[i32]) {
+    /// A connection of process `pid` replaces the connections `replaced`
+    /// (reader IDs) it had with previous daemons, and handed over what it
+    /// still holds of their tables: those connections are no longer
+    /// awaited. Only the process's own are. Returns how many were.
+    pub fn handed_over(&self, pid: i32, replaced: &[u64]) -> usize {
         let mut inner = self.inner();
         let before = inner.awaited.len();
-        inner.awaited.retain(|a| !pids.contains(&a.process.pid));
-        if inner.awaited.len() != before {
+        inner
+            .awaited
+            .retain(|a| !(a.process.pid == pid && replaced.contains(&a.process.id)));
+        let resolved = before - inner.awaited.len();
+        if resolved > 0 {
             if let Err(e) = inner.save() {
                 warn!(error = %vhost_user_process::report_line(&e), "cannot update the backend ledger");
             }
         }
+        resolved
     }
 
     /// Backends of the previous daemon still awaited.
@@ -522,7 +515,10 @@ mod tests {
         // PID), and a PID that runs nothing.
         std::fs::write(
             dir.join(FILE_NAME),
-            format!("{HEADER}\n{me} {start}\n{me} {}\n999999999 5\n", start + 1),
+            format!(
+                "{HEADER}\n{me} {start} 11\n{me} {} 12\n999999999 5 13\n",
+                start + 1
+            ),
         )
         .unwrap();
         let ledger = Ledger::open(&dir, policy()).unwrap();
@@ -530,32 +526,46 @@ mod tests {
         let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
         assert_eq!(
             parse(&dir, &text).unwrap(),
-            vec![Process { pid: me, start }]
+            vec![Process {
+                pid: me,
+                start,
+                id: 11
+            }]
         );
-        assert!(!ledger.handed_over(me + 1));
-        assert!(ledger.handed_over(me));
+        assert_eq!(ledger.handed_over(me + 1, &[11]), 0, "another process");
+        assert_eq!(ledger.handed_over(me, &[12]), 0, "another connection");
+        assert_eq!(ledger.handed_over(me, &[11]), 1);
         assert_eq!(ledger.awaited(), 0);
         let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
         assert!(parse(&dir, &text).unwrap().is_empty());
     }
 
+    /// A process with two connections (two devices) is awaited until both
+    /// have been replaced; a new connection that replaces nothing, or a
+    /// replacement that dies before saying so, resolves nothing.
     #[test]
-    fn each_connection_of_a_process_is_awaited_until_it_hands_over() {
+    fn each_connection_is_awaited_until_the_one_that_replaces_it_says_so() {
         let dir = scratch("connections");
         let me = std::process::id() as i32;
         let start = start_time(me).unwrap();
         std::fs::write(
             dir.join(FILE_NAME),
-            format!("{HEADER}\n{me} {start}\n{me} {start}\n"),
+            format!("{HEADER}\n{me} {start} 21\n{me} {start} 22\n"),
         )
         .unwrap();
         let ledger = Ledger::open(&dir, policy()).unwrap();
         assert_eq!(ledger.awaited(), 2);
-        assert!(ledger.handed_over(me));
+        // A connection of this daemon, admitted before it says anything.
+        ledger.admit(31, me).unwrap();
+        assert_eq!(ledger.handed_over(me, &[]), 0, "replaces nothing");
+        assert_eq!(ledger.handed_over(me, &[21]), 1);
         assert_eq!(ledger.awaited(), 1, "the process's other connection");
+        // The file holds the connection still awaited and the current one:
+        // a daemon started now waits for both.
         let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap();
-        assert_eq!(parse(&dir, &text).unwrap().len(), 1);
-        assert!(ledger.handed_over(me));
+        let ids: Vec<u64> = parse(&dir, &text).unwrap().iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![22, 31]);
+        assert_eq!(ledger.handed_over(me, &[22]), 1);
         assert_eq!(ledger.awaited(), 0);
     }
 
@@ -567,7 +577,7 @@ mod tests {
     fn an_unverified_backend_is_awaited_but_never_killed() {
         let dir = scratch("unverified");
         let me = std::process::id() as i32;
-        std::fs::write(dir.join(FILE_NAME), format!("{me} {UNKNOWN_START}\n")).unwrap();
+        std::fs::write(dir.join(FILE_NAME), format!("{me} {UNKNOWN_START} 1\n")).unwrap();
         let ledger = Ledger::open(
             &dir,
             StallPolicy {
@@ -592,7 +602,7 @@ mod tests {
         let pid = child.id() as i32;
         std::fs::write(
             dir.join(FILE_NAME),
-            format!("{} {}\n", pid, start_time(pid).unwrap()),
+            format!("{} {} 1\n", pid, start_time(pid).unwrap()),
         )
         .unwrap();
         let ledger = Ledger::open(&dir, policy()).unwrap();
@@ -605,7 +615,14 @@ mod tests {
     #[test]
     fn a_ledger_that_does_not_parse_is_refused_with_its_line() {
         let dir = scratch("bad");
-        for bad in ["12\n", "12 x\n", "-3 4\n", "1 2 3\n", "\u{0}\n"] {
+        for bad in [
+            "12 3\n",
+            "12 x 1\n",
+            "-3 4 5\n",
+            "1 2 3 4\n",
+            "1 2 x\n",
+            "\u{0}\n",
+        ] {
             std::fs::write(dir.join(FILE_NAME), format!("{HEADER}\n{bad}")).unwrap();
             match Ledger::open(&dir, policy()) {
                 Err(LedgerError::Format { line: 2, .. }) => {}

@@ -586,15 +586,23 @@ impl BackendSocket {
         );
         drop(watched);
         self.wait_for_release(id, cred.pid).await;
-        // Kept listed while a previous table it handed over is in use: a
-        // daemon started after this one must still wait for it.
+        // Kept listed (and stored) while a previous table it handed over is
+        // in use: a daemon started after this one must still wait for it.
         let pid = cred.pid;
-        self.blocking(move |me| {
-            if lock(&me.writer).readers().previous_of(pid) == 0 {
-                me.ledger.forget(id.0);
+        loop {
+            let left = self
+                .blocking(move |me| {
+                    let mut w = lock(&me.writer);
+                    w.release_previous_readers();
+                    w.readers().previous_of(pid)
+                })
+                .await;
+            if left.unwrap_or(0) == 0 {
+                break;
             }
-        })
-        .await;
+            tokio::time::sleep(RELEASE_POLL).await;
+        }
+        self.blocking(move |me| me.ledger.forget(id.0)).await;
         if let Some(store) = &self.fd_store {
             store.forget(&conn.stored);
         }
@@ -729,18 +737,20 @@ impl BackendSocket {
                 Message::Ack { cookie } if frame.fds.is_empty() => {
                     self.subscribers.ack(conn.id, cookie);
                 }
-                Message::PreviousTable { cookie } if conn.declared => {
+                Message::PreviousTable { cookie, .. } if conn.declared => {
                     conn.error(
                         cookie,
                         libc::EPROTO,
-                        "this connection already said what it holds of previous tables".into(),
+                        "this connection already said which connections it replaces".into(),
                     );
                 }
-                Message::PreviousTable { cookie } if frame.fds.len() <= MAX_PREVIOUS_FILES => {
+                Message::PreviousTable { cookie, replaced }
+                    if frame.fds.len() <= MAX_PREVIOUS_FILES =>
+                {
                     let (stream, pid, id) = (Arc::clone(&conn.stream), conn.pid, conn.id);
                     let fds = frame.fds;
                     let result = self
-                        .blocking(move |me| me.take_previous(&stream, pid, id, fds))
+                        .blocking(move |me| me.take_previous(&stream, pid, id, fds, &replaced))
                         .await
                         .unwrap_or_else(|| Err((libc::EIO, "the hand-over failed".into())));
                     match result {
@@ -771,19 +781,21 @@ impl BackendSocket {
         }
     }
 
-    /// Takes what connection `current` of backend `pid` holds of previous
-    /// daemons' tables: slot files `fds` (retired), each waited for by
-    /// every revocation until the sessions and pins left in it are over,
-    /// or nothing. All of them are checked before any is registered, and
-    /// the process's connection is no longer awaited only once all are.
-    /// Returns the names they were stored under in systemd's store; the
-    /// error is an errno value and a reason.
+    /// Connection `current` of backend `pid` replaces its connections
+    /// `replaced` to previous daemons and hands over what it holds of their
+    /// tables: slot files `fds` (retired), each waited for by every
+    /// revocation until the sessions and pins left in it are over. All are
+    /// checked before any is registered, a failure registers none, and the
+    /// replaced connections are no longer awaited only once all are.
+    /// Returns the names the files were stored under in systemd's store;
+    /// the error is an errno value and a reason.
     fn take_previous(
         &self,
         stream: &UnixStream,
         pid: i32,
         current: ReaderId,
         fds: Vec<OwnedFd>,
+        replaced: &[u64],
     ) -> Result<Vec<String>, (i32, String)> {
         let einval = |reason: String| (libc::EINVAL, reason);
         for fd in &fds {
@@ -808,35 +820,54 @@ impl BackendSocket {
                     format!("more than {MAX_PREVIOUS} previous slot files of this process in use"),
                 ));
             }
+            // Before the first is registered: a revocation that looks from
+            // now on finds them (Ledger::pending).
+            self.ledger.previous_registered();
+            let mut ids = Vec::with_capacity(fds.len());
             for fd in &fds {
                 // Watched through its pidfd only: its release does not
                 // depend on the connection, which stays with `current`.
-                let pidfd = ReaderProcess::of_peer(stream.as_fd())
-                    .map_err(|e| (libc::ESRCH, e.to_string()))?
-                    .pidfd;
-                let process = ReaderProcess {
-                    pid,
-                    pidfd,
-                    connection: None,
-                };
-                let id = w
-                    .register_previous(fd.as_fd(), process, Some(current))
-                    .map_err(|e| einval(vhost_user_process::report_line(&e)))?;
-                if let Some(store) = &self.fd_store {
+                let registered = ReaderProcess::of_peer(stream.as_fd())
+                    .map_err(|e| (libc::ESRCH, e.to_string()))
+                    .and_then(|p| {
+                        let process = ReaderProcess {
+                            pid,
+                            pidfd: p.pidfd,
+                            connection: None,
+                        };
+                        w.register_previous(fd.as_fd(), process, Some(current))
+                            .map_err(|e| einval(vhost_user_process::report_line(&e)))
+                    });
+                match registered {
+                    Ok(id) => ids.push(id),
+                    Err(e) => {
+                        for id in ids {
+                            w.unregister_reader(id);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            drop(w);
+            if let Some(store) = &self.fd_store {
+                for (fd, id) in fds.iter().zip(&ids) {
                     let name = backend_name(pid, current.0, &format!("previous-{}", id.0));
                     store.keep(&mut stored, name, fd.as_fd());
                 }
             }
-            drop(w);
-            self.ledger.previous_registered();
             info!(
                 pid,
                 files = fds.len(),
                 "backend handed over previous daemons' tables; revocations wait until its sessions and pins there are over"
             );
         }
-        if self.ledger.handed_over(pid) {
-            info!(pid, "a backend of the previous daemon reconnected");
+        let resolved = self.ledger.handed_over(pid, replaced);
+        if resolved > 0 {
+            info!(
+                pid,
+                connections = resolved,
+                "a backend of the previous daemon reconnected"
+            );
         }
         Ok(stored)
     }

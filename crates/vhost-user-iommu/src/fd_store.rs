@@ -3,10 +3,12 @@
 //! `systemctl restart` with `FileDescriptorStorePreserve=yes` — can wait
 //! exactly for the backends of this one.
 //!
-//! For every backend the daemon stores, under names that start with
-//! `backend-PID-ID-`, the backend's slot file (`slots`), a pidfd of its
-//! process (`pidfd`) and the sentinel of every io_uring it registered
-//! (`ring-N`); they are removed once the backend is released. The next
+//! For every backend connection the daemon stores, under names that start
+//! with `backend-PID-ID-` (ID: its reader ID, unique across daemons), the
+//! backend's slot file (`slots`), a pidfd of its process (`pidfd`), the
+//! sentinel of every io_uring it registered (`ring-N`, up to 64) and the
+//! previous daemons' slot files it handed over (`previous-N`); they are
+//! removed once the backend and those files are released. The next
 //! daemon gets them back (`LISTEN_FDS`/`LISTEN_FDNAMES`) and registers each
 //! backend as a reader of the previous table ([`CarriedBackend`]): no
 //! revocation completes until the backend has retired and finished with
@@ -97,24 +99,30 @@ impl FdStore {
     }
 }
 
-/// The name of the stored descriptor `what` of backend `id` (process
-/// `pid`) of this daemon: `backend-PID-NONCE.ID-WHAT`, where the nonce
-/// tells this daemon's backends from its predecessors' (reader IDs start
-/// again in every daemon).
-pub fn backend_name(pid: i32, id: u64, what: &str) -> String {
+/// A number of this daemon process's own (40 bits), for what must differ
+/// between a daemon and its predecessors: reader IDs are numbered from
+/// `nonce << 24`, so that an ID names one connection across restarts (and
+/// names in the store, which carry it, never collide).
+pub fn daemon_nonce() -> u64 {
     static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let nonce = NONCE.get_or_init(|| {
+    *NONCE.get_or_init(|| {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: clock_gettime writes one timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-        (u64::from(std::process::id()) << 40)
-            ^ (ts.tv_sec as u64).wrapping_mul(1_000_000_000)
-            ^ ts.tv_nsec as u64
-    });
-    format!("{BACKEND_PREFIX}{pid}-{nonce:x}.{id}-{what}")
+        let mixed = (u64::from(std::process::id()) << 20)
+            ^ (ts.tv_sec as u64).wrapping_mul(1_000_000_007)
+            ^ ts.tv_nsec as u64;
+        (mixed & ((1 << 40) - 1)).max(1)
+    })
+}
+
+/// The name of the stored descriptor `what` of backend connection `id`
+/// (process `pid`): `backend-PID-ID-WHAT`.
+pub fn backend_name(pid: i32, id: u64, what: &str) -> String {
+    format!("{BACKEND_PREFIX}{pid}-{id}-{what}")
 }
 
 /// A backend of a previous daemon, from the descriptors it stored.

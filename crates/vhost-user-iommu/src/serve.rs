@@ -148,13 +148,12 @@ fn start_table(
     let g = *writer.geometry();
     let fd_store = FdStore::from_env().map(Arc::new);
     let mut writer = writer;
-    let carried_pids: Vec<i32> = carried
-        .iter()
-        .filter(|b| b.pidfd.is_some())
-        .map(|b| b.pid)
-        .collect();
+    // Reader IDs name one connection across restarts: each daemon numbers
+    // from a value of its own.
+    writer.number_readers_from(crate::fd_store::daemon_nonce() << 24);
+    // The awaited connections stay awaited: what the store carried adds
+    // exact tracking of their I/O, the hand-over still orders the release.
     let carried_names = register_carried(&mut writer, carried);
-    ledger.tracked_from_store(&carried_pids);
     if let Some(store) = &fd_store {
         ledger.forget_carried_later(Arc::clone(store), carried_names);
     }

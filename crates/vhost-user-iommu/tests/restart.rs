@@ -292,15 +292,18 @@ fn requests_applied_but_not_completed_at_the_kill_complete_without_applying_agai
         2,
         "both wait behind the UNMAP's grace period"
     );
+    let replaced = client.reader_id;
     drop(client);
     kill9(&mut d);
     holder.kill9();
 
     let d = start(&dir);
     // This process was a backend of the killed daemon: the UNMAP completes
-    // only once it has connected again, saying it holds nothing of the
-    // previous table (the holder was killed; the daemon sees it gone).
+    // only once its new connection says it replaces that one and holds
+    // nothing of the previous table (the holder was killed; the daemon
+    // sees it gone).
     let client = BackendClient::connect(&d.backends, 1, 0).unwrap();
+    client.hand_over(&[], &[replaced]).unwrap();
     drv.reconnect(&d.vmm).unwrap();
     let mut done = collect_all(&mut drv);
     done.sort_by_key(|(i, _)| *i);

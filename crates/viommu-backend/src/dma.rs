@@ -74,8 +74,12 @@ struct TableState {
     /// Slot files of previous daemons' tables, retired, that may still
     /// have a session or pin; handed to every new daemon until idle.
     previous: Mutex<Vec<Arc<SlotFile>>>,
-    /// The generation the previous files were last handed over to
-    /// (`u64::MAX`: not yet).
+    /// Reader IDs of the connections the current one replaces, until a
+    /// daemon has acknowledged it (then they are forgotten: that daemon
+    /// keeps the current connection in its list instead).
+    replaced: Mutex<Vec<u64>>,
+    /// The generation whose daemon acknowledged the hand-over (the first
+    /// connection, generation 0, replaces nothing).
     declared: AtomicU64,
     /// Queue threads between reading `generation` and entering their
     /// session: a reconnection retires the previous files only once none
@@ -149,6 +153,7 @@ impl Dma {
                     last_attempt: Mutex::new(None),
                     reconnecting: Mutex::new(()),
                     previous: Mutex::new(Vec::new()),
+                    replaced: Mutex::new(Vec::new()),
                     declared: AtomicU64::new(0),
                     entering: AtomicU64::new(0),
                 })
@@ -266,6 +271,14 @@ impl Dma {
                 // The restarted daemon must hear it: it decides about a reset.
                 self.reconnect_if_detached(Reconnect::Wait);
                 let conn = Arc::clone(&t.current.read().unwrap_or_else(PoisonError::into_inner));
+                // A reset is a revocation, which waits for this process's
+                // hand-over: never ask for one before it is made.
+                if !hand_over_previous(t, &conn) {
+                    return tracing::warn!(
+                        endpoint,
+                        "the guest set a queue up anew, but the daemon is not told before the previous table is handed over"
+                    );
+                }
                 conn.client.driver_restarted(endpoint)
             }
             Translation::Msg { _client, .. } => _client.driver_restarted(endpoint),
@@ -364,7 +377,7 @@ impl Dma {
             }
             cur.generation
         };
-        match BackendClient::open(&t.socket, t.slots, t.pins) {
+        match BackendClient::connect(&t.socket, t.slots, t.pins) {
             Ok(client) => {
                 for ring in t
                     .rings
@@ -401,6 +414,10 @@ impl Dma {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(Arc::clone(&old.client.slots));
+                t.replaced
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(old.client.reader_id);
                 drop(old);
                 // Queue threads move to the new table at their next batch;
                 // the previous files are retired (no session starts in
@@ -418,30 +435,46 @@ impl Dma {
     }
 }
 
-/// Hands the previous files still in use to the daemon of `conn`, in one
-/// message (forgetting those with nothing left in them), unless that was
-/// done already; a failure is retried by the watcher thread.
-fn hand_over_previous(t: &TableState, conn: &TableConnection) {
+/// Tells the daemon of `conn`, in one message, which connections this one
+/// replaces and hands it the previous files still in use (forgetting those
+/// with nothing left in them), unless that was done already. Returns
+/// whether it is done; a failure is retried by the watcher thread.
+fn hand_over_previous(t: &TableState, conn: &TableConnection) -> bool {
     if t.declared.load(Ordering::Acquire) == conn.generation {
-        return;
+        return true;
     }
     let mut previous = t.previous.lock().unwrap_or_else(PoisonError::into_inner);
     // Retired and idle: nothing of this process can use that table any more.
     previous.retain(|f| !(f.retired() && f.map().idle()));
-    previous.truncate(iotlb_shm::backend_proto::MAX_PREVIOUS_FILES);
+    let mut replaced = t.replaced.lock().unwrap_or_else(PoisonError::into_inner);
+    let max = iotlb_shm::backend_proto::MAX_PREVIOUS_FILES;
+    if previous.len() > max || replaced.len() > max {
+        // Eight restarts, each leaving DMA in flight: wait for some to end.
+        tracing::warn!(
+            files = previous.len(),
+            connections = replaced.len(),
+            "too much of previous daemons' tables is still in use to hand it over; waiting"
+        );
+        return false;
+    }
     let files: Vec<&SlotFile> = previous.iter().map(|f| &**f).collect();
-    match conn.client.hand_over(&files) {
+    match conn.client.hand_over(&files, &replaced) {
         Ok(()) => {
             t.declared.store(conn.generation, Ordering::Release);
+            replaced.clear();
             tracing::info!(
                 files = files.len(),
                 "handed the previous daemon's table over"
             );
+            true
         }
-        Err(e) => tracing::warn!(
-            error = %e,
-            "cannot hand the previous daemon's table over yet; the restarted daemon holds UNMAPs back until it is"
-        ),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot hand the previous daemon's table over yet; the restarted daemon holds UNMAPs back until it is"
+            );
+            false
+        }
     }
 }
 

@@ -221,6 +221,12 @@ impl TableWriter {
         Ok(self.readers.register_previous_of_gone(slots_fd, pid)?)
     }
 
+    /// Numbers the readers registered from now on from `first`
+    /// ([`Registry::number_from`]).
+    pub fn number_readers_from(&mut self, first: u64) {
+        self.readers.number_from(first);
+    }
+
     /// Previous slot files still registered ([`Self::register_previous`]).
     pub fn previous_readers(&self) -> usize {
         self.readers

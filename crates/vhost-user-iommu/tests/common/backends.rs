@@ -463,7 +463,11 @@ impl Role {
                 if w[1] == "retired" {
                     file.retire();
                 }
-                let msg = Message::PreviousTable { cookie: 5 }.encode();
+                let msg = Message::PreviousTable {
+                    cookie: 5,
+                    replaced: vec![],
+                }
+                .encode();
                 match backend_proto::send_with_fds(self.client.connection(), &msg, &[fd.as_fd()]) {
                     Ok(()) => println!("{}", self.answer()),
                     Err(_) => println!("closed"),
@@ -477,17 +481,6 @@ impl Role {
             }
             "uring-read" => self.uring_read(num(1) as u32, num(2), Path::new(w[3]), session),
             "loop" => self.translate_loop(num(1) as u32, num(2), num(3)),
-            "open" => {
-                // A connection that has not said what it holds of previous
-                // tables (BackendClient::open).
-                match BackendClient::open(&self.socket, 4, 16) {
-                    Ok(c) => {
-                        self.client = Rc::new(c);
-                        println!("connected {}", self.client.reader_id);
-                    }
-                    Err(e) => println!("refused {e}"),
-                }
-            }
             "reconnect" => {
                 self.client = Rc::new(connect(&self.socket));
                 println!("connected {}", self.client.reader_id);
