@@ -34,6 +34,8 @@ use crate::msg::{MsgHold, MsgIotlb};
 /// that set-up must find the new daemon; and the restarted daemon completes
 /// no UNMAP until this backend has handed the previous table over.
 const RECONNECT_EVERY: Duration = Duration::from_millis(100);
+/// How long no daemon may answer before a reconnecting backend warns.
+const GONE_WARN_AFTER: Duration = Duration::from_secs(10);
 /// How long the watcher thread sleeps in `poll` on the daemon connection
 /// before it checks whether the device is gone.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
@@ -71,6 +73,8 @@ struct TableState {
     last_attempt: Mutex<Option<Instant>>,
     /// Held by the thread that reconnects.
     reconnecting: Mutex<()>,
+    /// Since when no daemon answers, and whether that was warned about.
+    gone_since: Mutex<Option<(Instant, bool)>>,
     /// Slot files of previous daemons' tables, retired, that may still
     /// have a session or pin; handed to every new daemon until idle.
     previous: Mutex<Vec<Arc<SlotFile>>>,
@@ -152,6 +156,7 @@ impl Dma {
                     rings: Mutex::new(Vec::new()),
                     last_attempt: Mutex::new(None),
                     reconnecting: Mutex::new(()),
+                    gone_since: Mutex::new(None),
                     previous: Mutex::new(Vec::new()),
                     replaced: Mutex::new(Vec::new()),
                     declared: AtomicU64::new(0),
@@ -395,6 +400,7 @@ impl Dma {
                     reader = client.reader_id,
                     "connected to the restarted vhost-user-iommu daemon"
                 );
+                *t.gone_since.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 let new = Arc::new(TableConnection {
                     client,
                     generation: generation + 1,
@@ -428,7 +434,28 @@ impl Dma {
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "the vhost-user-iommu daemon is gone; DMA fails until it is back");
+                // A daemon that stops before its backends (a host shutting
+                // down, a restart) is normal: said once; a long outage is
+                // warned about once.
+                let mut gone = t.gone_since.lock().unwrap_or_else(PoisonError::into_inner);
+                let now = Instant::now();
+                match *gone {
+                    None => {
+                        *gone = Some((now, false));
+                        tracing::info!(error = %e, "the vhost-user-iommu daemon is gone; connecting again every 100 ms");
+                    }
+                    Some((since, false)) if now.duration_since(since) >= GONE_WARN_AFTER => {
+                        *gone = Some((since, true));
+                        tracing::warn!(
+                            error = %e,
+                            gone_s = now.duration_since(since).as_secs(),
+                            "the vhost-user-iommu daemon is still gone; still connecting again every 100 ms"
+                        );
+                    }
+                    Some(_) => {
+                        tracing::debug!(error = %e, "the vhost-user-iommu daemon is still gone")
+                    }
+                }
                 false
             }
         }
