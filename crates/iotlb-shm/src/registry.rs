@@ -307,7 +307,26 @@ impl Registry {
         slots_fd: BorrowedFd<'_>,
         process: ReaderProcess,
     ) -> Result<ReaderId, RegisterError> {
-        let pid = process.pid;
+        self.push(
+            slots_fd,
+            process.pid,
+            Some(process.pidfd),
+            process.connection,
+            None,
+        )
+    }
+
+    /// Adds a reader; `previous`: the registration that tracks the I/O of
+    /// the process of a previous writer's slot file
+    /// ([`Self::register_previous`]).
+    fn push(
+        &mut self,
+        slots_fd: BorrowedFd<'_>,
+        pid: i32,
+        pidfd: Option<OwnedFd>,
+        connection: Option<OwnedFd>,
+        previous: Option<Option<ReaderId>>,
+    ) -> Result<ReaderId, RegisterError> {
         let slots = SlotMap::open(slots_fd, false)
             .map_err(|source| RegisterError::Slots { pid, source })?;
         let id = ReaderId(self.next_id);
@@ -315,13 +334,13 @@ impl Registry {
         self.readers.push(Reader {
             id,
             pid,
-            pidfd: Some(process.pidfd),
-            connection: process.connection,
+            pidfd,
+            connection,
             slots,
             io: Vec::new(),
             kill: AtomicU8::new(KillState::None as u8),
-            previous: false,
-            current: None,
+            previous: previous.is_some(),
+            current: previous.flatten(),
         });
         Ok(id)
     }
@@ -338,12 +357,13 @@ impl Registry {
         process: ReaderProcess,
         current: Option<ReaderId>,
     ) -> Result<ReaderId, RegisterError> {
-        let id = self.register(slots_fd, process)?;
-        if let Some(r) = self.readers.last_mut() {
-            r.previous = true;
-            r.current = current;
-        }
-        Ok(id)
+        self.push(
+            slots_fd,
+            process.pid,
+            Some(process.pidfd),
+            process.connection,
+            Some(current),
+        )
     }
 
     /// Previous slot files registered for process `pid`.
@@ -363,22 +383,7 @@ impl Registry {
         slots_fd: BorrowedFd<'_>,
         pid: i32,
     ) -> Result<ReaderId, RegisterError> {
-        let slots = SlotMap::open(slots_fd, false)
-            .map_err(|source| RegisterError::Slots { pid, source })?;
-        let id = ReaderId(self.next_id);
-        self.next_id += 1;
-        self.readers.push(Reader {
-            id,
-            pid,
-            pidfd: None,
-            connection: None,
-            slots,
-            io: Vec::new(),
-            kill: AtomicU8::new(KillState::None as u8),
-            previous: true,
-            current: None,
-        });
-        Ok(id)
+        self.push(slots_fd, pid, None, None, Some(None))
     }
 
     /// The state of the reader at position `i` (< [`Self::len`]): its

@@ -54,6 +54,24 @@ fn kill9(d: &mut Daemon) {
     let _ = std::fs::remove_file(&d.backends);
 }
 
+/// Posts a MAP of each page of `pages`, not waiting for them (a full
+/// queue waits for one completion, which must be OK).
+fn post_maps(drv: &mut Driver, pages: std::ops::Range<u64>) {
+    let specs: Vec<_> = pages
+        .map(|i| drv.chain_spec(&map(1, iova(i), gpa(i))))
+        .collect();
+    let mut posted = 0;
+    while posted < specs.len() {
+        posted += drv.post_batch(&specs[posted..], posted).unwrap();
+        if posted < specs.len() {
+            drv.collect(1, |i, o| {
+                assert_eq!(o.status(), Some(Status::Ok), "request {i}");
+            })
+            .unwrap();
+        }
+    }
+}
+
 /// Every completed status of the requests still in flight.
 fn collect_all(drv: &mut Driver) -> Vec<(usize, Option<Status>)> {
     let mut out = Vec::new();
@@ -83,19 +101,7 @@ fn a_daemon_killed_mid_batch_and_restarted_keeps_every_mapping_and_completes_the
         }
     }
     // A batch the daemon is working on when it dies.
-    let specs: Vec<_> = (SETTLED..SETTLED + IN_FLIGHT)
-        .map(|i| drv.chain_spec(&map(1, iova(i), gpa(i))))
-        .collect();
-    let mut posted = 0;
-    while posted < specs.len() {
-        posted += drv.post_batch(&specs[posted..], posted).unwrap();
-        if posted < specs.len() {
-            drv.collect(1, |i, o| {
-                assert_eq!(o.status(), Some(Status::Ok), "request {i}");
-            })
-            .unwrap();
-        }
-    }
+    post_maps(&mut drv, SETTLED..SETTLED + IN_FLIGHT);
     let killed_at = Instant::now();
     kill9(&mut d);
     let outstanding = drv.in_flight();
@@ -604,19 +610,7 @@ fn a_backend_translates_through_a_restart_and_the_next_unmap_waits_for_its_pin()
 
     // Requests flow when the daemon dies: MAPs posted, not waited for.
     const POSTED: u64 = 64;
-    let specs: Vec<_> = (LOOP_PAGES..LOOP_PAGES + POSTED)
-        .map(|i| drv.chain_spec(&map(1, iova(i), gpa(i))))
-        .collect();
-    let mut posted = 0;
-    while posted < specs.len() {
-        posted += drv.post_batch(&specs[posted..], posted).unwrap();
-        if posted < specs.len() {
-            drv.collect(1, |i, o| {
-                assert_eq!(o.status(), Some(Status::Ok), "request {i}")
-            })
-            .unwrap();
-        }
-    }
+    post_maps(&mut drv, LOOP_PAGES..LOOP_PAGES + POSTED);
     kill9(&mut d);
     // No daemon runs: the backend goes on translating through the frozen
     // table, which is the guest's view (no UNMAP can complete meanwhile).
@@ -842,27 +836,7 @@ impl FakeSystemd {
             });
         }
         drop(store);
-        let mut child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(vmm.exists() && backends.exists()) {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "daemon exited: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create its sockets"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Daemon {
-            child,
-            dir: dir.to_path_buf(),
-            vmm,
-            backends,
-            log,
-        }
+        Daemon::ready(cmd.spawn().unwrap(), dir)
     }
 }
 

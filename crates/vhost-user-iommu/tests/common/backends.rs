@@ -91,7 +91,17 @@ impl Daemon {
         if let Some(uid) = uid {
             cmd.uid(uid).gid(uid);
         }
-        let mut child = cmd.spawn().unwrap();
+        Daemon::ready(cmd.spawn().unwrap(), dir)
+    }
+
+    /// The daemon `child` started in `dir` (its sockets and log named as
+    /// [`Self::start_in`] names them), once both sockets exist.
+    pub fn ready(mut child: Child, dir: &Path) -> Daemon {
+        let (vmm, backends, log) = (
+            dir.join("vmm.sock"),
+            dir.join("backends.sock"),
+            dir.join("daemon.log"),
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(vmm.exists() && backends.exists()) {
             assert!(
