@@ -3,4 +3,5 @@
 
 pub mod cases;
 pub mod fuse;
+pub mod processes;
 pub mod scratch;

@@ -793,13 +793,12 @@ impl Batch<'_> {
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let mut done = 0usize;
         self.for_each_piece(addr, buf.len() as u64, Access::READ, |host, l| {
-            for i in 0..l as usize {
-                // SAFETY: `host` points at `l` bytes of guest RAM mapped for
-                // this batch; guest memory is read with volatile loads
-                // because the guest may write it concurrently.
-                buf[done + i] = unsafe { std::ptr::read_volatile(host.add(i)) };
-            }
-            done += l as usize;
+            let l = l as usize;
+            // SAFETY: `host` points at `l` bytes of guest RAM mapped for
+            // this batch (the pieces add up to `buf.len()`); the copy uses
+            // volatile loads because the guest may write them concurrently.
+            unsafe { guest::copy_from_guest(host, &mut buf[done..done + l]) };
+            done += l;
         })
     }
 
@@ -807,13 +806,12 @@ impl Batch<'_> {
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
         let mut done = 0usize;
         self.for_each_piece(addr, data.len() as u64, Access::WRITE, |host, l| {
-            for i in 0..l as usize {
-                // SAFETY: `host` points at `l` writable bytes of guest RAM
-                // mapped for this batch; volatile because the guest shares
-                // them.
-                unsafe { std::ptr::write_volatile(host.add(i), data[done + i]) };
-            }
-            done += l as usize;
+            let l = l as usize;
+            // SAFETY: `host` points at `l` writable bytes of guest RAM
+            // mapped for this batch (the pieces add up to `data.len()`);
+            // volatile stores because the guest shares them.
+            unsafe { guest::copy_to_guest(&data[done..done + l], host) };
+            done += l;
         })
     }
 

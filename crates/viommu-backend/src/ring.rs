@@ -323,7 +323,20 @@ impl<M: RingMemory> RingView<'_, M> {
     /// request that cannot start yet for want of a resource held by I/O in
     /// flight. Only the last [`Self::pop`] can be undone, once.
     pub fn unpop(&mut self) {
-        self.q.next_avail = self.q.next_avail.wrapping_sub(1);
+        self.rewind(1);
+    }
+
+    /// Puts the last `count` chains taken back, in order (they will be
+    /// taken again): for a device that takes several chains for one piece
+    /// of work (a frame over merged receive buffers) and finds too few.
+    /// No used entry may have been written for them.
+    pub fn rewind(&mut self, count: u16) {
+        self.q.next_avail = self.q.next_avail.wrapping_sub(count);
+    }
+
+    /// Entries the driver has published and the device not taken yet.
+    pub fn available(&self) -> u16 {
+        self.avail_idx().wrapping_sub(self.q.next_avail)
     }
 
     fn walk(&self, head: u16, chain: &mut Chain) -> Result<(), RingError> {
