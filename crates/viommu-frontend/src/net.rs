@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::blk::{ACCESS_PLATFORM, Guest};
-use crate::blk_queue::{BlkQueue, Buf, QueueError};
+use crate::blk_queue::{BlkQueue, Buf, Completion, QueueError};
 use crate::connection::{Connection, ConnectionError, VringAddrs};
 use crate::guest_dma::{DmaError, GuestDma};
 use crate::memory::Mem;
@@ -418,6 +418,11 @@ impl NetDevice {
             self.notifiers[i].kick.write(1).map_err(NetError::EventFd)?;
         }
         Ok(())
+    }
+
+    /// Takes queue `i`'s next used entry.
+    pub fn pop(&mut self, i: usize) -> Result<Option<Completion>, NetError> {
+        Ok(self.queues[i].pop(&self.mem)?)
     }
 
     /// Whether any queue has used entries not taken yet.

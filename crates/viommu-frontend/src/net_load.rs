@@ -337,7 +337,8 @@ pub struct TrafficOptions {
     /// MRG_RXBUF (what Linux posts for a 1500 MTU), 2048 without. Fixed by
     /// a VM's first run.
     pub rx_buffer_len: Option<u32>,
-    /// Receive buffers kept posted; `None`: the queue size.
+    /// Receive buffers kept posted; `None`: the queue size. Fixed by a
+    /// VM's first run.
     pub rx_buffers: Option<usize>,
     /// Frames posted per publish (and kick) on each VM.
     pub tx_burst: usize,
@@ -410,9 +411,10 @@ impl NetReport {
         self.tx_sent as f64 / self.send_elapsed.as_secs_f64().max(1e-9)
     }
 
-    /// Frames received per second of the run.
+    /// Frames received per second of sending (those that arrive during
+    /// the drain count too: the rate a receiver keeps up with).
     pub fn rx_pps(&self) -> f64 {
-        self.rx_frames as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.rx_frames as f64 / self.send_elapsed.as_secs_f64().max(1e-9)
     }
 }
 
