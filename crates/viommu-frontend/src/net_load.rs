@@ -5,6 +5,25 @@
 //! ([`crate::net_frame`]) at a given rate in bursts (each mapped before the
 //! device sees it, unmapped when it is done), and checks every frame it
 //! receives.
+//!
+//! ```no_run
+//! use viommu_frontend::net_load::{Flow, NetVm, NetVmOptions, TrafficOptions, run};
+//!
+//! // Two guests on two ports of one switch, no IOMMU.
+//! let port = |p: &str| NetVmOptions { net_socket: p.into(), ..NetVmOptions::default() };
+//! let mut vms = vec![NetVm::start(&port("/tmp/a.sock"))?, NetVm::start(&port("/tmp/b.sock"))?];
+//! let (a, b) = (vms[0].mac(), vms[1].mac());
+//! let flows = [
+//!     Flow { count: Some(10_000), ..Flow::new(0, b) },
+//!     Flow { count: Some(10_000), frame_len: 1514, ..Flow::new(1, a) },
+//! ];
+//! let reports = run(&mut vms, &flows, &TrafficOptions::default())?;
+//! assert_eq!(reports[0].tx_completed, 10_000);
+//! // At full rate a switch drops frames that find no receive buffer.
+//! assert!(reports[1].rx_by_source.get(&0).is_some_and(|&n| n <= 10_000));
+//! assert_eq!(reports[0].rx_corrupt + reports[1].rx_corrupt, 0);
+//! # Ok::<(), viommu_frontend::net_load::NetLoadError>(())
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -214,7 +233,7 @@ impl NetVm {
     }
 
     /// Sends one frame outside [`run`]: writes a zero header and `frame`
-    /// to guest RAM, maps it (one buffer, or the header and the frame as
+    /// to newly allocated guest RAM (never given back), maps it (one buffer, or the header and the frame as
     /// two with `split_header`) and posts and publishes it with `tag`
     /// (never [`RAW_TAG`]: [`run`] would ignore it). Returns the device
     /// addresses and lengths mapped, for the caller to unmap when the
@@ -557,9 +576,13 @@ pub fn run(
             send_end = Some(now);
         }
         let mut progress = false;
+        // Every guest's receive buffers first: a frame sent to a guest
+        // whose buffers are not posted yet is dropped.
+        for vm in vms.iter_mut() {
+            progress |= refill_rx(vm)?;
+        }
         for (i, vm) in vms.iter_mut().enumerate() {
             let r = &mut reports[i];
-            progress |= refill_rx(vm)?;
             if sending {
                 progress |= send(vm, i, flows, &mut state, elapsed, opts, r)?;
             }

@@ -240,9 +240,12 @@ struct NetArgs {
     /// takes them.
     #[arg(long, value_name = "FPS", default_value_t = 0)]
     rate: u64,
-    /// Seconds of sending.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
-    duration: f64,
+    /// Seconds of sending (default 5 without --count).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Frames each sending port sends.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
     /// Frames posted per kick.
     #[arg(long, value_name = "N", default_value_t = 32)]
     burst: usize,
@@ -629,6 +632,7 @@ fn run_net(cli: &Cli, n: &NetArgs) -> Result<bool, Box<dyn std::error::Error>> {
         flows.push(Flow {
             frame_len: n.frame_size,
             rate: n.rate,
+            count: n.count,
             ..Flow::new(i, to)
         });
     }
@@ -636,7 +640,11 @@ fn run_net(cli: &Cli, n: &NetArgs) -> Result<bool, Box<dyn std::error::Error>> {
         &mut vms,
         &flows,
         &TrafficOptions {
-            duration: Some(Duration::from_secs_f64(n.duration.max(0.0))),
+            duration: match (n.duration, n.count) {
+                (Some(s), _) => Some(Duration::from_secs_f64(s.max(0.0))),
+                (None, None) => Some(Duration::from_secs(5)),
+                (None, Some(_)) => None,
+            },
             spin: Duration::from_micros(n.spin_us),
             rx_buffer_len: n.rx_buffer_len,
             rx_buffers: n.rx_buffers,
