@@ -4,6 +4,9 @@
 //! (device-writable), at device addresses (IOVAs under an IOMMU) chosen by
 //! the caller; the rings live in guest RAM at guest-physical addresses and
 //! are seen by the device at their own device addresses.
+//!
+//! [`BlkQueue`] itself knows nothing of virtio-blk but [`BlkQueue::post`]:
+//! it serves any device's queue (the virtio-net queues of [`crate::net`]).
 
 use std::sync::atomic::{Ordering, fence};
 

@@ -16,6 +16,13 @@
 //! - [`blk_queue`], [`blk`]: a virtio-blk device driven over vhost-user
 //!   the way QEMU plus Linux drive it, rings and buffers at IOVAs.
 //! - [`blk_load`]: a block workload with IOPS, latency and data checks.
+//! - [`net`]: a virtio-net device (one queue pair, control queue) driven
+//!   over vhost-user the way QEMU plus Linux drive it, on [`blk_queue`]'s
+//!   rings.
+//! - [`net_frame`]: test frames, the `virtio_net_hdr`, and the reassembly
+//!   of packets spanning several receive buffers.
+//! - [`net_load`]: traffic between several guests from one thread, every
+//!   buffer through the DMA policy, every received frame checked.
 //!
 //! ```no_run
 //! use viommu_frontend::driver::{Driver, DriverOptions};
@@ -36,6 +43,9 @@ pub mod device_cpu;
 pub mod driver;
 pub mod guest_dma;
 pub mod memory;
+pub mod net;
+pub mod net_frame;
+pub mod net_load;
 pub mod replay;
 pub mod split_ring;
 pub mod trace;

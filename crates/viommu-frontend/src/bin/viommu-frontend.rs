@@ -160,6 +160,13 @@ enum Command {
     /// DMA mapped through the daemon at --socket by the chosen policy, and
     /// print IOPS, latency percentiles and the IOMMU requests it took.
     Blk(BlkArgs),
+    /// Drive vhost-user-net switch ports as QEMU plus Linux guests would,
+    /// one guest per --port, all from one thread: each keeps receive
+    /// buffers posted and sends test frames, every buffer mapped through
+    /// its port's IOMMU daemon by the chosen policy; print frames/s, the
+    /// received frames' checks and the IOMMU requests per port. Exit status
+    /// 1 if any received frame was corrupt.
+    Net(NetArgs),
 }
 
 /// The `blk` workload.
@@ -209,6 +216,140 @@ struct BlkArgs {
     /// (KVM: up to 200 µs by default). 0 sleeps at once.
     #[arg(long, default_value_t = 0)]
     spin_us: u64,
+}
+
+/// The `net` traffic.
+#[derive(Args, Debug)]
+struct NetArgs {
+    /// One guest per --port (repeat it), comma-separated keys:
+    /// socket=PATH (the switch's vhost-user socket, required),
+    /// iommu=PATH (a vhost-user-iommu daemon's socket for this guest),
+    /// policy=off|passthrough|strict|lazy|static (default: off without
+    /// iommu=, lazy with it), endpoint=N (default 8), domain=N (default 1),
+    /// mac=MAC (default: the device's config MAC, else a made-up local
+    /// one), to=MAC|broadcast|none (where its frames go; default: the next
+    /// port's MAC, the last port's to the first; a single port broadcasts;
+    /// none only receives).
+    #[arg(long = "port", value_name = "SPEC", required = true, value_parser = parse_port)]
+    ports: Vec<PortSpec>,
+    /// Ethernet frame length in bytes, without the 12-byte virtio-net
+    /// header (60 to 65535).
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    frame_size: usize,
+    /// Frames per second per sending port; 0 sends as fast as the ring
+    /// takes them.
+    #[arg(long, value_name = "FPS", default_value_t = 0)]
+    rate: u64,
+    /// Seconds of sending (default 5 without --count).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Frames each sending port sends.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Frames posted per kick.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    burst: usize,
+    /// Bytes per receive buffer, header included (default 1536 with
+    /// VIRTIO_NET_F_MRG_RXBUF, 2048 without).
+    #[arg(long, value_name = "BYTES")]
+    rx_buffer_len: Option<u32>,
+    /// Receive buffers kept posted (default: the queue size).
+    #[arg(long, value_name = "N")]
+    rx_buffers: Option<usize>,
+    /// Poll the used rings this many µs before sleeping on the call
+    /// eventfds (a hypervisor's halt polling). 0 sleeps at once.
+    #[arg(long, default_value_t = 0)]
+    spin_us: u64,
+    /// Post the virtio-net header and the frame as two descriptors (the
+    /// default is one buffer, as Linux posts with any_header_sg).
+    #[arg(long)]
+    split_header: bool,
+    /// Do not negotiate VIRTIO_NET_F_MRG_RXBUF.
+    #[arg(long)]
+    no_mrg_rxbuf: bool,
+    /// Do not negotiate the control queue (and so send no boot commands).
+    #[arg(long)]
+    no_ctrl: bool,
+    /// Print one JSON object per port instead of key=value lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where a `net` port's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Dest {
+    /// The next port's MAC.
+    Next,
+    /// Nowhere: receive only.
+    Nothing,
+    /// This MAC (broadcast too).
+    Mac([u8; 6]),
+}
+
+/// One `--port`.
+#[derive(Clone, Debug)]
+struct PortSpec {
+    socket: PathBuf,
+    iommu: Option<PathBuf>,
+    policy: Option<viommu_frontend::guest_dma::Policy>,
+    endpoint: u32,
+    domain: u32,
+    mac: Option<[u8; 6]>,
+    to: Dest,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?}: expected six hex bytes joined by ':'"));
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m =
+            u8::from_str_radix(p, 16).map_err(|_| format!("MAC {s:?}: {p:?} is not a hex byte"))?;
+    }
+    Ok(mac)
+}
+
+fn parse_port(s: &str) -> Result<PortSpec, String> {
+    let mut p = PortSpec {
+        socket: PathBuf::new(),
+        iommu: None,
+        policy: None,
+        endpoint: 8,
+        domain: 1,
+        mac: None,
+        to: Dest::Next,
+    };
+    for kv in s.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("{kv:?}: expected KEY=VALUE"))?;
+        match k {
+            "socket" => p.socket = PathBuf::from(v),
+            "iommu" => p.iommu = Some(PathBuf::from(v)),
+            "policy" => p.policy = Some(v.parse()?),
+            "endpoint" => p.endpoint = parse_u32(v).map_err(|e| e.to_string())?,
+            "domain" => p.domain = parse_u32(v).map_err(|e| e.to_string())?,
+            "mac" => p.mac = Some(parse_mac(v)?),
+            "to" => {
+                p.to = match v {
+                    "broadcast" => Dest::Mac([0xff; 6]),
+                    "none" => Dest::Nothing,
+                    _ => Dest::Mac(parse_mac(v)?),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown key {k:?} (socket, iommu, policy, endpoint, domain, mac, to)"
+                ));
+            }
+        }
+    }
+    if p.socket.as_os_str().is_empty() {
+        return Err("socket=PATH is required".into());
+    }
+    Ok(p)
 }
 
 /// Domain and IOVA range of MAP and UNMAP.
@@ -274,6 +415,9 @@ fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
     };
     if let Command::Blk(b) = &cli.command {
         return run_blk(&cli, b);
+    }
+    if let Command::Net(n) = &cli.command {
+        return run_net(&cli, n);
     }
     if let Command::Replay {
         trace: path,
@@ -360,7 +504,7 @@ fn run(cli: Cli) -> Result<bool, Box<dyn std::error::Error>> {
                 endpoint: *endpoint,
             }),
         )),
-        Command::Replay { .. } | Command::Blk(_) => {}
+        Command::Replay { .. } | Command::Blk(_) | Command::Net(_) => {}
     }
     let mut all_ok = true;
     for (name, req) in reqs {
@@ -439,6 +583,110 @@ fn run_blk(cli: &Cli, b: &BlkArgs) -> Result<bool, Box<dyn std::error::Error>> {
         r.dma.batches,
     );
     Ok(r.errors == 0 && r.mismatches == 0)
+}
+
+fn mac_string(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+fn run_net(cli: &Cli, n: &NetArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    use viommu_frontend::guest_dma::Policy;
+    use viommu_frontend::net::NetOptions;
+    use viommu_frontend::net_load::{Flow, NetVm, NetVmOptions, TrafficOptions};
+    let mut vms = Vec::with_capacity(n.ports.len());
+    let mut policies = Vec::with_capacity(n.ports.len());
+    for p in &n.ports {
+        let policy = p.policy.unwrap_or(if p.iommu.is_some() {
+            Policy::Lazy
+        } else {
+            Policy::Off
+        });
+        policies.push(policy);
+        vms.push(NetVm::start(&NetVmOptions {
+            net_socket: p.socket.clone(),
+            iommu_socket: p.iommu.clone(),
+            policy,
+            endpoint: p.endpoint,
+            domain: p.domain,
+            ram_size: cli.ram_size,
+            mac: p.mac,
+            net: NetOptions {
+                queue_size: cli.queue_size,
+                event_idx: !cli.no_event_idx,
+                mrg_rxbuf: !n.no_mrg_rxbuf,
+                ctrl: !n.no_ctrl,
+                ..NetOptions::default()
+            },
+            boot_commands: true,
+        })?);
+    }
+    let count = vms.len();
+    let mut flows = Vec::new();
+    for (i, p) in n.ports.iter().enumerate() {
+        let to = match p.to {
+            Dest::Nothing => continue,
+            Dest::Mac(m) => m,
+            Dest::Next if count == 1 => [0xff; 6],
+            Dest::Next => vms[(i + 1) % count].mac(),
+        };
+        flows.push(Flow {
+            frame_len: n.frame_size,
+            rate: n.rate,
+            count: n.count,
+            ..Flow::new(i, to)
+        });
+    }
+    let reports = viommu_frontend::net_load::run(
+        &mut vms,
+        &flows,
+        &TrafficOptions {
+            duration: match (n.duration, n.count) {
+                (Some(s), _) => Some(Duration::from_secs_f64(s.max(0.0))),
+                (None, None) => Some(Duration::from_secs(5)),
+                (None, Some(_)) => None,
+            },
+            spin: Duration::from_micros(n.spin_us),
+            rx_buffer_len: n.rx_buffer_len,
+            rx_buffers: n.rx_buffers,
+            tx_burst: n.burst.max(1),
+            split_header: n.split_header,
+            ..TrafficOptions::default()
+        },
+    )?;
+    let mut ok = true;
+    for (i, r) in reports.iter().enumerate() {
+        ok &= r.rx_corrupt == 0;
+        let fields = [
+            ("port", i.to_string()),
+            ("policy", format!("{:?}", policies[i].to_string())),
+            ("mac", format!("{:?}", mac_string(r.mac))),
+            ("tx_fps", format!("{:.0}", r.tx_pps())),
+            ("rx_fps", format!("{:.0}", r.rx_pps())),
+            ("tx_sent", r.tx_sent.to_string()),
+            ("tx_completed", r.tx_completed.to_string()),
+            ("rx_frames", r.rx_frames.to_string()),
+            ("rx_corrupt", r.rx_corrupt.to_string()),
+            ("rx_foreign", r.rx_foreign.to_string()),
+            ("rx_bad_header", r.rx_bad_header.to_string()),
+            ("rx_out_of_order", r.rx_out_of_order.to_string()),
+            ("rx_bad_num_buffers", r.rx_bad_num_buffers.to_string()),
+            ("maps", r.dma.maps.to_string()),
+            ("unmaps", r.dma.unmaps.to_string()),
+            ("iommu_batches", r.dma.batches.to_string()),
+            ("seconds", format!("{:.3}", r.elapsed.as_secs_f64())),
+        ];
+        if n.json {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            println!("{{{}}}", body.join(","));
+        } else {
+            let body: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.trim_matches('"')))
+                .collect();
+            println!("{}", body.join(" "));
+        }
+    }
+    Ok(ok)
 }
 
 fn main() -> ExitCode {
