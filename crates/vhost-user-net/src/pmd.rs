@@ -280,7 +280,9 @@ fn forward(switch: &Switch, src: PortId, burst: &mut Burst) {
                     burst.learn.push(from);
                 }
             }
-                for &mac in &burst.learn {
+            // Learning takes the write lock: the burst's read view goes first.
+            drop(view);
+            for &mac in &burst.learn {
                 if switch.fib.learn(mac, src) {
                     debug!(port = src, %mac, "address learned");
                 }

@@ -57,8 +57,26 @@ fn switch(dir: &Path, ports: &[String], extra: &[&str]) -> (Proc, Vec<PathBuf>) 
     (proc, sockets)
 }
 
-fn vm(socket: &Path, iommu: Option<&Iommu>, policy: Policy, mac: Option<[u8; 6]>) -> NetVm {
-    NetVm::start(&NetVmOptions {
+fn queues_started(sw: &Proc, socket: &Path) -> usize {
+    let needle = format!("port={}", socket.display());
+    sw.log_text()
+        .lines()
+        .filter(|l| l.contains("queue started") && l.contains(&needle))
+        .count()
+}
+
+/// A guest on the switch's port at `socket`, once the switch serves its
+/// three queues (frames sent before would find no receive queue, as a real
+/// guest's first frames may).
+fn vm(
+    sw: &Proc,
+    socket: &Path,
+    iommu: Option<&Iommu>,
+    policy: Policy,
+    mac: Option<[u8; 6]>,
+) -> NetVm {
+    let before = queues_started(sw, socket);
+    let vm = NetVm::start(&NetVmOptions {
         net_socket: socket.to_path_buf(),
         iommu_socket: iommu.map(|i| i.vmm.clone()),
         policy,
@@ -69,7 +87,17 @@ fn vm(socket: &Path, iommu: Option<&Iommu>, policy: Policy, mac: Option<[u8; 6]>
         net: NetOptions::default(),
         boot_commands: true,
     })
-    .unwrap()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queues_started(sw, socket) < before + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "queues not started:\n{}",
+            sw.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm
 }
 
 fn flow(from: usize, source: u32, to: [u8; 6], len: usize, count: u64) -> Flow {
@@ -93,7 +121,12 @@ fn traffic(vms: &mut [NetVm], flows: &[Flow]) -> Vec<NetReport> {
 
 fn intact(r: &NetReport) {
     assert_eq!(
-        (r.rx_corrupt, r.rx_bad_header, r.rx_bad_num_buffers, r.rx_bad_used_len),
+        (
+            r.rx_corrupt,
+            r.rx_bad_header,
+            r.rx_bad_num_buffers,
+            r.rx_bad_used_len
+        ),
         (0, 0, 0, 0),
         "{r:?}"
     );
@@ -128,7 +161,10 @@ fn wait_for_counters(switch: &Proc, port: &Path, want: &[&str]) -> String {
                 return line.to_string();
             }
         }
-        assert!(Instant::now() < deadline, "counters {want:?} never logged:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "counters {want:?} never logged:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -159,11 +195,12 @@ fn two_guests_exchange_intact_frames_in_every_translation_mode() {
             .collect();
         let (sw, sockets) = switch(&dir, &ports, &[]);
         let mut vms: Vec<NetVm> = (0..2)
-            .map(|i| vm(&sockets[i], iommus.get(i), policy, None))
+            .map(|i| vm(&sw, &sockets[i], iommus.get(i), policy, None))
             .collect();
         assert_eq!(vms[0].boot_acks(), vms[1].boot_acks());
         assert!(
-            !vms[0].boot_acks().is_empty() && vms[0].boot_acks().iter().all(|&a| a == VIRTIO_NET_OK),
+            !vms[0].boot_acks().is_empty()
+                && vms[0].boot_acks().iter().all(|&a| a == VIRTIO_NET_OK),
             "{:?}",
             vms[0].boot_acks()
         );
@@ -184,34 +221,58 @@ fn two_guests_exchange_intact_frames_in_every_translation_mode() {
         assert_eq!(from(&reports[1], 10), 150, "{what}: {:?}", reports[1]);
         assert_eq!(from(&reports[1], 11), 50, "{what}: broadcast reaches B");
         assert_eq!(from(&reports[0], 20), 150, "{what}: {:?}", reports[0]);
-        assert_eq!(from(&reports[0], 11), 0, "{what}: broadcast not back to its source");
+        assert_eq!(
+            from(&reports[0], 11),
+            0,
+            "{what}: broadcast not back to its source"
+        );
         assert_eq!(reports[0].tx_completed, 200, "{what}");
         if policy != Policy::Off {
-            assert!(reports[0].dma.maps >= 200, "{what}: every buffer mapped: {:?}", reports[0].dma);
+            assert!(
+                reports[0].dma.maps >= 200,
+                "{what}: every buffer mapped: {:?}",
+                reports[0].dma
+            );
         }
         drop(vms);
         let line = wait_for_counters(&sw, &sockets[1], &["rx_frames=200"]);
-        assert!(line.contains("tx_frames=150") && line.contains("rx_no_buffers=0"), "{what}: {line}");
+        assert!(
+            line.contains("tx_frames=150") && line.contains("rx_no_buffers=0"),
+            "{what}: {line}"
+        );
     }
 }
 
 #[test]
 fn the_switch_learns_addresses_and_floods_broadcast_and_unknown_unicast() {
     let dir = scratch("learn");
-    let (_sw, sockets) = switch(&dir, &["".into(), "".into(), "".into()], &[]);
+    let (sw, sockets) = switch(&dir, &["".into(), "".into(), "".into()], &[]);
     // Addresses other than the ports' configured ones: learned, not fixed.
-    let macs = [[2, 0xaa, 0, 0, 0, 1], [2, 0xaa, 0, 0, 0, 2], [2, 0xaa, 0, 0, 0, 3]];
+    let macs = [
+        [2, 0xaa, 0, 0, 0, 1],
+        [2, 0xaa, 0, 0, 0, 2],
+        [2, 0xaa, 0, 0, 0, 3],
+    ];
     let mut vms: Vec<NetVm> = (0..3)
-        .map(|i| vm(&sockets[i], None, Policy::Off, Some(macs[i])))
+        .map(|i| vm(&sw, &sockets[i], None, Policy::Off, Some(macs[i])))
         .collect();
     // A to B, unknown yet: flooded to B and C.
     let r = traffic(&mut vms, &[flow(0, 1, macs[1], 64, 1)]);
-    assert_eq!(from(&r[1], 1), 1);
-    assert_eq!((r[2].rx_foreign, r[2].rx_frames), (1, 1), "C got the flood: {:?}", r[2]);
+    assert_eq!(from(&r[1], 1), 1, "{r:?}\n{}", sw.log_text());
+    assert_eq!(
+        (r[2].rx_foreign, r[2].rx_frames),
+        (1, 1),
+        "C got the flood: {:?}",
+        r[2]
+    );
     // B to A: A was learned from its frame, so only A gets it.
     let r = traffic(&mut vms, &[flow(1, 2, macs[0], 64, 1)]);
     assert_eq!(from(&r[0], 2), 1);
-    assert_eq!(r[2].rx_frames, 0, "C sees nothing once A is learned: {:?}", r[2]);
+    assert_eq!(
+        r[2].rx_frames, 0,
+        "C sees nothing once A is learned: {:?}",
+        r[2]
+    );
     // A to B again: B was learned too.
     let r = traffic(&mut vms, &[flow(0, 3, macs[1], 64, 100)]);
     assert_eq!(from(&r[1], 3), 100);
@@ -219,7 +280,10 @@ fn the_switch_learns_addresses_and_floods_broadcast_and_unknown_unicast() {
     assert_eq!(r[0].rx_frames, 0, "nothing goes back to its source");
     // C broadcasts: A and B get every frame.
     let r = traffic(&mut vms, &[flow(2, 4, BROADCAST, 300, 40)]);
-    assert_eq!((from(&r[0], 4), from(&r[1], 4), r[2].rx_frames), (40, 40, 0));
+    assert_eq!(
+        (from(&r[0], 4), from(&r[1], 4), r[2].rx_frames),
+        (40, 40, 0)
+    );
     for x in &r {
         intact(x);
     }
@@ -239,9 +303,14 @@ fn a_transmit_buffer_at_an_unmapped_iova_faults_into_that_guests_event_queue() {
         .collect();
     let (sw, sockets) = switch(&dir, &ports, &[]);
     let mut vms: Vec<NetVm> = (0..2)
-        .map(|i| vm(&sockets[i], Some(&iommus[i]), Policy::Strict, None))
+        .map(|i| vm(&sw, &sockets[i], Some(&iommus[i]), Policy::Strict, None))
         .collect();
-    vms[0].guest.iommu().unwrap().post_event_buffers(4, 24).unwrap();
+    vms[0]
+        .guest
+        .iommu()
+        .unwrap()
+        .post_event_buffers(4, 24)
+        .unwrap();
     let bad = RAM + 0x10_0000;
     vms[0]
         .post_raw_tx(&[RawDesc {
@@ -261,7 +330,10 @@ fn a_transmit_buffer_at_an_unmapped_iova_faults_into_that_guests_event_queue() {
         .iter()
         .find_map(|e| e.record)
         .unwrap_or_else(|| panic!("no fault record: {events:?}"));
-    assert_eq!((rec.endpoint, rec.address, rec.reason), (EP, Some(bad), FaultReason::Mapping));
+    assert_eq!(
+        (rec.endpoint, rec.address, rec.reason),
+        (EP, Some(bad), FaultReason::Mapping)
+    );
     let (a, b) = (vms[0].mac(), vms[1].mac());
     let r = traffic(&mut vms, &[flow(0, 1, b, 64, 100), flow(1, 2, a, 64, 100)]);
     assert_eq!((from(&r[1], 1), from(&r[0], 2)), (100, 100), "{r:?}");
@@ -287,15 +359,22 @@ fn an_unmapped_receive_buffer_is_never_written() {
         .map(|i| format!("iommu={},endpoint={EP}", i.mode()))
         .collect();
     let (sw, sockets) = switch(&dir, &ports, &[]);
-    let mut a = vm(&sockets[0], Some(&iommus[0]), Policy::Strict, None);
-    let mut b = vm(&sockets[1], Some(&iommus[1]), Policy::Strict, None);
+    let mut a = vm(&sw, &sockets[0], Some(&iommus[0]), Policy::Strict, None);
+    let mut b = vm(&sw, &sockets[1], Some(&iommus[1]), Policy::Strict, None);
     b.guest.iommu().unwrap().post_event_buffers(4, 24).unwrap();
     let gpa = b.guest.ram().alloc(4096, 4096).unwrap().0;
     let mem = b.dev.mem().clone();
     mem.write_slice(&[0xaa; 4096], GuestAddress(gpa)).unwrap();
     let iova = b.dma.map(b.guest.iommu(), gpa, 2048, true).unwrap();
     b.dev
-        .post_rx(Buf { dev: iova, gpa, len: 2048 }, 7)
+        .post_rx(
+            Buf {
+                dev: iova,
+                gpa,
+                len: 2048,
+            },
+            7,
+        )
         .unwrap();
     b.dev.publish(RX_QUEUE).unwrap();
     // Strict: the UNMAP is sent and waited for; it completes at once (no
@@ -308,19 +387,33 @@ fn an_unmapped_receive_buffer_is_never_written() {
         if let Some(c) = b.dev.rx_queue().pop(&mem).unwrap() {
             break c;
         }
-        assert!(Instant::now() < deadline, "the receive buffer never came back");
+        assert!(
+            Instant::now() < deadline,
+            "the receive buffer never came back"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!((done.tag, done.used_len), (7, 0));
     let mut back = [0u8; 4096];
     mem.read_slice(&mut back, GuestAddress(gpa)).unwrap();
-    assert!(back.iter().all(|&x| x == 0xaa), "the unmapped buffer was written");
-    let events = b.guest.iommu().unwrap().take_events(Duration::from_secs(5)).unwrap();
+    assert!(
+        back.iter().all(|&x| x == 0xaa),
+        "the unmapped buffer was written"
+    );
+    let events = b
+        .guest
+        .iommu()
+        .unwrap()
+        .take_events(Duration::from_secs(5))
+        .unwrap();
     let rec = events
         .iter()
         .find_map(|e| e.record)
         .unwrap_or_else(|| panic!("no fault record: {events:?}"));
-    assert_eq!((rec.endpoint, rec.address, rec.reason), (EP, Some(iova), FaultReason::Mapping));
+    assert_eq!(
+        (rec.endpoint, rec.address, rec.reason),
+        (EP, Some(iova), FaultReason::Mapping)
+    );
     drop((a, b));
     wait_for_counters(&sw, &sockets[1], &["rx_faults=1", "rx_frames=0"]);
 }
@@ -332,15 +425,21 @@ fn an_unmapped_receive_buffer_is_never_written() {
 fn hostile_transmit_chains_are_dropped_and_counted() {
     let dir = scratch("hostile-tx");
     let (sw, sockets) = switch(&dir, &["".into(), "".into()], &[]);
-    let mut a = vm(&sockets[0], None, Policy::Off, None);
-    let b = vm(&sockets[1], None, Policy::Off, None);
-    let mut vms = vec![b];
-    let frame = build_frame(vms[0].mac(), a.mac(), 9, 0, 64);
+    let a = vm(&sw, &sockets[0], None, Policy::Off, None);
+    let b = vm(&sw, &sockets[1], None, Policy::Off, None);
+    let mut vms = vec![a, b];
+    let bmac = vms[1].mac();
+    // A first run posts B's receive buffers.
+    let r = traffic(&mut vms, &[flow(0, 1, bmac, 64, 1)]);
+    assert_eq!(from(&r[1], 1), 1);
+    let a = &mut vms[0];
+    let frame = build_frame(bmac, a.mac(), 9, 0, 64);
     let mem = a.dev.mem().clone();
     let page = a.guest.ram().alloc(8192, 4096).unwrap().0;
     let put = |at: u64, hdr: [u8; NET_HDR_LEN]| {
         mem.write_slice(&hdr, GuestAddress(at)).unwrap();
-        mem.write_slice(&frame, GuestAddress(at + NET_HDR_LEN as u64)).unwrap();
+        mem.write_slice(&frame, GuestAddress(at + NET_HDR_LEN as u64))
+            .unwrap();
     };
     put(page, [0; NET_HDR_LEN]);
     let mut csum = [0u8; NET_HDR_LEN];
@@ -357,18 +456,26 @@ fn hostile_transmit_chains_are_dropped_and_counted() {
     };
     let whole = NET_HDR_LEN + frame.len();
     let chains: Vec<Vec<RawDesc>> = vec![
-        vec![d(page, 0, 0, None)],                                       // runt: empty
-        vec![d(page, NET_HDR_LEN, 0, None)],                              // runt: header only
-        vec![d(page, NET_HDR_LEN + 8, 0, None)],                          // runt
-        vec![d(page, NET_HDR_LEN + 1519, 0, None)],                       // oversize
-        vec![d(page + 1024, whole, 0, None)],                             // bad header
-        vec![d(page + 2048, whole, 0, None)],                             // bad header
-        vec![d(page, NET_HDR_LEN, 0, Some(1)), d(page + 12, frame.len(), VRING_DESC_F_WRITE, None)], // writable
-        vec![d(page, NET_HDR_LEN, 0, Some(0))],                           // loop
-        vec![d(page, 15, VRING_DESC_F_INDIRECT, None)],                   // bad indirect
-        vec![d(RAM + (1 << 30), whole, 0, None)],                         // outside RAM
+        vec![d(page, 0, 0, None)],                  // runt: empty
+        vec![d(page, NET_HDR_LEN, 0, None)],        // runt: header only
+        vec![d(page, NET_HDR_LEN + 8, 0, None)],    // runt
+        vec![d(page, NET_HDR_LEN + 1519, 0, None)], // oversize
+        vec![d(page + 1024, whole, 0, None)],       // bad header
+        vec![d(page + 2048, whole, 0, None)],       // bad header
+        vec![
+            d(page, NET_HDR_LEN, 0, Some(1)),
+            d(page + 12, frame.len(), VRING_DESC_F_WRITE, None),
+        ], // writable
+        vec![d(page, NET_HDR_LEN, 0, Some(0))],     // loop
+        vec![d(page, 15, VRING_DESC_F_INDIRECT, None)], // bad indirect
+        vec![d(RAM + (1 << 30), whole, 0, None)],   // outside RAM
         // Legal: the header over three descriptors, then the frame.
-        vec![d(page, 5, 0, Some(1)), d(page + 5, 4, 0, Some(2)), d(page + 9, 3, 0, Some(3)), d(page + 12, frame.len(), 0, None)],
+        vec![
+            d(page, 5, 0, Some(1)),
+            d(page + 5, 4, 0, Some(2)),
+            d(page + 9, 3, 0, Some(3)),
+            d(page + 12, frame.len(), 0, None),
+        ],
     ];
     for c in &chains {
         a.post_raw_tx(c).unwrap();
@@ -383,20 +490,38 @@ fn hostile_transmit_chains_are_dropped_and_counted() {
                 back += 1;
             }
             None => {
-                assert!(Instant::now() < deadline, "{back} of {} chains came back", chains.len());
+                assert!(
+                    Instant::now() < deadline,
+                    "{back} of {} chains came back",
+                    chains.len()
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
-    vms.insert(0, a);
-    let bmac = vms[1].mac();
     let r = traffic(&mut vms, &[flow(0, 1, bmac, 64, 10)]);
     intact(&r[1]);
-    assert_eq!(from(&r[1], 9), 1, "the split header frame arrived: {:?}", r[1]);
-    assert_eq!((from(&r[1], 1), r[1].rx_frames), (10, 11), "nothing else arrived: {:?}", r[1]);
+    assert_eq!(
+        from(&r[1], 9),
+        1,
+        "the split header frame arrived: {:?}",
+        r[1]
+    );
+    assert_eq!(
+        (from(&r[1], 1), r[1].rx_frames),
+        (10, 11),
+        "nothing else arrived: {:?}",
+        r[1]
+    );
     drop(vms);
-    let line = wait_for_counters(&sw, &sockets[0], &["tx_frames=11"]);
-    for want in ["tx_malformed=3", "tx_runt=3", "tx_oversize=1", "tx_bad_header=2", "tx_faults=1"] {
+    let line = wait_for_counters(&sw, &sockets[0], &["tx_frames=12"]);
+    for want in [
+        "tx_malformed=3",
+        "tx_runt=3",
+        "tx_oversize=1",
+        "tx_bad_header=2",
+        "tx_faults=1",
+    ] {
         assert!(line.contains(want), "{want}: {line}");
     }
 }
@@ -407,25 +532,48 @@ fn hostile_transmit_chains_are_dropped_and_counted() {
 fn control_queue_commands_are_acknowledged_refused_or_returned_unused() {
     let dir = scratch("ctrl");
     let (sw, sockets) = switch(&dir, &["".into()], &[]);
-    let mut g = vm(&sockets[0], None, Policy::Off, None);
-    assert!(g.boot_acks().iter().all(|&a| a == VIRTIO_NET_OK), "{:?}", g.boot_acks());
+    let mut g = vm(&sw, &sockets[0], None, Policy::Off, None);
+    assert!(
+        g.boot_acks().iter().all(|&a| a == VIRTIO_NET_OK),
+        "{:?}",
+        g.boot_acks()
+    );
     let boot = g.boot_acks().len();
     assert_eq!(g.ctrl(VIRTIO_NET_CTRL_RX, 0, &[1]).unwrap(), VIRTIO_NET_OK);
     assert_eq!(g.ctrl(VIRTIO_NET_CTRL_RX, 0, &[2]).unwrap(), VIRTIO_NET_ERR);
     assert_eq!(g.ctrl(VIRTIO_NET_CTRL_RX, 0, &[]).unwrap(), VIRTIO_NET_ERR);
-    assert_eq!(g.ctrl(VIRTIO_NET_CTRL_RX, 4, &[1]).unwrap(), VIRTIO_NET_ERR, "NOUNI needs CTRL_RX_EXTRA");
-    assert_eq!(g.ctrl(VIRTIO_NET_CTRL_MAC, 0, &[1, 0, 0, 0]).unwrap(), VIRTIO_NET_ERR, "table cut short");
+    assert_eq!(
+        g.ctrl(VIRTIO_NET_CTRL_RX, 4, &[1]).unwrap(),
+        VIRTIO_NET_ERR,
+        "NOUNI needs CTRL_RX_EXTRA"
+    );
+    assert_eq!(
+        g.ctrl(VIRTIO_NET_CTRL_MAC, 0, &[1, 0, 0, 0]).unwrap(),
+        VIRTIO_NET_ERR,
+        "table cut short"
+    );
     assert_eq!(g.ctrl(9, 0, &[0]).unwrap(), VIRTIO_NET_ERR, "unknown class");
     // Raw chains: no ack buffer; the ack buffer first; a loop.
     let mem = g.dev.mem().clone();
     let page = g.guest.ram().alloc(4096, 4096).unwrap().0;
     mem.write_slice(&[0, 0, 1], GuestAddress(page)).unwrap();
-    let raw = |addr: u64, len: u32, flags: u16, next: Option<usize>| RawDesc { addr, len, flags, next };
+    let raw = |addr: u64, len: u32, flags: u16, next: Option<usize>| RawDesc {
+        addr,
+        len,
+        flags,
+        next,
+    };
     let chains = [
         vec![raw(page, 3, 0, None)],
-        vec![raw(page + 64, 1, VRING_DESC_F_WRITE, Some(1)), raw(page, 3, 0, None)],
+        vec![
+            raw(page + 64, 1, VRING_DESC_F_WRITE, Some(1)),
+            raw(page, 3, 0, None),
+        ],
         vec![raw(page, 3, 0, Some(0))],
-        vec![raw(page, 3, 0, Some(1)), raw(page + 64, 0, VRING_DESC_F_WRITE, None)],
+        vec![
+            raw(page, 3, 0, Some(1)),
+            raw(page + 64, 0, VRING_DESC_F_WRITE, None),
+        ],
     ];
     for c in &chains {
         let q = g.dev.ctrl_queue().unwrap();
@@ -446,7 +594,11 @@ fn control_queue_commands_are_acknowledged_refused_or_returned_unused() {
             }
         }
     }
-    assert_eq!(g.ctrl(VIRTIO_NET_CTRL_RX, 1, &[0]).unwrap(), VIRTIO_NET_OK, "the queue goes on");
+    assert_eq!(
+        g.ctrl(VIRTIO_NET_CTRL_RX, 1, &[0]).unwrap(),
+        VIRTIO_NET_OK,
+        "the queue goes on"
+    );
     drop(g);
     let ok = format!("ctrl_ok={}", boot + 2);
     wait_for_counters(&sw, &sockets[0], &[&ok, "ctrl_err=9"]);
@@ -459,17 +611,33 @@ fn control_queue_commands_are_acknowledged_refused_or_returned_unused() {
 fn a_guest_killed_mid_traffic_does_not_disturb_the_other_ports() {
     let dir = scratch("disconnect");
     let (sw, sockets) = switch(&dir, &["".into(), "".into(), "".into()], &[]);
-    let mut vms: Vec<NetVm> = (0..2).map(|i| vm(&sockets[i], None, Policy::Off, None)).collect();
+    let mut vms: Vec<NetVm> = (0..2)
+        .map(|i| vm(&sw, &sockets[i], None, Policy::Off, None))
+        .collect();
     let (a, b) = (vms[0].mac(), vms[1].mac());
-    let a_text = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", a[0], a[1], a[2], a[3], a[4], a[5]);
+    let a_text = format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        a[0], a[1], a[2], a[3], a[4], a[5]
+    );
     let third = format!("socket={},to={a_text}", sockets[2].display());
     let mut c = Proc::spawn(
         &sibling_binary("viommu-frontend", "viommu-frontend"),
-        &["net", "--port", &third, "--rate", "1000", "--duration", "30"],
+        &[
+            "net",
+            "--port",
+            &third,
+            "--rate",
+            "1000",
+            "--duration",
+            "30",
+        ],
         dir.join("guest-c.log"),
         &[],
     );
-    sw.wait_for_log(&format!("VMM connected port={}", sockets[2].display()), Duration::from_secs(10));
+    sw.wait_for_log(
+        &format!("VMM connected port={}", sockets[2].display()),
+        Duration::from_secs(10),
+    );
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         c.kill9();
@@ -486,7 +654,7 @@ fn a_guest_killed_mid_traffic_does_not_disturb_the_other_ports() {
     assert_eq!((from(&r[1], 100), from(&r[0], 101)), (2000, 2000), "{r:?}");
     sw.wait_for_log("VMM disconnected", Duration::from_secs(10));
     // The port takes the next guest.
-    let mut next = vm(&sockets[2], None, Policy::Off, None);
+    let mut next = vm(&sw, &sockets[2], None, Policy::Off, None);
     let cmac = next.mac();
     vms.push(next);
     let r = traffic(&mut vms, &[flow(2, 7, a, 64, 50), flow(0, 8, cmac, 64, 50)]);
@@ -494,4 +662,56 @@ fn a_guest_killed_mid_traffic_does_not_disturb_the_other_ports() {
     let _ = counters(&sw, &sockets[2]);
     next = vms.pop().unwrap();
     drop(next);
+}
+
+/// A frame larger than one receive buffer spans several with MRG_RXBUF
+/// (`num_buffers` says how many); without it, a frame needs one buffer big
+/// enough, and is dropped (counted) rather than cut.
+#[test]
+fn frames_span_merged_receive_buffers_and_without_them_need_one_big_enough() {
+    for mrg in [true, false] {
+        let dir = scratch(&format!("mrg-{mrg}"));
+        let (sw, sockets) = switch(&dir, &["".into(), "".into()], &[]);
+        let start = |s: &Path| {
+            let before = queues_started(&sw, s);
+            let vm = NetVm::start(&NetVmOptions {
+                net_socket: s.to_path_buf(),
+                net: NetOptions {
+                    mrg_rxbuf: mrg,
+                    ..NetOptions::default()
+                },
+                ..NetVmOptions::default()
+            })
+            .unwrap();
+            while queues_started(&sw, s) < before + 3 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            vm
+        };
+        let mut vms = vec![start(&sockets[0]), start(&sockets[1])];
+        let b = vms[1].mac();
+        let opts = TrafficOptions {
+            rx_buffer_len: Some(512),
+            drain: Duration::from_secs(1),
+            ..TrafficOptions::default()
+        };
+        let r = net_load::run(&mut vms, &[flow(0, 1, b, 1500, 20)], &opts).unwrap();
+        intact(&r[1]);
+        if mrg {
+            assert_eq!(from(&r[1], 1), 20, "{:?}", r[1]);
+        } else {
+            assert_eq!(r[1].rx_frames, 0, "{:?}", r[1]);
+        }
+        let r = net_load::run(&mut vms, &[flow(0, 2, b, 400, 20)], &opts).unwrap();
+        assert_eq!(
+            from(&r[1], 2),
+            20,
+            "small frames pass either way: {:?}",
+            r[1]
+        );
+        drop(vms);
+        let want = if mrg { "rx_too_big=0" } else { "rx_too_big=20" };
+        let line = wait_for_counters(&sw, &sockets[1], &["rx_frames="]);
+        assert!(line.contains(want), "{want}: {line}");
+    }
 }
