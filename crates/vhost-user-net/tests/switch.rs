@@ -137,33 +137,29 @@ fn from(r: &NetReport, source: u32) -> u64 {
 }
 
 /// The switch's counters of port `port` at its last disconnect.
-fn counters(switch: &Proc, port: &Path) -> String {
-    let log = switch.log_text();
+fn last_counters(switch: &Proc, port: &Path) -> Option<String> {
     let needle = format!("port={}", port.display());
-    log.lines()
-        .filter(|l| l.contains("VMM connection over") && l.contains(&needle))
-        .last()
-        .unwrap_or_else(|| panic!("no counters for {}:\n{log}", port.display()))
-        .to_string()
+    switch
+        .log_text()
+        .lines()
+        .rev()
+        .find(|l| l.contains("VMM connection over") && l.contains(&needle))
+        .map(str::to_string)
 }
 
+/// Waits until port `port`'s counters at a disconnect contain `want`.
 fn wait_for_counters(switch: &Proc, port: &Path, want: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let log = switch.log_text();
-        let needle = format!("port={}", port.display());
-        if let Some(line) = log
-            .lines()
-            .filter(|l| l.contains("VMM connection over") && l.contains(&needle))
-            .last()
-        {
+        if let Some(line) = last_counters(switch, port) {
             if want.iter().all(|w| line.contains(w)) {
-                return line.to_string();
+                return line;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "counters {want:?} never logged:\n{log}"
+            "counters {want:?} never logged:\n{}",
+            switch.log_text()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -659,7 +655,10 @@ fn a_guest_killed_mid_traffic_does_not_disturb_the_other_ports() {
     vms.push(next);
     let r = traffic(&mut vms, &[flow(2, 7, a, 64, 50), flow(0, 8, cmac, 64, 50)]);
     assert_eq!((from(&r[0], 7), from(&r[2], 8)), (50, 50), "{r:?}");
-    let _ = counters(&sw, &sockets[2]);
+    assert!(
+        last_counters(&sw, &sockets[2]).is_some(),
+        "the killed guest's counters"
+    );
     next = vms.pop().unwrap();
     drop(next);
 }
