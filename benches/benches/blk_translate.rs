@@ -14,15 +14,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
-
 use criterion::{Criterion, criterion_group};
-use iotlb_shm::{Access, EndpointTarget, Perms, TableWriter, WriterConfig};
-use viommu_backend::{Dma, DmaOptions, IommuMode, QueueDma};
+use iotlb_shm::Access;
+use viommu_backend::QueueDma;
 use viommu_benches::ratio::SideBySide;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use viommu_benches::table_rig::TableRig;
 
-const EP: u32 = 8;
 const BATCH: u64 = 32;
 const REQUESTS: u64 = 1024;
 const RAM: u64 = 64 << 20;
@@ -57,50 +54,13 @@ fn run_batch(q: &mut QueueDma, first: u64, base: u64) {
 }
 
 fn bench(_c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("viommu-bench-blk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("backends.sock");
-    let mut w = TableWriter::new(&WriterConfig::default()).unwrap();
-    w.create_domain(1).unwrap();
-    w.set_endpoint(EP, EndpointTarget::Domain(1)).unwrap();
-    let rw = Perms {
-        read: true,
-        write: true,
-        mmio: false,
-    };
-    for i in 0..REQUESTS {
-        for page in 0..3 {
-            let g = gpa(i, page);
-            w.map(1, IOVA_BASE + g, IOVA_BASE + g + 0xfff, g, rw)
-                .unwrap();
-        }
-    }
-    let writer = Arc::new(Mutex::new(w));
-    vhost_user_iommu::backend_socket::BackendSocket::bind(
-        &socket,
-        Vec::new(),
-        writer.clone(),
-        vhost_user_iommu::backend_socket::FaultRoute::default(),
-        vhost_user_iommu::iotlb_msg::Subscribers::new(iotlb_shm::StallPolicy::default()),
-    )
-    .and_then(vhost_user_iommu::backend_socket::BackendSocket::spawn)
-    .unwrap();
-    let ram =
-        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
-    let dma = |mode| {
-        let d = Dma::connect(&DmaOptions {
-            mode,
-            endpoint: EP,
-            slots: 2,
-            pins: 256,
-        })
-        .unwrap();
-        d.set_memory(ram.clone());
-        d
-    };
-    let none = dma(IommuMode::None);
-    let table = dma(IommuMode::Table(socket.clone()));
+    let rig = TableRig::new(
+        "blk",
+        RAM,
+        (0..REQUESTS).flat_map(|i| (0..3).map(move |p| (IOVA_BASE + gpa(i, p), gpa(i, p)))),
+    );
+    let none = rig.dma("none", 256);
+    let table = rig.dma("table", 256);
     let (mut qn, mut qt) = (none.queue().unwrap(), table.queue().unwrap());
     let figures = SideBySide::new(format!(
         "translate one virtio-blk request (header, 4 KiB data held for I/O, status), {BATCH} per batch"
@@ -119,7 +79,6 @@ fn bench(_c: &mut Criterion) {
         per(1),
         per(1) - per(0)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 criterion_group!(benches, bench);

@@ -15,3 +15,4 @@ pub mod model_baselines;
 pub mod ratio;
 pub mod scaling;
 pub mod shm_rig;
+pub mod table_rig;
