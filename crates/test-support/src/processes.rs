@@ -121,7 +121,12 @@ impl Iommu {
             backends.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let proc = Proc::spawn(&bin, &args, dir.join(format!("{name}.log")), &[&vmm, &backends]);
+        let proc = Proc::spawn(
+            &bin,
+            &args,
+            dir.join(format!("{name}.log")),
+            &[&vmm, &backends],
+        );
         Iommu {
             proc,
             vmm,

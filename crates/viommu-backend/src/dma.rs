@@ -23,7 +23,7 @@ use iotlb_shm::{
 };
 
 use crate::error::DmaError;
-use crate::guest::{self, GuestRam};
+use crate::guest::{self, GuestRam, RamAccess};
 use crate::mode::IommuMode;
 use crate::msg::{MsgHold, MsgIotlb};
 
@@ -564,7 +564,8 @@ fn watch_daemon(inner: std::sync::Weak<Inner>) {
 #[derive(Debug)]
 pub struct QueueDma {
     dma: Dma,
-    ram: Option<Arc<GuestRam>>,
+    /// Guest RAM, with its regions' host addresses for the fast path.
+    ram: Option<RamAccess>,
     ram_generation: u64,
     /// Table mode: the connection this thread uses and its slot in it.
     table: Option<(Arc<TableConnection>, ReaderSlot)>,
@@ -604,7 +605,8 @@ impl QueueDma {
                 .ram
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
-                .clone();
+                .clone()
+                .map(RamAccess::new);
             self.ram_generation = generation;
         }
         let table_mode = matches!(self.dma.inner.translation, Translation::Table(_));
@@ -654,7 +656,8 @@ impl QueueDma {
             _ => None,
         };
         Ok(Batch {
-            ram,
+            ram: ram.ram(),
+            flat: ram,
             session,
             table_mode,
             msg,
@@ -691,6 +694,9 @@ fn refresh_table(
 #[derive(Debug)]
 pub struct Batch<'a> {
     ram: &'a Arc<GuestRam>,
+    /// The same RAM as flat regions: one range's host address in a few
+    /// compares ([`Self::contiguous`]).
+    flat: &'a RamAccess,
     session: Option<Session<'a>>,
     /// Table mode: without a session, nothing translates (never treat an
     /// IOVA as a guest-physical address).
@@ -758,6 +764,30 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// The host address of the device range `[addr, addr + len)` when it
+    /// lies in one translation leaf and one RAM region, which is almost
+    /// always: one cached or walked lookup and a few compares, nothing
+    /// gathered. `None`: take the general path (which also tells why a
+    /// range does not translate).
+    #[inline]
+    fn contiguous(&self, addr: u64, len: u64, access: Access) -> Option<*mut u8> {
+        if len == 0 || self.msg.is_some() {
+            return None;
+        }
+        let gpa = match &self.session {
+            Some(session) => {
+                let p = session.translate_one(self.endpoint, addr, access).ok()?;
+                if p.mmio || p.len < len {
+                    return None;
+                }
+                p.gpa
+            }
+            None if self.table_mode => return None,
+            None => addr,
+        };
+        self.flat.host(gpa, len).ok()
+    }
+
     /// Calls `piece(host, len)` for the host pieces of the device range
     /// `[addr, addr + len)`; fails before any call if any byte does not
     /// translate or lies outside guest RAM.
@@ -780,6 +810,9 @@ impl Batch<'_> {
     /// The host address of a device range that must be contiguous in host
     /// memory (a ring, an indirect table).
     pub fn host_range(&self, addr: u64, len: u64, access: Access) -> Result<*mut u8, DmaError> {
+        if let Some(host) = self.contiguous(addr, len, access) {
+            return Ok(host);
+        }
         self.with_scratch(|s| {
             self.gather(addr, len, access, s)?;
             match s.host.as_slice() {
@@ -791,6 +824,13 @@ impl Batch<'_> {
 
     /// Copies device memory into `buf`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        if let Some(host) = self.contiguous(addr, buf.len() as u64, Access::READ) {
+            // SAFETY: `host..host + buf.len()` lies in one region of guest
+            // RAM kept mapped by this batch, and translated for reading in
+            // its session; volatile loads, the guest may write concurrently.
+            unsafe { guest::copy_from_guest(host, buf) };
+            return Ok(());
+        }
         let mut done = 0usize;
         self.for_each_piece(addr, buf.len() as u64, Access::READ, |host, l| {
             let l = l as usize;
@@ -804,6 +844,13 @@ impl Batch<'_> {
 
     /// Copies `data` into device memory.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+        if let Some(host) = self.contiguous(addr, data.len() as u64, Access::WRITE) {
+            // SAFETY: `host..host + data.len()` lies in one region of guest
+            // RAM kept mapped by this batch, and translated for writing in
+            // its session; volatile stores, the guest shares the memory.
+            unsafe { guest::copy_to_guest(data, host) };
+            return Ok(());
+        }
         let mut done = 0usize;
         self.for_each_piece(addr, data.len() as u64, Access::WRITE, |host, l| {
             let l = l as usize;
