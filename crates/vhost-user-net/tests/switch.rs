@@ -714,3 +714,53 @@ fn frames_span_merged_receive_buffers_and_without_them_need_one_big_enough() {
         assert!(line.contains(want), "{want}: {line}");
     }
 }
+
+/// A guest that boots again on the same ports (a new VMM connection, the
+/// queues set up anew): the switch tells the guest's IOMMU daemon before
+/// the queues' first DMA, and forwarding goes on, in table and in message
+/// mode (where the daemon's answer arrives on the connection the private
+/// IOTLB's thread reads).
+#[test]
+fn guests_boot_again_on_the_same_ports_in_table_and_message_mode() {
+    for mode in ["table", "iotlb-msg"] {
+        let dir = scratch(&format!("reboot-{mode}"));
+        let iommus: Vec<Iommu> = (0..2)
+            .map(|i| Iommu::start_named(&dir, &format!("iommu{i}"), &[]))
+            .collect();
+        let ports: Vec<String> = iommus
+            .iter()
+            .map(|i| {
+                let m = if mode == "table" {
+                    i.mode()
+                } else {
+                    i.msg_mode()
+                };
+                format!("iommu={m},endpoint={EP}")
+            })
+            .collect();
+        let (sw, sockets) = switch(&dir, &ports, &[]);
+        for boot in 0..2u32 {
+            let mut vms: Vec<NetVm> = (0..2)
+                .map(|i| vm(&sw, &sockets[i], Some(&iommus[i]), Policy::Lazy, None))
+                .collect();
+            let (a, b) = (vms[0].mac(), vms[1].mac());
+            let r = traffic(
+                &mut vms,
+                &[flow(0, boot, b, 64, 50), flow(1, 10 + boot, a, 64, 50)],
+            );
+            assert_eq!(
+                (from(&r[1], boot), from(&r[0], 10 + boot)),
+                (50, 50),
+                "{mode} boot {boot}: {r:?}"
+            );
+            intact(&r[0]);
+            intact(&r[1]);
+        }
+        let told = sw.log_text().matches("the daemon was told").count();
+        assert!(
+            told >= 2,
+            "{mode}: the daemons heard of the new boot:\n{}",
+            sw.log_text()
+        );
+    }
+}

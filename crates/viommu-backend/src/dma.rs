@@ -286,7 +286,14 @@ impl Dma {
                 }
                 conn.client.driver_restarted(endpoint)
             }
-            Translation::Msg { _client, .. } => _client.driver_restarted(endpoint),
+            Translation::Msg { iotlb, .. } => {
+                iotlb
+                    .driver_restarted()
+                    .map_err(|source| iotlb_shm::ClientError::Io {
+                        step: "tell the daemon the guest set a queue up anew",
+                        source,
+                    })
+            }
             Translation::None => return,
         };
         match result {

@@ -25,6 +25,8 @@ use crate::error::DmaError;
 
 /// Longest wait for the daemon's answer to a miss.
 const MISS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the answer to DRIVER_RESTARTED.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Answer = Result<(), Fault>;
 
@@ -180,8 +182,21 @@ impl MsgIotlb {
                     self.invalidations.fetch_add(1, Ordering::Relaxed);
                     let _ = invalidations.send((cookie, first, last));
                 }
-                Message::Error { code, reason, .. } => {
+                Message::Error {
+                    cookie,
+                    code,
+                    reason,
+                } => {
                     tracing::warn!(code, %reason, "the daemon refused a message");
+                    self.answer(
+                        cookie,
+                        Err(Fault {
+                            kind: FaultKind::Detached,
+                            endpoint: self.endpoint,
+                            iova: 0,
+                            access: Access::READ,
+                        }),
+                    );
                 }
                 _ => {}
             }
@@ -310,6 +325,36 @@ impl MsgIotlb {
             }
         }
         Ok(())
+    }
+
+    /// Tells the daemon that the guest set one of the device's queues up
+    /// anew, and waits for its answer. On this connection every message
+    /// the daemon sends is read by the IOTLB's own thread, so the answer is
+    /// awaited here, as a miss's is (`BackendClient::driver_restarted`
+    /// would wait for an answer that thread takes).
+    pub fn driver_restarted(&self) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        let cookie = self.cookie();
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(cookie, tx);
+        self.send(&Message::DriverRestarted {
+            cookie,
+            endpoint: self.endpoint,
+        })?;
+        // A reset waits for the daemon's grace periods and backends.
+        match rx.recv_timeout(RESTART_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::other("the daemon refused it or is gone")),
+            Err(_) => {
+                self.answer(cookie, Ok(()));
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer from the daemon",
+                ))
+            }
+        }
     }
 
     /// One round trip: asks the daemon for the translation of `iova`.
