@@ -8,6 +8,7 @@ use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
 use crate::state_journal::{self, Resumed, StateJournal};
 use crate::telemetry::Telemetry;
+use crate::vring::IommuVring;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -245,27 +246,35 @@ impl IommuBackend {
         let Some(kick_loop) = kick_loop.as_ref() else {
             return Ok(false);
         };
-        let raw = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
-        if let (Some(raw), Some(handler)) =
-            (raw, self.inner.epoll.lock().map_err(lock_error)?.as_ref())
-        {
-            // epoll_ctl(DEL) ignores the event data; the framework refuses
-            // queue indices here, so pass a listener ID above them. ENOENT
-            // (already taken over) is fine.
-            let _ = handler.unregister_listener(raw, EventSet::IN, u64::from(FAULT_WAKE_EVENT) + 1);
-            // SAFETY: F_DUPFD_CLOEXEC on a descriptor the vring owns; the
-            // result is a new descriptor owned by nobody else.
-            let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
-            if dup < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: `dup` was just created and is owned here alone.
-            let dup = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-            kick_loop.hand_over(dup, vring.clone());
-            debug!("request-queue kick eventfd handed to the io_uring thread");
-        } else {
+        let handler = self.inner.epoll.lock().map_err(lock_error)?.clone();
+        // The vring stays locked until the descriptor is duplicated: a
+        // SET_VRING_KICK meanwhile would close it, and its number could
+        // name another file (the next queue's eventfd) by then.
+        let state = vring.get_ref();
+        let raw = state.get_kick().as_ref().map(|k| k.as_raw_fd());
+        let (Some(raw), Some(handler)) = (raw, handler) else {
+            drop(state);
             kick_loop.request_pass();
+            return Ok(true);
+        };
+        // epoll_ctl(DEL) ignores the event data; the framework refuses
+        // queue indices here, so pass a listener ID above them. ENOENT
+        // (already taken over) is fine. An event the epoll thread already
+        // holds for this eventfd may still come: `IommuVring` reads its
+        // kick without failing when this thread took the count first.
+        let _ = handler.unregister_listener(raw, EventSet::IN, u64::from(FAULT_WAKE_EVENT) + 1);
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the vring owns (and keeps
+        // open: it is locked); the result is a new descriptor owned by
+        // nobody else.
+        let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+        drop(state);
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
         }
+        // SAFETY: `dup` was just created and is owned here alone.
+        let dup = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        kick_loop.hand_over(dup, vring.clone());
+        debug!("request-queue kick eventfd handed to the io_uring thread");
         Ok(true)
     }
 
@@ -521,7 +530,7 @@ impl IommuBackend {
 
 impl VhostUserBackend for IommuBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = IommuVring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -760,7 +769,7 @@ impl VhostUserBackend for IommuBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[IommuVring],
         _thread_id: usize,
     ) -> io::Result<()> {
         if let Err(e) = self.handle_queue_event(device_event, vrings) {
@@ -840,11 +849,12 @@ impl IommuBackend {
         Some((domains, mappings, faults))
     }
 
-    fn handle_queue_event(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
+    fn handle_queue_event(&self, device_event: u16, vrings: &[IommuVring]) -> io::Result<()> {
         match device_event {
             REQUEST_QUEUE => {
                 let vring = vrings
                     .get(usize::from(REQUEST_QUEUE))
+                    .map(IommuVring::rwlock)
                     .ok_or_else(|| io::Error::other("no request queue"))?;
                 if self.hand_over_kick(vring)? {
                     return Ok(());
@@ -859,6 +869,7 @@ impl IommuBackend {
                 }
                 let vring = vrings
                     .get(usize::from(EVENT_QUEUE))
+                    .map(IommuVring::rwlock)
                     .ok_or_else(|| io::Error::other("no event queue"))?;
                 self.deliver_faults(vring)
             }

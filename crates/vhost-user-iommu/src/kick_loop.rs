@@ -13,7 +13,10 @@
 //! a new kick eventfd); the backend then removes that eventfd from the
 //! framework's epoll set and gives a duplicate to this thread. A kick the
 //! framework consumed before the hand-over is not lost: the hand-over
-//! always asks for a processing pass.
+//! always asks for a processing pass. The other way round, an event for
+//! the eventfd that the epoll thread had already collected when it was
+//! taken out may find the count gone (this thread read it): the
+//! framework's read of it must not fail then ([`crate::vring`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
