@@ -108,6 +108,12 @@ pub struct Iommu {
 }
 
 impl Iommu {
+    /// Starts `vhost-user-iommu` with its sockets in `dir` (`iommu.sock`,
+    /// `iommu-backends.sock`) and `extra` options.
+    pub fn start(dir: impl AsRef<Path>, extra: &[&str]) -> Iommu {
+        Iommu::start_named(dir.as_ref(), "iommu", extra)
+    }
+
     /// Starts `vhost-user-iommu` with its sockets in `dir`, named with
     /// `name` (several daemons may share a directory), and `extra` options.
     pub fn start_named(dir: &Path, name: &str, extra: &[&str]) -> Iommu {

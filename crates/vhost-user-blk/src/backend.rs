@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tracing::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_process::vring::TolerantVring;
 use viommu_backend::{Dma, RingAddrs};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -20,8 +21,7 @@ use crate::config::BlkConfig;
 use crate::engine::{Engine, QueueSetup, Resume, Shared};
 use crate::features::{VIRTIO_RING_F_EVENT_IDX, bit, offered_features};
 
-/// Guest memory as vhost-user-backend hands it over.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+pub use vhost_user_process::vring::GuestMem;
 
 struct Inner {
     shared: Arc<Shared>,
@@ -214,7 +214,7 @@ fn dummy_setup() -> QueueSetup {
 
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = TolerantVring;
 
     fn num_queues(&self) -> usize {
         self.inner.engines.len()
@@ -310,11 +310,12 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[TolerantVring],
         thread_id: usize,
     ) -> io::Result<()> {
         let vring = vrings
             .first()
+            .map(TolerantVring::rwlock)
             .ok_or_else(|| io::Error::other("no vring for this thread"))?;
         let _ = device_event; // a kick (0) or an I/O completion: same work
         self.serve(thread_id, vring)

@@ -8,7 +8,6 @@ use crate::request_ring::{self, RequestRing};
 use crate::reset_watch::{ResetReason, ResetWatch};
 use crate::state_journal::{self, Resumed, StateJournal};
 use crate::telemetry::Telemetry;
-use crate::vring::IommuVring;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,23 +20,21 @@ use vhost::vhost_user::message::{
     VhostUserVirtioFeatures,
 };
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_process::vring::TolerantVring;
 use viommu_core::Device;
 use viommu_core::state::{self, Record};
 use virtio_iommu_proto::config::CONFIG_LEN;
 use virtio_iommu_proto::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu_proto::{EVENT_QUEUE, FaultRecord, Features, NUM_QUEUES, REQUEST_QUEUE};
 use virtio_queue::QueueOwnedT;
-use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
-/// Guest memory as vhost-user-backend hands it over.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+pub use vhost_user_process::vring::GuestMem;
 
 /// Listener ID of the fault wake-up eventfd (IDs up to the queue count are
 /// the framework's).
@@ -260,7 +257,7 @@ impl IommuBackend {
         // epoll_ctl(DEL) ignores the event data; the framework refuses
         // queue indices here, so pass a listener ID above them. ENOENT
         // (already taken over) is fine. An event the epoll thread already
-        // holds for this eventfd may still come: `IommuVring` reads its
+        // holds for this eventfd may still come: `TolerantVring` reads its
         // kick without failing when this thread took the count first.
         let _ = handler.unregister_listener(raw, EventSet::IN, u64::from(FAULT_WAKE_EVENT) + 1);
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor the vring owns (and keeps
@@ -530,7 +527,7 @@ impl IommuBackend {
 
 impl VhostUserBackend for IommuBackend {
     type Bitmap = ();
-    type Vring = IommuVring;
+    type Vring = TolerantVring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -769,7 +766,7 @@ impl VhostUserBackend for IommuBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[IommuVring],
+        vrings: &[TolerantVring],
         _thread_id: usize,
     ) -> io::Result<()> {
         if let Err(e) = self.handle_queue_event(device_event, vrings) {
@@ -849,12 +846,12 @@ impl IommuBackend {
         Some((domains, mappings, faults))
     }
 
-    fn handle_queue_event(&self, device_event: u16, vrings: &[IommuVring]) -> io::Result<()> {
+    fn handle_queue_event(&self, device_event: u16, vrings: &[TolerantVring]) -> io::Result<()> {
         match device_event {
             REQUEST_QUEUE => {
                 let vring = vrings
                     .get(usize::from(REQUEST_QUEUE))
-                    .map(IommuVring::rwlock)
+                    .map(TolerantVring::rwlock)
                     .ok_or_else(|| io::Error::other("no request queue"))?;
                 if self.hand_over_kick(vring)? {
                     return Ok(());
@@ -869,7 +866,7 @@ impl IommuBackend {
                 }
                 let vring = vrings
                     .get(usize::from(EVENT_QUEUE))
-                    .map(IommuVring::rwlock)
+                    .map(TolerantVring::rwlock)
                     .ok_or_else(|| io::Error::other("no event queue"))?;
                 self.deliver_faults(vring)
             }

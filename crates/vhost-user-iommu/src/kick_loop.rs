@@ -16,7 +16,7 @@
 //! always asks for a processing pass. The other way round, an event for
 //! the eventfd that the epoll thread had already collected when it was
 //! taken out may find the count gone (this thread read it): the
-//! framework's read of it must not fail then ([`crate::vring`]).
+//! framework's read of it must not fail then ([`vhost_user_process::vring`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};

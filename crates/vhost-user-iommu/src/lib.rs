@@ -20,8 +20,6 @@
 //! - [`backend`]: the `VhostUserBackend` implementation (features, config
 //!   space, reset, queue events).
 //! - [`kick_loop`]: the request queue's kick path on io_uring.
-//! - [`vring`]: the framework's vrings, with a kick read that an empty
-//!   kick eventfd does not fail.
 //! - [`reset_watch`]: telling a guest's device reset from a pause when
 //!   the VMM sends no `RESET_DEVICE`.
 //! - [`serve`]: the listening loop, one fresh device per connection.
@@ -62,6 +60,5 @@ pub mod settings;
 pub mod shm_table;
 mod state_journal;
 mod telemetry;
-mod vring;
 
 pub use vhost_user_process::{logging, signals};

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::VhostUserBackend;
+use vhost_user_process::vring::TolerantVring;
 use viommu_backend::{Access, Batch, Chain, DmaError};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -22,8 +23,7 @@ use crate::features::offered_features;
 use crate::port::{self, CTRLQ, Port, QUEUES, lock};
 use crate::stats::bump;
 
-/// Guest memory as vhost-user-backend hands it over.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+pub use vhost_user_process::vring::GuestMem;
 
 /// A port's vhost-user backend; cheap to clone.
 #[derive(Clone)]
@@ -187,7 +187,7 @@ fn command(batch: &Batch<'_>, chain: &Chain, filter: &mut RxFilter) -> Result<u8
 
 impl VhostUserBackend for PortBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = TolerantVring;
 
     fn num_queues(&self) -> usize {
         QUEUES
@@ -262,14 +262,14 @@ impl VhostUserBackend for PortBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[TolerantVring],
         _thread_id: usize,
     ) -> io::Result<()> {
         let index = usize::from(device_event);
         let Some(vring) = vrings.get(index) else {
             return Ok(());
         };
-        self.port.attach(index, vring);
+        self.port.attach(index, vring.rwlock());
         if index == CTRLQ {
             self.serve_ctrl();
         }

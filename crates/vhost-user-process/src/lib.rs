@@ -1,7 +1,8 @@
 //! Process plumbing shared by the project's vhost-user binaries (the
 //! IOMMU daemon and the backends): where to listen for the VMM, logging to
 //! standard error through `tracing`, systemd socket activation, a prompt and clean exit on
-//! SIGTERM/SIGINT, and the workspace's one number parser ([`number`]) and
+//! SIGTERM/SIGINT, a vring whose kick read survives an empty eventfd
+//! ([`vring`]), and the workspace's one number parser ([`number`]) and
 //! one error-chain printer ([`report`], [`report_line`]).
 
 pub mod activation;
@@ -10,6 +11,7 @@ pub mod logging;
 pub mod number;
 pub mod signals;
 pub mod socket_file;
+pub mod vring;
 
 /// An error and its causes, one per line, for logs and standard error.
 pub fn report(err: &dyn std::error::Error) -> String {

@@ -1,7 +1,7 @@
 //! The real processes of the block tests: the `vhost-user-blk` binary, the
 //! `vhost-user-iommu` daemon (a sibling binary of the workspace), and disk
 //! images in a scratch directory that is removed when the test is done.
-#![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 
@@ -35,14 +35,11 @@ impl Drop for Scratch {
     }
 }
 
-pub use viommu_test_support::processes::{Proc, sibling_binary};
+pub use viommu_test_support::processes::{Iommu, Proc};
 
-/// The IOMMU daemon with its backend socket, in the scratch directory.
-pub struct Iommu;
-
-impl Iommu {
-    pub fn start(dir: &Scratch, extra: &[&str]) -> viommu_test_support::processes::Iommu {
-        viommu_test_support::processes::Iommu::start_named(&dir.0, "iommu", extra)
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
     }
 }
 

@@ -1,5 +1,6 @@
-//! The vrings the framework keeps for the device: vhost-user-backend's
-//! [`VringRwLock`], except for how a kick is read.
+//! The vrings the framework keeps for a device: vhost-user-backend's
+//! [`VringRwLock`], except for how a kick is read. Every binary of the
+//! workspace uses [`TolerantVring`] as its backend's `Vring`.
 //!
 //! The framework's epoll thread, for an event on a queue's kick eventfd,
 //! first reads that queue's *current* kick eventfd and ends itself (and with
@@ -7,46 +8,49 @@
 //! the read fails, `EAGAIN` included. But a kick eventfd can be readable in
 //! the events one `epoll_wait` returned and empty when its turn comes:
 //!
-//! - the io_uring thread ([`crate::kick_loop`]) reads the same eventfd once
-//!   it is handed over; when the hand-over runs for the queue's enable
+//! - another reader of the same eventfd (the IOMMU daemon's io_uring kick
+//!   loop, once the eventfd is handed over to it); when the hand-over runs for the queue's enable
 //!   notification and the kick's event is next in the same batch, the
 //!   io_uring thread may take the count first;
 //! - the VMM may have replaced the kick eventfd (`SET_VRING_KICK`) since the
 //!   event came, and the read goes to the new, empty one.
 //!
-//! [`IommuVring`] reads the kick as the framework does, but an empty kick
+//! [`TolerantVring`] reads the kick as the framework does, but an empty kick
 //! eventfd is not an error: the event goes to the backend as a kick, which
 //! at worst makes one empty pass (or one more hand-over).
 
-use crate::backend::GuestMem;
 use std::fs::File;
 use std::io;
 use tracing::debug;
 use vhost_user_backend::{VringRwLock, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Guest memory as vhost-user-backend hands it over.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// A vring as [`VringRwLock`], whose kick read tolerates a count another
 /// reader took first. Cheap to clone: clones share the vring.
 #[derive(Clone)]
-pub struct IommuVring(VringRwLock);
+pub struct TolerantVring(VringRwLock);
 
-impl IommuVring {
+impl TolerantVring {
     /// The framework's vring inside (what the request ring and the
     /// io_uring thread work on).
-    pub(crate) fn rwlock(&self) -> &VringRwLock {
+    pub fn rwlock(&self) -> &VringRwLock {
         &self.0
     }
 }
 
-impl<'a> VringStateGuard<'a, GuestMem> for IommuVring {
+impl<'a> VringStateGuard<'a, GuestMem> for TolerantVring {
     type G = <VringRwLock as VringStateGuard<'a, GuestMem>>::G;
 }
 
-impl<'a> VringStateMutGuard<'a, GuestMem> for IommuVring {
+impl<'a> VringStateMutGuard<'a, GuestMem> for TolerantVring {
     type G = <VringRwLock as VringStateMutGuard<'a, GuestMem>>::G;
 }
 
-impl VringT<GuestMem> for IommuVring {
+impl VringT<GuestMem> for TolerantVring {
     fn new(mem: GuestMem, max_queue_size: u16) -> Result<Self, VirtQueError> {
         VringRwLock::new(mem, max_queue_size).map(Self)
     }
@@ -152,8 +156,7 @@ impl VringT<GuestMem> for IommuVring {
 
 #[cfg(test)]
 mod tests {
-    use super::IommuVring;
-    use crate::backend::GuestMem;
+    use super::{GuestMem, TolerantVring};
     use std::fs::File;
     use std::io;
     use std::os::fd::{FromRawFd, IntoRawFd};
@@ -178,7 +181,7 @@ mod tests {
 
     #[test]
     fn a_kick_whose_count_another_reader_took_is_still_a_kick() {
-        let vring = IommuVring::new(mem(), 256).unwrap();
+        let vring = TolerantVring::new(mem(), 256).unwrap();
         let (file, io_uring_copy) = kick_pair();
         vring.set_kick(Some(file));
         vring.set_enabled(true);
@@ -202,11 +205,11 @@ mod tests {
         assert!(!vring.read_kick().unwrap(), "disabled: not served");
     }
 
-    /// Why [`IommuVring`] exists: the framework's own vring fails the read,
+    /// Why [`TolerantVring`] exists: the framework's own vring fails the read,
     /// and its epoll thread ends on that error (no more queue events for
     /// the connection: the request queue's next kick eventfd is never
     /// handed over). Should this start to fail, the framework tolerates an
-    /// empty kick itself and [`IommuVring`] can go.
+    /// empty kick itself and [`TolerantVring`] can go.
     #[test]
     fn the_framework_vring_fails_on_an_empty_kick() {
         let vring = VringRwLock::new(mem(), 256).unwrap();
