@@ -44,7 +44,11 @@ fn switch(dir: &Path, ports: &[String], extra: &[&str]) -> (Proc, Vec<PathBuf>) 
         }
         args.push(v);
     }
-    args.extend(["--idle-us", "50", "--log-level", "info"].map(String::from));
+    if !extra.contains(&"--idle-us") {
+        // Tests share two cores: polling threads back off when idle.
+        args.extend(["--idle-us", "50"].map(String::from));
+    }
+    args.extend(["--log-level", "info"].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let wait: Vec<&Path> = sockets.iter().map(PathBuf::as_path).collect();
@@ -763,4 +767,50 @@ fn guests_boot_again_on_the_same_ports_in_table_and_message_mode() {
             sw.log_text()
         );
     }
+}
+
+/// QEMU's backend conventions: `--print-capabilities`, a refused command
+/// line exits 2 naming the problem, SIGTERM ends the switch at once (its
+/// polling threads busy) and removes its sockets.
+#[test]
+fn capabilities_bad_options_and_sigterm() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_vhost-user-net"));
+    let out = std::process::Command::new(bin)
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"type":"net"}"#
+    );
+    let out = std::process::Command::new(bin)
+        .args(["--port", "socket=/x,iommu=table:/y"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("endpoint=ID is required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = scratch("sigterm");
+    // Busy polling (no idle back-off): the signal still ends it at once.
+    let (mut sw, sockets) = switch(&dir, &["".into(), "".into()], &["--idle-us", "0"]);
+    let _guest = vm(&sw, &sockets[0], None, Policy::Off, None);
+    let started = Instant::now();
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(sw.child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = sw.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{}", sw.log_text());
+    assert!(sockets.iter().all(|s| !s.exists()), "sockets left behind");
 }

@@ -1,7 +1,13 @@
 //! The real processes of the block tests: the `vhost-user-blk` binary, the
 //! `vhost-user-iommu` daemon (a sibling binary of the workspace), and disk
 //! images in a scratch directory that is removed when the test is done.
-#![allow(dead_code, unused_imports, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    unused_imports,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::path::{Path, PathBuf};
 
