@@ -13,7 +13,9 @@
 #   msg/...      the same through a private IOTLB per port filled by miss
 #                messages and emptied by invalidation messages (today's
 #                vhost-user design), the baseline
-# at 64- and 1500-byte frames; then the "no cliff" points: table and
+# at 64- and 1500-byte frames, with the switch's own cost per frame (its
+# polling thread's busy time over the frames it moved; "vs off" there is
+# off's cost over the mode's, so below 1 means dearer); then the "no cliff" points: table and
 # message mode with 2,048 more live mappings per guest (--extra-maps), and
 # a second guest boot on the same switch and daemons (after a driver reset).
 #
@@ -28,6 +30,7 @@
 #               (default 3)
 #   --quick     1 s per point, one round, 64-byte frames only (CI's smoke run)
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/../.."
 
 seconds=3
@@ -83,8 +86,9 @@ start_switch() {
         rm -f "$work/port$g.sock"
         ports+=(--port "socket=$work/port$g.sock,iommu=$iommu,endpoint=8")
     done
-    "$bin/vhost-user-net" "${ports[@]}" --mode io --pmd-cpus "$pmd_cpu" --log-level warn \
-        2>>"$work/switch.log" &
+    : >"$work/switch.log"
+    "$bin/vhost-user-net" "${ports[@]}" --mode io --pmd-cpus "$pmd_cpu" --stats-every-s 1 \
+        --log-level warn,vhost_user_net::pmd=info 2>"$work/switch.log" &
     switch_pid=$!
     for g in 0 1; do
         for _ in $(seq 100); do [ -S "$work/port$g.sock" ] && break; sleep 0.05; done
@@ -117,6 +121,13 @@ guests() {
     } END { printf "%.0f %.2f\n", fps, (frames ? maps / frames : 0) }' <<<"$out"
 }
 
+# The switch's own cost per frame: its polling thread's busy time over the
+# frames it moved, from its last per-second line (counters since it started).
+switch_ns() {
+    sed -n 's/.*total_frames=\([0-9]*\) total_busy_ns=\([0-9]*\).*/\1 \2/p' "$work/switch.log" |
+        tail -n 1 | awk '{ printf "%.0f\n", ($1 ? $2 / $1 : 0) }'
+}
+
 # point NAME MODE POLICY SIZE [EXTRA_MAPS [BOOTS]]: a fresh switch; with
 # BOOTS=2 the guests boot twice and the second boot is measured.
 point() {
@@ -124,8 +135,10 @@ point() {
     start_switch "$mode"
     local r
     for _ in $(seq "$boots"); do r=$(guests "$policy" "$mode" "$size" "$extra"); done
+    local ns
+    ns=$(switch_ns)
     stop_switch
-    echo "$name $size $r"
+    echo "$name $size $r ${ns:-0}"
 }
 
 results="$work/results"
@@ -146,16 +159,19 @@ done
 
 echo
 echo "vhost-user-net --mode io, 1 polling thread (CPU $pmd_cpu), two guests sending to each other (CPU 0), ${seconds}s per point, median of $rounds"
-printf '%-18s %6s %12s %11s %8s\n' mode frame frames/s maps/frame "vs off"
+printf '%-18s %6s %12s %11s %8s %15s %8s\n' mode frame frames/s maps/frame "vs off" "switch ns/frame" "vs off"
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 for size in $sizes; do
     off=$(awk -v s="$size" '$1 == "off" && $2 == s { print $3 }' "$results" | median)
+    off_ns=$(awk -v s="$size" '$1 == "off" && $2 == s { print $5 }' "$results" | median)
     for name in off table/static table/lazy table/strict msg/static msg/lazy msg/strict \
         table/lazy+2048 msg/lazy+2048 table/lazy,reboot msg/lazy,reboot; do
         fps=$(awk -v n="$name" -v s="$size" '$1 == n && $2 == s { print $3 }' "$results" | median)
         maps=$(awk -v n="$name" -v s="$size" '$1 == n && $2 == s { print $4 }' "$results" | median)
-        printf '%-18s %6s %12s %11s %7.2fx\n' "$name" "$size" "$fps" "$maps" \
-            "$(awk -v a="$fps" -v b="$off" 'BEGIN { print (b ? a / b : 0) }')"
+        ns=$(awk -v n="$name" -v s="$size" '$1 == n && $2 == s { print $5 }' "$results" | median)
+        printf '%-18s %6s %12s %11s %7.2fx %15s %7.2fx\n' "$name" "$size" "$fps" "$maps" \
+            "$(awk -v a="$fps" -v b="$off" 'BEGIN { print (b ? a / b : 0) }')" "$ns" \
+            "$(awk -v a="$ns" -v b="$off_ns" 'BEGIN { print (a ? b / a : 0) }')"
     done
     ratio() {
         awk -v a="$(awk -v n="$1" -v s="$size" '$1 == n && $2 == s { print $3 }' "$results" | median)" \

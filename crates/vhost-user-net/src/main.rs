@@ -9,7 +9,7 @@ use tracing::{error, info};
 use vhost_user_net::backend::PortBackend;
 use vhost_user_net::config::NetConfig;
 use vhost_user_net::fib::Fib;
-use vhost_user_net::pmd::{self, PmdOptions, Switch};
+use vhost_user_net::pmd::{self, PmdOptions, PmdStats, Switch};
 use vhost_user_net::port::Port;
 use vhost_user_net::serve;
 use vhost_user_net::settings::{Cli, Settings};
@@ -100,6 +100,7 @@ fn run(settings: &Settings) -> Result<(), Box<dyn std::error::Error>> {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let threads = settings.pmd_cpus.len();
+    let mut stats = Vec::new();
     for (index, cpu) in settings.pmd_cpus.iter().enumerate() {
         let options = PmdOptions {
             index,
@@ -108,8 +109,16 @@ fn run(settings: &Settings) -> Result<(), Box<dyn std::error::Error>> {
                 .filter(|p| p % threads == index)
                 .collect(),
             idle_sleep: settings.idle_sleep,
+            stats: Arc::new(PmdStats::default()),
         };
+        stats.push(Arc::clone(&options.stats));
         pmd::spawn(Arc::clone(&switch), options, Arc::clone(&stop))?;
+    }
+    if !settings.stats_every.is_zero() {
+        let every = settings.stats_every;
+        std::thread::Builder::new()
+            .name("pmd-stats".into())
+            .spawn(move || pmd::log_stats(stats, every))?;
     }
     let mut servers = Vec::new();
     for (port, listener) in switch.ports.iter().zip(listeners) {

@@ -8,8 +8,8 @@
 //! translation outlives its session and no pin is needed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use vhost_user_backend::VringT;
@@ -52,6 +52,32 @@ pub struct Switch {
     pub max_frame: usize,
 }
 
+/// A polling thread's counters (written by it alone, read for logs).
+#[derive(Debug, Default)]
+pub struct PmdStats {
+    /// Frames taken off transmit queues.
+    pub frames: AtomicU64,
+    /// Passes over its ports that moved frames.
+    pub busy_passes: AtomicU64,
+    /// Their time, in nanoseconds: what moving the frames cost the thread
+    /// (busy time over frames is its cost per frame at that load).
+    pub busy_ns: AtomicU64,
+    /// Passes that found nothing.
+    pub idle_passes: AtomicU64,
+}
+
+impl PmdStats {
+    /// The counters now, as `(frames, busy passes, busy ns, idle passes)`.
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.frames.load(Ordering::Relaxed),
+            self.busy_passes.load(Ordering::Relaxed),
+            self.busy_ns.load(Ordering::Relaxed),
+            self.idle_passes.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// One polling thread's set-up.
 #[derive(Debug, Clone)]
 pub struct PmdOptions {
@@ -64,6 +90,8 @@ pub struct PmdOptions {
     /// Sleep this long when idle (after [`IDLE_PASSES`] empty passes);
     /// zero: keep polling (yielding the CPU between empty passes).
     pub idle_sleep: Duration,
+    /// Its counters.
+    pub stats: Arc<PmdStats>,
 }
 
 /// A thread's frame buffers and scratch space, reused for every burst.
@@ -113,6 +141,40 @@ pub fn spawn(
         })
 }
 
+/// Logs every `every` what each polling thread did since the last line
+/// (frames/s, busy share, cost per frame while busy), for as long as the
+/// process runs.
+pub fn log_stats(threads: Vec<Arc<PmdStats>>, every: Duration) {
+    let mut last: Vec<_> = threads.iter().map(|t| t.snapshot()).collect();
+    let mut at = Instant::now();
+    loop {
+        std::thread::sleep(every);
+        let secs = at.elapsed().as_secs_f64().max(1e-9);
+        at = Instant::now();
+        for (i, t) in threads.iter().enumerate() {
+            let now = t.snapshot();
+            let (frames, busy, ns, idle) = (
+                now.0 - last[i].0,
+                now.1 - last[i].1,
+                now.2 - last[i].2,
+                now.3 - last[i].3,
+            );
+            info!(
+                pmd = i,
+                frames_per_s = (frames as f64 / secs) as u64,
+                busy_percent = format_args!("{:.1}", ns as f64 / 1e7 / secs),
+                ns_per_frame_busy = ns.checked_div(frames).unwrap_or(0),
+                frames_per_busy_pass = format_args!("{:.1}", frames as f64 / busy.max(1) as f64),
+                idle_passes = idle,
+                total_frames = now.0,
+                total_busy_ns = now.2,
+                "polling thread"
+            );
+            last[i] = now;
+        }
+    }
+}
+
 fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain data, zeroed then filled by CPU_SET with a
     // CPU index bounds-checked against its size.
@@ -133,8 +195,10 @@ fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 fn run(switch: &Switch, options: &PmdOptions, stop: &AtomicBool) {
     let mut burst = Burst::new(switch.max_frame);
     let mut idle = 0u32;
+    let stats = &options.stats;
     while !stop.load(Ordering::Relaxed) {
         let mut work = 0usize;
+        let pass = Instant::now();
         for &src in &options.ports {
             let Some(port) = switch.ports.get(src) else {
                 continue;
@@ -147,7 +211,14 @@ fn run(switch: &Switch, options: &PmdOptions, stop: &AtomicBool) {
         }
         if work > 0 {
             idle = 0;
-        } else if options.idle_sleep.is_zero() {
+            let ns = u64::try_from(pass.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
+            stats.busy_passes.fetch_add(1, Ordering::Relaxed);
+            stats.frames.fetch_add(work as u64, Ordering::Relaxed);
+            continue;
+        }
+        stats.idle_passes.fetch_add(1, Ordering::Relaxed);
+        if options.idle_sleep.is_zero() {
             std::thread::yield_now();
         } else {
             idle = idle.saturating_add(1);

@@ -44,7 +44,7 @@ pub struct Cli {
     )]
     pub ports: Vec<String>,
     /// A TOML file with the same settings (keys as the option names:
-    /// mode, pmd-cpus, idle-us, mtu, queue-size, socket-mode, socket-group,
+    /// mode, pmd-cpus, idle-us, stats-every-s, mtu, queue-size, socket-mode, socket-group,
     /// log-level, and [[port]] tables with socket, mac, iommu, endpoint).
     /// Options given on the command line win.
     #[arg(long, value_name = "FILE")]
@@ -63,6 +63,10 @@ pub struct Cli {
     /// thread, as DPDK's).
     #[arg(long, value_name = "US")]
     pub idle_us: Option<u64>,
+    /// Log what each polling thread did every this many seconds (frames/s,
+    /// busy share, nanoseconds per frame while busy). Default: 0, never.
+    #[arg(long, value_name = "SECS")]
+    pub stats_every_s: Option<u64>,
     /// MTU offered to the guests; longer frames are dropped. Default: 1500.
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u16>,
@@ -94,6 +98,7 @@ struct File {
     mode: Option<Mode>,
     pmd_cpus: Option<String>,
     idle_us: Option<u64>,
+    stats_every_s: Option<u64>,
     mtu: Option<u16>,
     queue_size: Option<u16>,
     socket_mode: Option<String>,
@@ -136,6 +141,8 @@ pub struct Settings {
     pub pmd_cpus: Vec<Option<usize>>,
     /// Idle back-off.
     pub idle_sleep: Duration,
+    /// How often the polling threads' counters are logged (zero: never).
+    pub stats_every: Duration,
     /// MTU.
     pub mtu: u16,
     /// Largest queue.
@@ -385,6 +392,7 @@ impl Settings {
             mode,
             pmd_cpus,
             idle_sleep: Duration::from_micros(cli.idle_us.or(file.idle_us).unwrap_or(0)),
+            stats_every: Duration::from_secs(cli.stats_every_s.or(file.stats_every_s).unwrap_or(0)),
             mtu,
             queue_size,
             socket_perms,
@@ -513,7 +521,7 @@ mod tests {
         let path = dir.join("net.toml");
         std::fs::write(
             &path,
-            "mode = \"io\"\npmd-cpus = \"2\"\nidle-us = 10\nmtu = 9000\nqueue-size = 256\n\
+            "mode = \"io\"\npmd-cpus = \"2\"\nidle-us = 10\nstats-every-s = 5\nmtu = 9000\nqueue-size = 256\n\
              [[port]]\nsocket = \"/f/a\"\nmac = \"52:54:00:00:00:0a\"\n\
              [[port]]\nsocket = \"/f/b\"\niommu = \"iotlb-msg:/i\"\nendpoint = 8\n",
         )
@@ -524,6 +532,7 @@ mod tests {
         assert_eq!(s.ports[1].iommu, IommuMode::IotlbMsg("/i".into()));
         assert_eq!((s.mode, s.mtu, s.queue_size), (ForwardMode::Io, 1400, 256));
         assert_eq!(s.pmd_cpus, vec![Some(2)]);
+        assert_eq!(s.stats_every, Duration::from_secs(5));
         std::fs::write(&path, "colour = 1\n").unwrap();
         let e = parse(&["--config", p]).unwrap_err();
         assert!(e.contains("colour"), "{e}");
