@@ -69,10 +69,7 @@ impl PortBackend {
         let mut view = match live.ring.view(&batch) {
             Ok(v) => v,
             Err(e) => {
-                if let viommu_backend::RingError::Memory(DmaError::Fault(f)) = &e {
-                    port.dma.report_fault(f);
-                }
-                let why = vhost_user_process::report_line(&e);
+                let why = port.ring_unreachable(&e);
                 drop(batch);
                 return state.fail(&port.name, CTRLQ, &why);
             }

@@ -273,13 +273,9 @@ fn receive_burst(switch: &Switch, port: &Port, burst: &mut Burst) {
     let mut view = match live.ring.view(&batch) {
         Ok(v) => v,
         Err(e) => {
-            if let viommu_backend::RingError::Memory(DmaError::Fault(f)) = &e {
-                port.dma.report_fault(f);
-            }
-            let why = vhost_user_process::report_line(&e);
+            let why = port.ring_unreachable(&e);
             drop(batch);
-            state.fail(&port.name, TXQ, &why);
-            return;
+            return state.fail(&port.name, TXQ, &why);
         }
     };
     if !live.quiet {
@@ -410,13 +406,9 @@ fn deliver_to(port: &Port, burst: &mut Burst, mask: u32, unicast: u32) {
     let mut view = match live.ring.view(&batch) {
         Ok(v) => v,
         Err(e) => {
-            if let viommu_backend::RingError::Memory(DmaError::Fault(f)) = &e {
-                port.dma.report_fault(f);
-            }
-            let why = vhost_user_process::report_line(&e);
+            let why = port.ring_unreachable(&e);
             drop(batch);
-            state.fail(&port.name, RXQ, &why);
-            return;
+            return state.fail(&port.name, RXQ, &why);
         }
     };
     if !live.quiet {

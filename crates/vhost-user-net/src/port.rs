@@ -212,6 +212,15 @@ impl Port {
         }
     }
 
+    /// A ring the queue cannot reach: a fault goes to the guest's IOMMU;
+    /// returns the reason, for the log.
+    pub fn ring_unreachable(&self, e: &viommu_backend::RingError) -> String {
+        if let viommu_backend::RingError::Memory(viommu_backend::DmaError::Fault(f)) = e {
+            self.dma.report_fault(f);
+        }
+        vhost_user_process::report_line(e)
+    }
+
     /// Stops every queue.
     pub fn detach_all(&self) {
         for i in 0..QUEUES {
