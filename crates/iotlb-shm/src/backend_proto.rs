@@ -737,7 +737,11 @@ pub fn recv_discard(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     recv_some(sock, buf, &mut fds, &mut truncated)
 }
 
-fn recv_some(
+/// Reads what is waiting on a stream socket (at most `buf.len()` bytes;
+/// 0 at its end) and appends the descriptors that came with those bytes
+/// to `fds` (`truncated`: some did not fit and were closed by the kernel).
+/// For relays of another protocol's messages.
+pub fn recv_some(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,

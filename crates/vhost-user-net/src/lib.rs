@@ -10,8 +10,9 @@
 //! - [`header`], [`features`], [`config`], [`ctrl`]: virtio-net as the
 //!   guest sees it (virtio 1.2 §5.1);
 //! - [`tx`], [`rx`]: a frame out of a transmit chain, into receive buffers;
-//! - [`port`], [`backend`], [`serve`]: one VM's device, its vhost-user
-//!   connection and control queue;
+//! - [`port`], [`backend`], [`serve`], [`relay`]: one VM's device, its
+//!   vhost-user connection (through a relay that accepts QEMU's message
+//!   order) and control queue;
 //! - [`pmd`]: the polling threads;
 //! - [`stats`]: counters per port;
 //! - [`settings`]: the command line and the TOML file.
@@ -25,6 +26,7 @@ pub mod header;
 pub mod mac;
 pub mod pmd;
 pub mod port;
+pub mod relay;
 pub mod rx;
 pub mod serve;
 pub mod settings;

@@ -368,38 +368,34 @@ fn forward(switch: &Switch, src: PortId, burst: &mut Burst) {
             continue;
         }
         let mut mask = 0u32;
-        let mut unicast = 0u32;
         for (i, d) in burst.dest[..n].iter().enumerate() {
             match d {
-                Destination::Port(p) if *p == dst => {
-                    mask |= 1 << i;
-                    unicast |= 1 << i;
-                }
+                Destination::Port(p) if *p == dst => mask |= 1 << i,
                 Destination::Flood => mask |= 1 << i,
                 _ => {}
             }
         }
         if mask != 0 {
-            deliver_to(port, burst, mask, unicast);
+            deliver_to(port, burst, mask);
         }
     }
 }
 
 /// Writes the frames of `mask` into `port`'s receive queue.
-fn deliver_to(port: &Port, burst: &mut Burst, mask: u32, unicast: u32) {
+fn deliver_to(port: &Port, burst: &mut Burst, mask: u32) {
     let mut guard = lock(&port.queues[RXQ]);
     let state = &mut *guard;
     let live = match state.live.as_mut() {
         Some(l) if !l.failed && l.vring.get_ref().is_enabled() => l,
         _ => {
-            add(&port.stats.rx_down, u64::from(unicast.count_ones()));
+            add(&port.stats.rx_down, u64::from(mask.count_ones()));
             return;
         }
     };
     let batch = match state.dma.batch() {
         Ok(b) => b,
         Err(_) => {
-            add(&port.stats.rx_down, u64::from(unicast.count_ones()));
+            add(&port.stats.rx_down, u64::from(mask.count_ones()));
             return;
         }
     };

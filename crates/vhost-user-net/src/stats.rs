@@ -79,8 +79,8 @@ counters! {
     /// Receive chains returned unused: malformed, device-readable, or
     /// smaller than a header with merged buffers.
     rx_bad_chains,
-    /// Unicast frames to this port dropped while its guest had no receive
-    /// queue running.
+    /// Frames for this port (flooded ones included) dropped while its
+    /// guest had no receive queue running.
     rx_down,
     /// Control queue commands acknowledged.
     ctrl_ok,

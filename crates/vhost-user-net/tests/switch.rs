@@ -814,3 +814,47 @@ fn capabilities_bad_options_and_sigterm() {
     assert_eq!(status.code(), Some(0), "{}", sw.log_text());
     assert!(sockets.iter().all(|s| !s.exists()), "sockets left behind");
 }
+
+/// Stock QEMU's virtio-net enables its queues before SET_FEATURES (at
+/// every device reset). The `vhost` crate alone ends the connection there;
+/// the switch's relay holds the enable until the features are set, and the
+/// connection goes on.
+#[test]
+fn an_enable_before_set_features_as_qemu_sends_it_keeps_the_connection() {
+    use std::io::{Read, Write};
+    let dir = scratch("qemu-order");
+    let (sw, sockets) = switch(&dir, &["".into()], &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&sockets[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let msg = |request: u32, payload: &[u8]| {
+        let mut b = request.to_le_bytes().to_vec();
+        b.extend_from_slice(&1u32.to_le_bytes()); // version 1
+        b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    };
+    let get_features = |s: &mut std::os::unix::net::UnixStream| -> std::io::Result<u64> {
+        s.write_all(&msg(1, &[]))?;
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply)?;
+        Ok(u64::from_le_bytes(reply[12..].try_into().unwrap()))
+    };
+    let offered = get_features(&mut s).unwrap();
+    assert_ne!(offered & (1 << 30), 0, "PROTOCOL_FEATURES offered");
+    s.write_all(&msg(3, &[])).unwrap(); // SET_OWNER
+    // SET_VRING_ENABLE queue 0, on: before any SET_FEATURES.
+    s.write_all(&msg(18, &[0, 0, 0, 0, 1, 0, 0, 0])).unwrap();
+    s.write_all(&msg(2, &offered.to_le_bytes())).unwrap(); // SET_FEATURES
+    assert_eq!(
+        get_features(&mut s).unwrap(),
+        offered,
+        "the connection is alive"
+    );
+    drop(s);
+    sw.wait_for_log("VMM disconnected", Duration::from_secs(5));
+    assert!(
+        !sw.log_text().contains("ended with an error"),
+        "{}",
+        sw.log_text()
+    );
+}
