@@ -186,7 +186,18 @@ impl Port {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         match SplitQueue::new(addrs, next_avail, event_idx) {
             Ok(ring) => {
-                lock(q).live = Some(LiveQueue {
+                let mut state = lock(q);
+                // GET_VRING_BASE may have stopped the queue meanwhile (it
+                // marks it not ready before it detaches it): a queue is
+                // never served after its stop.
+                let still = {
+                    let s = vring.get_ref();
+                    s.get_queue().ready() && s.is_enabled()
+                };
+                if !still {
+                    return;
+                }
+                state.live = Some(LiveQueue {
                     ring,
                     vring: vring.clone(),
                     failed: false,
