@@ -169,6 +169,25 @@ fn wait_for_counters(switch: &Proc, port: &Path, want: &[&str]) -> String {
     }
 }
 
+/// Waits for the first fault record on `vm`'s event queue: a mapping
+/// fault of the device's endpoint at `address`.
+fn expect_fault(vm: &mut NetVm, address: u64) {
+    let events = vm
+        .guest
+        .iommu()
+        .unwrap()
+        .take_events(Duration::from_secs(5))
+        .unwrap();
+    let rec = events
+        .iter()
+        .find_map(|e| e.record)
+        .unwrap_or_else(|| panic!("no fault record: {events:?}"));
+    assert_eq!(
+        (rec.endpoint, rec.address, rec.reason),
+        (EP, Some(address), FaultReason::Mapping)
+    );
+}
+
 #[test]
 fn two_guests_exchange_intact_frames_in_every_translation_mode() {
     for (mode, policy) in [
@@ -320,20 +339,7 @@ fn a_transmit_buffer_at_an_unmapped_iova_faults_into_that_guests_event_queue() {
             next: None,
         }])
         .unwrap();
-    let events = vms[0]
-        .guest
-        .iommu()
-        .unwrap()
-        .take_events(Duration::from_secs(5))
-        .unwrap();
-    let rec = events
-        .iter()
-        .find_map(|e| e.record)
-        .unwrap_or_else(|| panic!("no fault record: {events:?}"));
-    assert_eq!(
-        (rec.endpoint, rec.address, rec.reason),
-        (EP, Some(bad), FaultReason::Mapping)
-    );
+    expect_fault(&mut vms[0], bad);
     let (a, b) = (vms[0].mac(), vms[1].mac());
     let r = traffic(&mut vms, &[flow(0, 1, b, 64, 100), flow(1, 2, a, 64, 100)]);
     assert_eq!((from(&r[1], 1), from(&r[0], 2)), (100, 100), "{r:?}");
@@ -400,20 +406,7 @@ fn an_unmapped_receive_buffer_is_never_written() {
         back.iter().all(|&x| x == 0xaa),
         "the unmapped buffer was written"
     );
-    let events = b
-        .guest
-        .iommu()
-        .unwrap()
-        .take_events(Duration::from_secs(5))
-        .unwrap();
-    let rec = events
-        .iter()
-        .find_map(|e| e.record)
-        .unwrap_or_else(|| panic!("no fault record: {events:?}"));
-    assert_eq!(
-        (rec.endpoint, rec.address, rec.reason),
-        (EP, Some(iova), FaultReason::Mapping)
-    );
+    expect_fault(&mut b, iova);
     drop((a, b));
     wait_for_counters(&sw, &sockets[1], &["rx_faults=1", "rx_frames=0"]);
 }
