@@ -198,6 +198,18 @@ pub fn mac_table_set_data(unicast: &[[u8; 6]], multicast: &[[u8; 6]]) -> Vec<u8>
     out
 }
 
+/// A control command's buffers in the control page at `page` (guest
+/// address, length, device-writable), in chain order: class and command,
+/// the data (if any), the ack byte.
+fn ctrl_pieces(page: u64, data_len: usize) -> Vec<(u64, u32, bool)> {
+    let mut pieces = vec![(page, 2u32, false)];
+    if data_len > 0 {
+        pieces.push((page + CTRL_DATA, data_len as u32, false));
+    }
+    pieces.push((page + CTRL_ACK, 1, true));
+    pieces
+}
+
 /// One queue's notifiers.
 struct Notifiers {
     kick: EventFd,
@@ -474,11 +486,7 @@ impl NetDevice {
         self.mem
             .write_slice(&[0xff], GuestAddress(page + CTRL_ACK))
             .map_err(access)?;
-        let mut pieces = vec![(page, 2u32, false)];
-        if !data.is_empty() {
-            pieces.push((page + CTRL_DATA, data.len() as u32, false));
-        }
-        pieces.push((page + CTRL_ACK, 1, true));
+        let pieces = ctrl_pieces(page, data.len());
         let mut chain = Vec::with_capacity(pieces.len());
         let mut mapped = Vec::with_capacity(pieces.len());
         for (gpa, len, writes) in pieces {
@@ -667,6 +675,19 @@ mod tests {
         assert_eq!(short.mac, c.mac);
         assert_eq!((short.status, short.mtu), (0, 0), "missing bytes read 0");
         assert_eq!(NetConfig::from_bytes(&[]), NetConfig::default());
+    }
+
+    #[test]
+    fn a_control_command_is_header_data_then_the_ack() {
+        assert_eq!(
+            ctrl_pieces(0x1000, 1),
+            vec![(0x1000, 2, false), (0x1080, 1, false), (0x1040, 1, true)]
+        );
+        assert_eq!(
+            ctrl_pieces(0x1000, 0),
+            vec![(0x1000, 2, false), (0x1040, 1, true)],
+            "no empty data descriptor"
+        );
     }
 
     #[test]
